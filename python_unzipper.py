@@ -1,0 +1,577 @@
+"""python_unzipper.py: restore the zip parts from S3 into DESTINATION and prove nothing was lost.
+
+For every part the zipper has recorded and this script has not restored yet, it reads
+the part with one streamed GET, checks it against the zipper's record (ETag, SHA-256,
+each file's name, size and MD5), refuses unsafe entries, writes the files with their
+modification times into a staging folder and uploads them to DESTINATION/<folder> with
+rclone. When a folder is complete it recreates the empty directories, lists
+DESTINATION and compares it with the map (paths and sizes, and hashes where
+DESTINATION offers a kind that was recorded), and writes a report on S3 and under
+WORK_DIR/reports. Folders the zipper has not finished are restored as far as they go
+(exit code 4; run again later).
+
+Usage: python python_unzipper.py [--help]
+
+Environment variables (default in brackets):
+  DESTINATION              rclone remote:path or local path to migrate to [required unless SKIP_UPLOAD]
+  S3_BUCKET                hub bucket [required]
+  S3_PREFIX                prepended to every key [work_files_zips/]
+  S3_ENDPOINT              S3 endpoint URL [provider default]
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION
+                           credentials and region, through boto3's normal chain
+  WORK_DIR                 staging folders, reports and the lock [/content, else ./migration_work]
+  RCLONE_CONFIG            rclone configuration file [rclone's default]
+  RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
+  RCLONE_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
+  MAX_PARALLEL_WORKERS     parts restored at once [2]
+  UPLOAD_THREADS           rclone --transfers when uploading [6]
+  SKIP_UPLOAD              1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION [0]
+  LOCAL_OUTPUT_DIR         see SKIP_UPLOAD [WORK_DIR/merged_output]
+  MAX_ZIP_BOMB_RATIO       refuse a part whose entries claim more than this times its size [100]
+  DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
+  DISK_BACKPRESSURE_PERCENT  above this, wait before starting more parts [70]
+  S3_MAX_RETRIES           attempts per S3 request [3]
+  MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
+  INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
+  LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
+  WORKER_ID                name of this worker in records and logs [host-pid-random]
+
+Example:
+  DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\
+    python python_unzipper.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
+                       FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
+                       Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
+                       latest_generation, load_manifest, log_context, mtime_ns, new_run_id, parse_mtime,
+                       read_jsonl_gz, remote_join, run_script, utc_now)
+
+log = logging.getLogger("python_unzipper")
+
+SCRIPT = "unzipper"
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+
+
+class PartDamaged(MigrationError):
+    """A part on S3 does not match what the zipper recorded; it is not restored."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        super().__init__(f"part s3 key {key!r} is damaged or not what the zipper recorded: {problem}; "
+                         "it was not restored")
+
+
+# Pure checks
+
+def unsafe_reason(path: str) -> str | None:
+    """Why an entry name must not be written, or None when it stays inside its folder."""
+    if not path:
+        return "an empty name"
+    if "\0" in path:
+        return "a NUL byte in the name"
+    if path.startswith("/"):
+        return "an absolute path"
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "a '..', '.' or empty path component"
+    return None
+
+
+def destination_root(cfg: Config) -> str:
+    return cfg.local_output_dir if cfg.skip_upload else cfg.destination
+
+
+# Reading a part
+
+class _Stream:
+    """Sequential reads of an S3 body with position and SHA-256 of everything read."""
+
+    def __init__(self, body: Any):
+        self.body = body
+        self.pos = 0
+        self.sha256 = hashlib.sha256()
+
+    def read_exact(self, n: int) -> bytes:
+        chunks = []
+        left = n
+        while left:
+            chunk = self.body.read(min(left, MIB))
+            if not chunk:
+                raise EOFError(f"the object ended at byte {self.pos}")
+            self.sha256.update(chunk)
+            self.pos += len(chunk)
+            left -= len(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def copy_to(self, n: int, fh: Any, md5: Any) -> None:
+        left = n
+        while left:
+            chunk = self.body.read(min(left, MIB))
+            if not chunk:
+                raise EOFError(f"the object ended at byte {self.pos}")
+            self.sha256.update(chunk)
+            md5.update(chunk)
+            if fh is not None:
+                fh.write(chunk)
+            self.pos += len(chunk)
+            left -= len(chunk)
+
+    def drain(self) -> None:
+        while True:
+            chunk = self.body.read(MIB)
+            if not chunk:
+                return
+            self.sha256.update(chunk)
+            self.pos += len(chunk)
+
+
+def extract_part(records: Records, record: dict, entries: list[dict], keep: dict[str, dict],
+                 staging: str, runtime: Runtime) -> int:
+    """One streamed GET of the part; write the kept entries into staging, checking everything.
+
+    ``keep`` maps path -> map row for the entries this generation takes from this part.
+    Returns the number of files written.
+    """
+    key = record["key"]
+    resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
+    etag = resp.get("ETag", "").strip('"')
+    if record.get("etag") and etag != record["etag"]:
+        resp["Body"].close()
+        raise PartDamaged(key, f"ETag {etag} differs from the recorded {record['etag']}")
+    stream = _Stream(resp["Body"])
+    written = 0
+    try:
+        for entry in sorted(entries, key=lambda e: e["offset"]):
+            runtime.check()
+            if entry["offset"] < stream.pos:
+                raise PartDamaged(key, f"entry {entry['path']!r} overlaps the previous one")
+            stream.read_exact(entry["offset"] - stream.pos)
+            sig, _ver, flags, method, _t, _d, _crc, _cs, _us, name_len, extra_len = \
+                LOCAL_HEADER.unpack(stream.read_exact(LOCAL_HEADER.size))
+            if sig != b"PK\x03\x04":
+                raise PartDamaged(key, f"no local header at offset {entry['offset']}")
+            raw_name = stream.read_exact(name_len)
+            stream.read_exact(extra_len)
+            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "surrogateescape")
+            if name != entry["path"]:
+                raise PartDamaged(key, f"entry at offset {entry['offset']} is {name!r}, "
+                                       f"recorded {entry['path']!r}")
+            if method != 0:
+                raise PartDamaged(key, f"entry {name!r} is compressed (method {method}), parts are stored")
+            row = keep.get(name)
+            md5 = hashlib.md5()
+            if row is None:
+                stream.copy_to(entry["size"], None, md5)
+                continue
+            if entry["size"] != row["size"]:
+                raise PartDamaged(key, f"entry {name!r} has {entry['size']} bytes, the map says {row['size']}")
+            target = os.path.join(staging, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as fh:
+                stream.copy_to(entry["size"], fh, md5)
+            if md5.hexdigest() != entry["md5"]:
+                raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry['md5']}")
+            if row["mtime"]:
+                ns = mtime_ns(row["mtime"])
+                os.utime(target, ns=(ns, ns))
+            written += 1
+        stream.drain()
+    finally:
+        resp["Body"].close()
+    if stream.pos != record["size"]:
+        raise PartDamaged(key, f"{stream.pos} bytes read, recorded {record['size']}")
+    if stream.sha256.hexdigest() != record["sha256"]:
+        raise PartDamaged(key, "SHA-256 of the object differs from the record")
+    return written
+
+
+@dataclass
+class RestoreJob:
+    folder: str
+    stem: str
+    part: str
+    gen: int
+    keep: dict[str, dict]
+
+
+def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> tuple[dict, list[dict]]:
+    """The zipper's record and entries of a part, checked against each other."""
+    rkey = layout.part_record(stem, part)
+    record = records.get_json(rkey)
+    if not isinstance(record, dict) or not all(k in record for k in ("key", "size", "sha256", "entries_key")):
+        raise RecordError(rkey, "not a part record")
+    body = records.get_bytes(record["entries_key"])
+    if body is None:
+        raise RecordError(record["entries_key"], "missing, although the part record names it")
+    if hashlib.sha256(body).hexdigest() != record.get("entries_sha256"):
+        raise RecordError(record["entries_key"], "its SHA-256 differs from the part record")
+    entries = list(read_jsonl_gz(body, record["entries_key"]))
+    for e in entries:
+        if not isinstance(e.get("path"), str) or not isinstance(e.get("offset"), int):
+            raise RecordError(record["entries_key"], f"an entry without path or offset: {e!r:.200}")
+    return record, entries
+
+
+def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+                 gate: DiskGate, job: RestoreJob) -> dict:
+    with log_context(folder=job.folder, part=job.part):
+        record, entries = read_part_record(records, layout, job.stem, job.part)
+        key = record["key"]
+        for e in entries:
+            reason = unsafe_reason(e["path"])
+            if reason:
+                raise PartDamaged(key, f"entry {e['path']!r} has {reason}")
+        claimed = sum(int(e.get("size", 0)) for e in entries)
+        if record["size"] and claimed > cfg.max_zip_bomb_ratio * record["size"]:
+            raise PartDamaged(key, f"entries claim {claimed} bytes, over MAX_ZIP_BOMB_RATIO="
+                                   f"{cfg.max_zip_bomb_ratio:g} times the part's {record['size']}")
+        recorded = {e["path"] for e in entries}
+        missing = [p for p in job.keep if p not in recorded]
+        if missing:
+            log.error("%d files the map puts in this part are not in it (first: %r); the verification "
+                      "will report them", len(missing), missing[0])
+        need = sum(r["size"] for r in job.keep.values())
+        staging = os.path.join(cfg.tmp_dir, f"{job.stem}.{job.part}")
+        started = time.monotonic()
+        with gate.reserve(need + MIB, f"part {job.part} of {job.folder or '(root)'}"):
+            try:
+                def fetch() -> int:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    os.makedirs(staging)
+                    return extract_part(records, record, entries, job.keep, staging, runtime)
+                written = records.retry(f"read of {key}", fetch)
+                fetched = time.monotonic()
+                dest = remote_join(destination_root(cfg), job.folder) if job.folder else destination_root(cfg)
+                if written:
+                    rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), "--no-traverse",
+                                        "--", staging, dest],
+                                       what=f"upload of part {job.part} to DESTINATION",
+                                       timeout_s=cfg.rclone_timeout_s + need / (512 * 1024))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
+               "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
+               "restored_at": utc_now(), "worker": cfg.worker_id}
+        try:
+            records.put_json(layout.restored_record(job.stem, job.part), out, create_only=True)
+        except RecordExists:
+            pass
+        log.info("part restored: %d files, %s in %.1fs (read %.1fs, upload %.1fs)", written,
+                 human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
+        return out
+
+
+# Finishing a folder: empty directories, verification
+
+def create_dirs(cfg: Config, rclone: Rclone, folder: str, stem: str, index: FolderIndex) -> None:
+    dest_root = destination_root(cfg)
+    dirs = [r["path"] for r in index.rows("d")]
+    if dirs:
+        staging = os.path.join(cfg.tmp_dir, f"{stem}.dirs")
+        try:
+            for d in dirs:
+                os.makedirs(os.path.join(staging, d), exist_ok=True)
+            dest = remote_join(dest_root, folder) if folder else dest_root
+            rclone.run_retried(["copy", "--create-empty-src-dirs", "--", staging, dest],
+                               what=f"creation of {len(dirs)} empty directories")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    elif folder:
+        rclone.run_retried(["mkdir", "--", remote_join(dest_root, folder)], what=f"creation of {folder!r}")
+
+
+def load_part_md5s(records: Records, layout: Layout, stem: str, parts: set[str], index: FolderIndex) -> None:
+    """Put each file's MD5 recorded by the zipper into the index (table md5)."""
+    index.db.execute("CREATE TABLE IF NOT EXISTS md5 (path TEXT PRIMARY KEY, md5 TEXT)")
+    for part in sorted(parts):
+        _record, entries = read_part_record(records, layout, stem, part)
+        index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ? WHERE EXISTS "
+                             "(SELECT 1 FROM e WHERE e.path = ? AND e.part = ?)",
+                             [(e["path"], e["md5"], e["path"], part) for e in entries])
+    index.commit()
+
+
+def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str, stem: str,
+                  index: FolderIndex, dest_features: dict) -> dict:
+    """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared."""
+    dest_root = destination_root(cfg)
+    dest = remote_join(dest_root, folder) if folder else dest_root
+    parts = {r["part"] for r in index.rows("f")}
+    load_part_md5s(records, layout, stem, parts, index)
+    offered = set(dest_features.get("Hashes") or [])
+    kind = "md5" if "md5" in offered else None
+    if kind is None:
+        source_kinds = set()
+        for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' LIMIT 1"):
+            source_kinds = set(json.loads(row[0]))
+        shared = sorted(offered & source_kinds)
+        kind = shared[0] if shared else None
+    flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
+    if kind:
+        flags += ["--hash", "--hash-type", kind]
+    db = index.db
+    db.execute("CREATE TABLE IF NOT EXISTS dest (path TEXT PRIMARY KEY, size INTEGER, mtime TEXT, hash TEXT)")
+    n = 0
+    for entry in rclone.lsjson(dest, flags, what=f"listing of {dest!r} for verification"):
+        db.execute("INSERT OR REPLACE INTO dest VALUES (?,?,?,?)",
+                   (entry["Path"], int(entry.get("Size", -1)), entry.get("ModTime", ""),
+                    (entry.get("Hashes") or {}).get(kind) if kind else None))
+        n += 1
+    index.commit()
+    precision = dest_features.get("Precision")
+    check_mtime = isinstance(precision, (int, float)) and 0 < precision <= 1_000_000_000
+    report = {"folder": folder, "stem": stem, "hash_kind": kind, "files": 0, "bytes": 0,
+              "matched_by_hash": 0, "matched_by_size": 0, "missing": [], "differing": [], "extra": []}
+    rows = db.execute(
+        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, d.size, d.mtime, d.hash FROM e "
+        "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
+        "WHERE e.kind IN ('f', 'l') ORDER BY e.path")
+    for path, k, size, mtime, hashes, md5, dsize, dmtime, dhash in rows:
+        report["files"] += 1
+        report["bytes"] += size
+        if dsize is None:
+            report["missing"].append(path)
+            continue
+        if dsize != size:
+            report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
+            continue
+        want = None
+        if kind == "md5" and md5:
+            want = md5
+        elif kind:
+            want = json.loads(hashes or "{}").get(kind)
+        if want and dhash:
+            if dhash.lower() != want.lower():
+                report["differing"].append({"path": path, "why": f"{kind} {dhash} != {want}"})
+                continue
+            report["matched_by_hash"] += 1
+        else:
+            report["matched_by_size"] += 1
+        if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
+            report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
+            report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
+    for (path,) in db.execute("SELECT path FROM dest WHERE path NOT IN (SELECT path FROM e) ORDER BY path"):
+        report["extra"].append(path)
+    report["ok"] = not report["missing"] and not report["differing"]
+    return report
+
+
+def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, folder: dict,
+                  larges_done: set[str], dest_features: dict) -> dict:
+    """Recreate empty directories and verify a folder whose parts are all restored."""
+    name, stem = folder["name"], folder["stem"]
+    with log_context(folder=name):
+        _header, index = load_manifest(records, layout.manifest(gen, stem),
+                                       os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.verify.sqlite"))
+        try:
+            waiting = [r["path"] for r in index.rows("l")
+                       if large_file_id(r["path"], r["size"], r["mtime"]) not in larges_done]
+            if waiting:
+                log.info("%d large files are not copied yet (first: %r)", len(waiting), waiting[0])
+                return {"state": "waiting", "large_waiting": waiting}
+            create_dirs(cfg, rclone, name, stem, index)
+            report = verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features)
+        finally:
+            index.close()
+        report["state"] = "verified" if report["ok"] else "failed"
+        if report["ok"]:
+            try:
+                records.put_json(layout.verified_record(gen, stem),
+                                 {"folder": name, "generation": gen, "verified_at": utc_now(),
+                                  **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
+                                                            "matched_by_size", "hash_kind")},
+                                  "extra": len(report["extra"])}, create_only=True)
+            except RecordExists:
+                pass
+            log.info("verified: %d files match (%d by %s, %d by size only)%s", report["files"],
+                     report["matched_by_hash"], report["hash_kind"] or "hash", report["matched_by_size"],
+                     f"; {len(report['extra'])} extra files at DESTINATION" if report["extra"] else "")
+        else:
+            for path in report["missing"][:50]:
+                log.error("missing at DESTINATION: %r", path)
+            for d in report["differing"][:50]:
+                log.error("differs at DESTINATION: %r: %s", d["path"], d["why"])
+            log.error("verification failed: %d missing, %d differing", len(report["missing"]),
+                      len(report["differing"]))
+        return report
+
+
+# The run
+
+def list_records(records: Records, prefix: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for item in records.list_keys(prefix):
+        rest = item["Key"][len(prefix):]
+        stem, _, name = rest.partition("/")
+        if name.endswith(".json") and "/" not in name:
+            found.setdefault(stem, set()).add(name[:-len(".json")])
+    return found
+
+
+def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+                  gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
+                  state: dict) -> Iterator[tuple[Any, Any]]:
+    for folder in folders:
+        name, stem = folder["name"], folder["stem"]
+        todo = [p["name"] for p in folder.get("part_table") or []
+                if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())]
+        if not todo:
+            continue
+        try:
+            _header, index = load_manifest(records, layout.manifest(gen, stem),
+                                           os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.sqlite"))
+        except Exception as exc:
+            state["failed"].append((f"folder {name!r}", str(exc)))
+            log.error("folder %r: %s", name, exc)
+            continue
+        try:
+            for part in todo:
+                keep = {r["path"]: r for r in index.rows("f", part)}
+                job = RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep)
+                yield (("part", name, part),
+                       lambda job=job: restore_part(cfg, records, layout, rclone, runtime, gate, job))
+        finally:
+            index.close()
+
+
+def write_report(cfg: Config, records: Records, layout: Layout, report: dict) -> str:
+    run_id = report["run_id"]
+    os.makedirs(os.path.join(cfg.work_dir, "reports"), exist_ok=True)
+    body = json.dumps(report, ensure_ascii=False, indent=1, sort_keys=True)
+    path = os.path.join(cfg.work_dir, "reports", f"{run_id}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(body)
+    os.replace(path + ".tmp", path)
+    shutil.copyfile(path, os.path.join(cfg.work_dir, "reports", "latest.json"))
+    records.put_bytes(layout.report(run_id), body.encode("utf-8"), content_type="application/json")
+    return path
+
+
+def print_report(report: dict) -> None:
+    rows = [("folder", "state", "files", "by hash", "by size", "missing", "differ", "extra")]
+    for f in report["folders"]:
+        rows.append((f["folder"] or "(root)", f["state"], str(f.get("files", "")),
+                     str(f.get("matched_by_hash", "")), str(f.get("matched_by_size", "")),
+                     str(len(f.get("missing", [])) if isinstance(f.get("missing"), list) else ""),
+                     str(len(f.get("differing", [])) if isinstance(f.get("differing"), list) else ""),
+                     str(len(f.get("extra", [])) if isinstance(f.get("extra"), list) else "")))
+    widths = [min(40, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
+    for r in rows:
+        sys.stdout.write("  ".join(c[:40].ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    t = report["totals"]
+    sys.stdout.write(f"\n{t['verified']} of {t['folders']} folders verified, {t['waiting']} waiting for the "
+                     f"zipper, {t['failed']} failed; {t['files_verified']} files verified\n")
+    sys.stdout.flush()
+
+
+def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+        argv: Sequence[str]) -> int:
+    caps = records.probe(layout.probe)
+    log.info("S3 server: %s", caps.describe())
+    latest = latest_generation(records, layout)
+    if latest is None:
+        log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
+        return EXIT_WAITING
+    gen, index = latest
+    folders = index["folders"]
+    zipped = list_records(records, f"{cfg.prefix}_parts/")
+    larges = list_records(records, f"{cfg.prefix}_large/")
+    restored = list_records(records, f"{cfg.prefix}_restored/")
+    verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
+                for k in records.list_keys(layout.verified_of(gen))}
+    pending = [f for f in folders if f["stem"] not in verified]
+    log.info("map generation %d: %d folders, %d already verified", gen, len(folders), len(folders) - len(pending))
+    gate = DiskGate(cfg, runtime)
+    state: dict = {"failed": []}
+    results = WorkerPool(cfg.max_parallel_workers, runtime).run(
+        iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, state))
+    failed_parts: dict[str, list] = {}
+    for label, result in results:
+        if isinstance(result, StopRequested):
+            continue
+        if isinstance(result, Exception):
+            what = f"part {label[2]} of folder {label[1]!r}" if label else "listing of parts"
+            state["failed"].append((what, str(result)))
+            log.error("%s failed: %s", what, result)
+            if label:
+                failed_parts.setdefault(label[1], []).append(label[2])
+        else:
+            restored.setdefault(result["stem"], set()).add(result["part"])
+    runtime.check()
+
+    dest_features = rclone.features(destination_root(cfg)) if pending else {}
+    report_folders = []
+    for folder in folders:
+        name, stem = folder["name"], folder["stem"]
+        entry: dict[str, Any] = {"folder": name, "stem": stem}
+        if stem in verified:
+            entry["state"] = "verified"
+            entry["files"] = folder.get("files", 0) + folder.get("large", 0)
+            report_folders.append(entry)
+            continue
+        parts = [p["name"] for p in folder.get("part_table") or []]
+        not_zipped = [p for p in parts if p not in zipped.get(stem, set())]
+        not_restored = [p for p in parts if p not in restored.get(stem, set())]
+        if name in failed_parts or (not_restored and set(not_restored) - set(not_zipped)):
+            entry["state"] = "failed"
+            entry["parts_failed"] = failed_parts.get(name, [])
+        elif not_zipped:
+            entry["state"] = "waiting"
+            entry["parts_waiting"] = not_zipped
+        else:
+            runtime.check()
+            try:
+                result = finish_folder(cfg, records, layout, rclone, gen, folder, larges.get(stem, set()),
+                                       dest_features)
+            except (MigrationError, OSError) as exc:
+                log.error("folder %r could not be verified: %s", name, exc)
+                state["failed"].append((f"verification of {name!r}", str(exc)))
+                entry["state"] = "failed"
+                entry["error"] = str(exc)
+            else:
+                entry.update(result)
+        report_folders.append(entry)
+    counts = {s: sum(1 for f in report_folders if f["state"] == s) for s in ("verified", "waiting", "failed")}
+    report = {"run_id": new_run_id(SCRIPT), "generation": gen, "destination": destination_root(cfg),
+              "folders": report_folders,
+              "totals": {"folders": len(report_folders), **counts,
+                         "files_verified": sum(f.get("files", 0) for f in report_folders
+                                               if f["state"] == "verified")},
+              "errors": [{"what": w, "error": e} for w, e in state["failed"]]}
+    path = write_report(cfg, records, layout, report)
+    print_report(report)
+    log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
+    if counts["failed"] or state["failed"]:
+        log.error("%d folders failed; run python_unzipper.py again to retry (restored parts are kept)",
+                  counts["failed"])
+        return EXIT_PARTIAL
+    if counts["waiting"]:
+        log.warning("%d folders wait for the zipper; run python_zipper.py, then this again", counts["waiting"])
+        return EXIT_WAITING
+    log.info("all %d folders restored and verified", counts["verified"])
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
+    return run_script(SCRIPT, __doc__, run, argv, environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

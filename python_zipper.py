@@ -1,0 +1,549 @@
+"""python_zipper.py: bundle SOURCE's files into store-mode zip parts on S3, following the map.
+
+For every part of the latest map that has no completion record yet, it downloads
+exactly that part's files with rclone into a staging folder under WORK_DIR, checks
+each against the map, and writes a store-mode zip straight into an S3 upload (no
+local zip file), recording every entry's offset, size, CRC-32 and MD5. After the
+upload is checked on S3 it writes the part's completion record. Files above the
+large-file threshold are copied SOURCE to DESTINATION with rclone, checked and
+recorded. A file that vanished or changed at SOURCE since mapping is reported by
+path and left out; the rest proceeds and the exit code is 3.
+
+Usage: python python_zipper.py [--help]
+
+Environment variables (default in brackets):
+  SOURCE                   rclone remote:path or local path, as mapped [required]
+  DESTINATION              rclone remote:path or local path, for large files [required]
+  S3_BUCKET                hub bucket [required]
+  S3_PREFIX                prepended to every key [work_files_zips/]
+  S3_ENDPOINT              S3 endpoint URL [provider default]
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION
+                           credentials and region, through boto3's normal chain
+  WORK_DIR                 staging folders and the lock [/content, else ./migration_work]
+  RCLONE_CONFIG            rclone configuration file [rclone's default]
+  RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
+  RCLONE_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
+  MAX_PARALLEL_WORKERS     parts in flight at once [2]
+  DOWNLOAD_THREADS         rclone --transfers when downloading a part [6]
+  SPLIT_THRESHOLD, MAX_ZIP_SIZE_GB   checked against the map's own plan [1000, 20]
+  DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
+  DISK_BACKPRESSURE_PERCENT  above this, wait before starting more parts [70]
+  S3_MAX_RETRIES           attempts per S3 request [3]
+  MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
+  S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
+  INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
+  LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
+  WORKER_ID                name of this worker in records and logs [host-pid-random]
+
+Example:
+  SOURCE=onedrive:"Work Files" DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub \\
+    S3_ENDPOINT=https://s3.wasabisys.com python python_zipper.py
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import struct
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
+                       FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
+                       RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
+                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
+                       log_context, parse_mtime, remote_join, run_script, utc_now)
+
+log = logging.getLogger("python_zipper")
+
+SCRIPT = "zipper"
+MIN_CHUNK = 8 * MIB
+MAX_S3_PARTS = 9000
+
+
+# Pure planning
+
+def chunk_size_for(estimated_bytes: int) -> int:
+    """Multipart chunk size: at least 8 MiB, large enough that a part needs under 9,000 chunks."""
+    need = -(-estimated_bytes // MAX_S3_PARTS)
+    return max(MIN_CHUNK, -(-need // MIB) * MIB)
+
+
+def zip_overhead(paths: Sequence[str]) -> int:
+    """Bytes a store-mode zip adds around its entries (headers, descriptors, central directory)."""
+    return sum(30 + 46 + 2 * (len(p.encode("utf-8")) + 9 + 20) + 24 for p in paths) + 22 + 56 + 20
+
+
+def ut_extra(mtime_s: float) -> bytes:
+    """The extended-timestamp extra field (0x5455) holding the Unix mtime, as Info-ZIP writes it."""
+    value = max(-2**31, min(2**31 - 1, int(mtime_s)))
+    return struct.pack("<HHBi", 0x5455, 5, 1, value)
+
+
+def dos_time(mtime_s: float) -> tuple[int, int, int, int, int, int]:
+    t = time.localtime(max(mtime_s, 315532800 + 86400))
+    year = min(max(t.tm_year, 1980), 2107)
+    return (year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def expected_etag(chunk_md5s: Sequence[bytes]) -> str:
+    if len(chunk_md5s) == 1:
+        return chunk_md5s[0].hex()
+    return hashlib.md5(b"".join(chunk_md5s)).hexdigest() + f"-{len(chunk_md5s)}"
+
+
+# Streaming a zip into S3
+
+class S3Sink:
+    """A write-only file for zipfile that streams into one S3 object.
+
+    Bytes are cut into chunks; the first full chunk starts a multipart upload and a
+    background thread uploads chunks while the zip goes on (at most two chunks buffered).
+    An object smaller than one chunk is sent with a single PUT. Every chunk carries a
+    Content-MD5; the SHA-256 of the whole object is computed on the way.
+    """
+
+    def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime, *,
+                 send_md5: bool = True):
+        self.records = records
+        self.s3 = records.s3
+        self.bucket = records.bucket
+        self.key = key
+        self.chunk = chunk_bytes
+        self.runtime = runtime
+        self.send_md5 = send_md5
+        self.buf = bytearray()
+        self.total = 0
+        self.sha256 = hashlib.sha256()
+        self.chunk_md5s: list[bytes] = []
+        self.parts: list[dict] = []
+        self.upload_id: str | None = None
+        self.etag: str | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # The file protocol zipfile needs
+    def write(self, data: bytes) -> int:
+        if self._error:
+            raise self._error
+        self.runtime.check()
+        self.buf += data
+        self.total += len(data)
+        self.sha256.update(data)
+        while len(self.buf) >= self.chunk:
+            self._send(bytes(self.buf[:self.chunk]))
+            del self.buf[:self.chunk]
+        return len(data)
+
+    def tell(self) -> int:
+        return self.total
+
+    def seek(self, *_args: Any) -> int:
+        raise OSError("S3Sink is not seekable")
+
+    def seekable(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        return None
+
+    # Upload machinery
+    def _md5_kwargs(self, body: bytes) -> dict:
+        digest = hashlib.md5(body).digest()
+        self.chunk_md5s.append(digest)
+        return {"ContentMD5": base64.b64encode(digest).decode()} if self.send_md5 else {}
+
+    def _send(self, body: bytes) -> None:
+        if self.upload_id is None:
+            resp = self.records._wrap("CreateMultipartUpload", self.key, lambda: self.s3.create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ContentType="application/zip"))
+            self.upload_id = resp["UploadId"]
+            self._thread = threading.Thread(target=self._uploader, daemon=True, name="part-upload")
+            self._thread.start()
+        number = len(self.chunk_md5s) + 1
+        extra = self._md5_kwargs(body)
+        while True:
+            if self._error:
+                raise self._error
+            self.runtime.check()
+            try:
+                self._queue.put((number, body, extra), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _uploader(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            number, body, extra = item
+            try:
+                resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+                    Body=body, **extra))
+                self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+            except BaseException as exc:  # handed to the writer thread, which raises it
+                self._error = exc
+                return
+
+    def finish(self) -> None:
+        """Send what is left and complete the object; raise on any failure."""
+        if self.upload_id is None:
+            body = bytes(self.buf)
+            extra = self._md5_kwargs(body)
+            resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
+                Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/zip", **extra))
+            self.etag = resp["ETag"].strip('"')
+            return
+        if self.buf:
+            self._send(bytes(self.buf))
+            self.buf.clear()
+        self._queue.put(None)
+        while self._thread and self._thread.is_alive():
+            self.runtime.check()
+            self._thread.join(0.5)
+        if self._error:
+            raise self._error
+        parts = sorted(self.parts, key=lambda p: p["PartNumber"])
+        resp = self.records._wrap("CompleteMultipartUpload", self.key, lambda: self.s3.complete_multipart_upload(
+            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
+        self.etag = resp["ETag"].strip('"')
+        self.upload_id = None
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            try:
+                self.records._wrap("AbortMultipartUpload", self.key, lambda: self.s3.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=upload_id))
+            except S3Error as exc:
+                log.warning("could not abort the multipart upload of %s (%s); the next attempt "
+                            "at this part aborts it", self.key, exc)
+
+
+def abort_stale_uploads(records: Records, key: str) -> None:
+    """Abort unfinished multipart uploads of exactly this key (left by a killed run)."""
+    resp = records._wrap("ListMultipartUploads", key, lambda: records.s3.list_multipart_uploads(
+        Bucket=records.bucket, Prefix=key))
+    for upload in resp.get("Uploads", []) or []:
+        if upload.get("Key") == key:
+            log.info("aborting an unfinished upload of %s left by an earlier run", key)
+            records._wrap("AbortMultipartUpload", key, lambda u=upload: records.s3.abort_multipart_upload(
+                Bucket=records.bucket, Key=key, UploadId=u["UploadId"]))
+
+
+# One part
+
+@dataclass
+class PartJob:
+    folder: str
+    stem: str
+    part: str
+    gen: int
+    files: list[dict]
+    bytes: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+
+def stage_part(cfg: Config, rclone: Rclone, job: PartJob, staging: str, list_path: str) -> None:
+    """Download exactly the part's files into ``staging`` (NUL-separated list: any name works)."""
+    source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
+    with open(list_path, "wb") as fh:
+        fh.write(b"\0".join(f["path"].encode("utf-8", "surrogateescape") for f in job.files))
+    timeout = cfg.rclone_timeout_s + job.bytes / (512 * 1024)
+    rclone.run_retried(["copy", "--files-from0", list_path, "--transfers", str(cfg.download_threads),
+                        "--no-traverse", "--no-check-dest", "--", source, staging],
+                       what=f"download of part {job.part} of {job.folder or '(root)'}", timeout_s=timeout)
+
+
+def check_staged(job: PartJob, staging: str, precision_s: float = 1.0) -> list[dict]:
+    """Files whose staged copy is missing or differs from the map (size, or mtime beyond 1 s)."""
+    bad = []
+    for f in job.files:
+        path = os.path.join(staging, f["path"])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            bad.append({"path": f["path"], "reason": "missing"})
+            continue
+        if st.st_size != f["size"]:
+            bad.append({"path": f["path"], "reason": f"size {st.st_size} != mapped {f['size']}"})
+        elif f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > precision_s:
+            bad.append({"path": f["path"], "reason": "modification time differs from the map"})
+    return bad
+
+
+def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict], tmp: str) -> list[dict]:
+    """Ask SOURCE again about files that did not stage: gone or changed (skip them, report by path)
+    versus still there as mapped (a transfer failure: the part fails and is retried)."""
+    source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
+    list_path = os.path.join(tmp, f"{job.stem}.{job.part}.recheck")
+    with open(list_path, "wb") as fh:
+        fh.write(b"\0".join(b["path"].encode("utf-8", "surrogateescape") for b in bad))
+    try:
+        now = {e["Path"]: e for e in rclone.lsjson(source, ["--files-from0", list_path, "-R", "--files-only",
+                                                            "--no-mimetype"],
+                                                   what=f"re-listing of {len(bad)} files")}
+    finally:
+        os.remove(list_path)
+    mapped = {f["path"]: f for f in job.files}
+    skipped, transient = [], []
+    for b in bad:
+        entry, want = now.get(b["path"]), mapped[b["path"]]
+        if entry is None:
+            skipped.append({"path": b["path"], "reason": "deleted at SOURCE since mapping"})
+        elif int(entry.get("Size", -1)) != want["size"] or (
+                want["mtime"] and abs(parse_mtime(entry["ModTime"]) - parse_mtime(want["mtime"])) > 1):
+            skipped.append({"path": b["path"], "reason": "changed at SOURCE since mapping"})
+        else:
+            transient.append(b["path"])
+    if transient:
+        raise MigrationError(f"{len(transient)} files of part {job.part} are still at SOURCE as mapped "
+                             f"but did not download (first: {transient[0]!r}); the part will be retried")
+    return skipped
+
+
+def write_zip(sink: S3Sink, job: PartJob, staging: str, skip: set[str], runtime: Runtime) -> list[dict]:
+    """Stream the part's files into a store-mode zip; return the entries (offset, size, CRC, MD5)."""
+    entries = []
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for f in job.files:
+            if f["path"] in skip:
+                continue
+            runtime.check()
+            mtime = parse_mtime(f["mtime"]) if f["mtime"] else os.stat(os.path.join(staging, f["path"])).st_mtime
+            info = zipfile.ZipInfo(f["path"], date_time=dos_time(mtime))
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = (0o100644 << 16)
+            info.extra = ut_extra(mtime)
+            info.file_size = f["size"]
+            md5 = hashlib.md5()
+            written = 0
+            with open(os.path.join(staging, f["path"]), "rb") as src, zf.open(info, "w") as dst:
+                while True:
+                    block = src.read(MIB)
+                    if not block:
+                        break
+                    md5.update(block)
+                    dst.write(block)
+                    written += len(block)
+            if written != f["size"]:
+                raise MigrationError(f"{f['path']!r} changed while it was zipped ({written} bytes, "
+                                     f"mapped {f['size']})")
+            entries.append({"path": f["path"], "offset": info.header_offset, "size": written,
+                            "crc32": f"{info.CRC:08x}", "md5": md5.hexdigest(), "mtime": f["mtime"]})
+    return entries
+
+
+def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+             gate: DiskGate, job: PartJob) -> dict:
+    """Make one part: stage, check, stream the zip to S3, verify it, record it."""
+    key = layout.part_object(job.stem, job.part)
+    staging = os.path.join(cfg.tmp_dir, f"{job.stem}.{job.part}")
+    list_path = staging + ".files"
+    with log_context(folder=job.folder, part=job.part), \
+            gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"):
+        started = time.monotonic()
+        os.makedirs(staging, exist_ok=True)
+        sink = None
+        try:
+            stage_part(cfg, rclone, job, staging, list_path)
+            bad = check_staged(job, staging)
+            if bad:
+                job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir)
+                for s in job.skipped:
+                    log.error("left out of the part: %r: %s", s["path"], s["reason"])
+            skip = {s["path"] for s in job.skipped}
+            kept = [f for f in job.files if f["path"] not in skip]
+            staged_at = time.monotonic()
+            abort_stale_uploads(records, key)
+            estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
+            sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=cfg.s3_checksums != "off")
+            entries = write_zip(sink, job, staging, skip, runtime)
+            sink.finish()
+            head = records.head(key)
+            if head is None or head["ContentLength"] != sink.total:
+                raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
+                                     f"upload, {sink.total} were sent")
+            want = expected_etag(sink.chunk_md5s)
+            got = head.get("ETag", "").strip('"')
+            if got != want and (got == sink.etag or "-" not in got):
+                raise MigrationError(f"s3 key {key!r} has ETag {got}, expected {want}: the upload "
+                                     "was damaged")
+            entries_body = jsonl_gz_bytes(entries)
+            entries_key = layout.part_entries(job.stem, job.part)
+            records.put_bytes(entries_key, entries_body, content_type="application/gzip")
+            record = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
+                      "key": key, "size": sink.total, "etag": got, "sha256": sink.sha256.hexdigest(),
+                      "entries_key": entries_key,
+                      "entries_sha256": hashlib.sha256(entries_body).hexdigest(),
+                      "files": len(entries), "bytes": sum(e["size"] for e in entries),
+                      "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
+            try:
+                records.put_json(layout.part_record(job.stem, job.part), record, create_only=True)
+            except RecordExists:
+                log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
+            elapsed = time.monotonic() - started
+            log.info("part uploaded: %d files, %s in %.1fs (download %.1fs, zip+upload %.1fs)",
+                     len(entries), human_bytes(sink.total), elapsed, staged_at - started,
+                     time.monotonic() - staged_at)
+            return record
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.exists(list_path):
+                os.remove(list_path)
+
+
+# Large files
+
+def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+               folder: str, stem: str, row: dict) -> dict:
+    """rclone copyto SOURCE -> DESTINATION, then check size (and a shared hash kind) at DESTINATION."""
+    rel = row["path"]
+    src = remote_join(cfg.source, folder, rel) if folder else remote_join(cfg.source, rel)
+    dst = remote_join(cfg.destination, folder, rel) if folder else remote_join(cfg.destination, rel)
+    with log_context(folder=folder, part="large"):
+        started = time.monotonic()
+        log.info("copying large file %r (%s) SOURCE -> DESTINATION", rel, human_bytes(row["size"]))
+        rclone.run_retried(["copyto", "--", src, dst], what=f"copy of large file {rel!r}",
+                           timeout_s=cfg.rclone_timeout_s + row["size"] / (512 * 1024))
+        stat = rclone.stat(dst, ["--hash"] if row["hashes"] else [], what=f"check of {rel!r} at DESTINATION")
+        if not stat or int(stat.get("Size", -1)) != row["size"]:
+            raise MigrationError(f"large file {rel!r} at DESTINATION has size "
+                                 f"{stat.get('Size') if stat else 'none'}, mapped {row['size']}")
+        dest_hashes = stat.get("Hashes") or {}
+        matched = [k for k, v in row["hashes"].items() if dest_hashes.get(k) and v]
+        for kind in matched:
+            if dest_hashes[kind] != row["hashes"][kind]:
+                raise MigrationError(f"large file {rel!r} at DESTINATION has {kind} {dest_hashes[kind]}, "
+                                     f"mapped {row['hashes'][kind]}")
+        record = {"folder": folder, "path": rel, "size": row["size"], "mtime": row["mtime"],
+                  "checked_by": matched[0] if matched else "size", "created_at": utc_now(),
+                  "worker": cfg.worker_id}
+        try:
+            records.put_json(layout.large_record(stem, large_file_id(rel, row["size"], row["mtime"])), record,
+                             create_only=True)
+        except RecordExists:
+            pass
+        log.info("large file %r copied and checked (%s) in %.1fs", rel, record["checked_by"],
+                 time.monotonic() - started)
+        return record
+
+
+# The run
+
+def existing_records(records: Records, prefix: str) -> dict[str, set[str]]:
+    """{stem: {names}} of the ``<name>.json`` records under prefix, from one listing."""
+    found: dict[str, set[str]] = {}
+    for item in records.list_keys(prefix):
+        rest = item["Key"][len(prefix):]
+        stem, _, name = rest.partition("/")
+        if name.endswith(".json") and "/" not in name:
+            found.setdefault(stem, set()).add(name[:-len(".json")])
+    return found
+
+
+def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+               gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
+               stats: dict) -> Iterator[tuple[Any, Any]]:
+    """Yield one task per unit still to do, loading each folder's manifest only when reached."""
+    for folder in folders:
+        name, stem = folder["name"], folder["stem"]
+        want_parts = [p["name"] for p in folder.get("part_table") or []]
+        missing_parts = [p for p in want_parts if p not in done_parts.get(stem, set())]
+        if not missing_parts and not folder.get("large"):
+            continue
+        index_path = os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.sqlite")
+        try:
+            _header, index = load_manifest(records, layout.manifest(gen, stem), index_path)
+        except Exception as exc:
+            stats["failed"].append((name, str(exc)))
+            log.error("folder %r: %s", name, exc)
+            continue
+        try:
+            larges = [r for r in index.rows("l")
+                      if large_file_id(r["path"], r["size"], r["mtime"]) not in done_large.get(stem, set())]
+            for row in larges:
+                yield (("large", name, row["path"]),
+                       lambda row=row: copy_large(cfg, records, layout, rclone, runtime, name, stem, row))
+            for part in missing_parts:
+                files = list(index.rows("f", part))
+                job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,
+                              bytes=sum(f["size"] for f in files))
+                yield (("part", name, part),
+                       lambda job=job: zip_part(cfg, records, layout, rclone, runtime, gate, job))
+        finally:
+            index.close()
+
+
+def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+        argv: Sequence[str]) -> int:
+    caps = records.probe(layout.probe)
+    log.info("S3 server: %s", caps.describe())
+    latest = latest_generation(records, layout)
+    if latest is None:
+        log.error("no complete map on S3 under %r: run master_mapper.py first", cfg.prefix)
+        return EXIT_WAITING
+    gen, index = latest
+    if index.get("source") != cfg.source:
+        raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
+                          "the zipper must read the SOURCE that was mapped")
+    folders = index["folders"]
+    done_parts = existing_records(records, layout.parts_of("").rstrip("/") + "/")
+    done_large = existing_records(records, layout.larges_of("").rstrip("/") + "/")
+    total_parts = sum(len(f.get("part_table") or []) for f in folders)
+    todo_parts = sum(1 for f in folders for p in f.get("part_table") or []
+                     if p["name"] not in done_parts.get(f["stem"], set()))
+    log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
+             gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
+    gate = DiskGate(cfg, runtime)
+    stats: dict = {"failed": []}
+    results = WorkerPool(cfg.max_parallel_workers, runtime).run(
+        iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large, stats))
+    made = skipped_files = 0
+    failed = list(stats["failed"])
+    for label, result in results:
+        if isinstance(result, StopRequested):
+            continue
+        if isinstance(result, Exception):
+            what = f"{label[0]} {label[2]!r} of folder {label[1]!r}" if label else "listing of units"
+            failed.append((what, str(result)))
+            log.error("%s failed: %s", what, result)
+            continue
+        if label[0] == "part":
+            made += 1
+            skipped_files += len(result.get("skipped") or [])
+    runtime.check()
+    log.info("zipper finished: %d parts made, %d failed, %d files left out because SOURCE changed",
+             made, len(failed), skipped_files)
+    if failed or skipped_files:
+        for what, why in failed:
+            log.error("unfinished: %s: %s", what, why)
+        log.error("run python_zipper.py again to retry what failed%s",
+                  "; files changed at SOURCE need FORCE_RESCAN=1 on the mapper" if skipped_files else "")
+        return EXIT_PARTIAL
+    log.info("next: run python_unzipper.py")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
+    return run_script(SCRIPT, __doc__, run, argv, environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

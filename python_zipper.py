@@ -232,15 +232,38 @@ class S3Sink:
                             "at this part aborts it", self.key, exc)
 
 
-def abort_stale_uploads(records: Records, key: str) -> None:
-    """Abort unfinished multipart uploads of exactly this key (left by a killed run)."""
-    resp = records._wrap("ListMultipartUploads", key, lambda: records.s3.list_multipart_uploads(
-        Bucket=records.bucket, Prefix=key))
-    for upload in resp.get("Uploads", []) or []:
-        if upload.get("Key") == key:
-            log.info("aborting an unfinished upload of %s left by an earlier run", key)
-            records._wrap("AbortMultipartUpload", key, lambda u=upload: records.s3.abort_multipart_upload(
-                Bucket=records.bucket, Key=key, UploadId=u["UploadId"]))
+def list_stale_uploads(records: Records, prefix: str) -> dict[str, list[str]]:
+    """Unfinished multipart uploads under the prefix (left by killed runs): {key: [upload ids]}.
+
+    Listed once per run; a part aborts only the uploads of its own key, when it starts.
+    Servers that do not list uploads (some answer NoSuchUpload) count as having none.
+    """
+    found: dict[str, list[str]] = {}
+    kwargs: dict[str, Any] = {"Bucket": records.bucket, "Prefix": prefix}
+    while True:
+        try:
+            resp = records._wrap("ListMultipartUploads", prefix,
+                                 lambda: records.s3.list_multipart_uploads(**kwargs))
+        except S3Error as exc:
+            code = getattr(exc.error, "response", {}).get("Error", {}).get("Code")
+            if code in ("NoSuchUpload", "NotImplemented", "501"):
+                return found
+            raise
+        for upload in resp.get("Uploads", []) or []:
+            found.setdefault(upload["Key"], []).append(upload["UploadId"])
+        if not resp.get("IsTruncated"):
+            return found
+        kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+
+
+def abort_uploads(records: Records, key: str, upload_ids: Sequence[str]) -> None:
+    for upload_id in upload_ids:
+        log.info("aborting an unfinished upload of %s left by an earlier run", key)
+        try:
+            records._wrap("AbortMultipartUpload", key, lambda u=upload_id: records.s3.abort_multipart_upload(
+                Bucket=records.bucket, Key=key, UploadId=u))
+        except S3Error as exc:
+            log.warning("could not abort an old upload of %s: %s", key, exc)
 
 
 # One part
@@ -254,6 +277,7 @@ class PartJob:
     files: list[dict]
     bytes: int = 0
     skipped: list[dict] = field(default_factory=list)
+    stale_uploads: list[str] = field(default_factory=list)
 
 
 def stage_part(cfg: Config, rclone: Rclone, job: PartJob, staging: str, list_path: str) -> None:
@@ -367,7 +391,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             skip = {s["path"] for s in job.skipped}
             kept = [f for f in job.files if f["path"] not in skip]
             staged_at = time.monotonic()
-            abort_stale_uploads(records, key)
+            abort_uploads(records, key, job.stale_uploads)
             estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
             sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=cfg.s3_checksums != "off")
             entries = write_zip(sink, job, staging, skip, runtime)
@@ -460,7 +484,7 @@ def existing_records(records: Records, prefix: str) -> dict[str, set[str]]:
 
 def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
-               stats: dict) -> Iterator[tuple[Any, Any]]:
+               stale: dict, stats: dict) -> Iterator[tuple[Any, Any]]:
     """Yield one task per unit still to do, loading each folder's manifest only when reached."""
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
@@ -484,7 +508,8 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             for part in missing_parts:
                 files = list(index.rows("f", part))
                 job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,
-                              bytes=sum(f["size"] for f in files))
+                              bytes=sum(f["size"] for f in files),
+                              stale_uploads=stale.get(layout.part_object(stem, part), []))
                 yield (("part", name, part),
                        lambda job=job: zip_part(cfg, records, layout, rclone, runtime, gate, job))
         finally:
@@ -513,8 +538,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
     gate = DiskGate(cfg, runtime)
     stats: dict = {"failed": []}
+    stale = list_stale_uploads(records, cfg.prefix) if todo_parts else {}
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(
-        iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large, stats))
+        iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large, stale,
+                   stats))
     made = skipped_files = 0
     failed = list(stats["failed"])
     for label, result in results:

@@ -1618,8 +1618,9 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
         try:
             read_only = "--status" in argv
             if not read_only:
-                lock = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
-                lock.acquire()
+                held = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
+                held.acquire()
+                lock = held  # only now is the temporary folder ours to clean
                 _clean_tmp(cfg.tmp_dir)
                 os.makedirs(cfg.tmp_dir, exist_ok=True)
             s3 = make_s3_client(cfg)

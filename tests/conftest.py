@@ -31,7 +31,9 @@ def rclone_binary() -> str:
 
 @pytest.fixture(scope="session")
 def moto_endpoint():
+    import logging
     from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -400,6 +400,10 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                                   "extra": len(report["extra"])}, create_only=True)
             except RecordExists:
                 pass
+            if name:
+                records.put_json(layout.legacy_progress(stem, "unzipper"), {
+                    "processed_keys": [layout.part_object(stem, p["name"]) for p in folder.get("part_table") or []],
+                    "folder_complete": True, "updated_at": utc_now()})
             log.info("verified: %d files match (%d by %s, %d by size only)%s", report["files"],
                      report["matched_by_hash"], report["hash_kind"] or "hash", report["matched_by_size"],
                      f"; {len(report['extra'])} extra files at DESTINATION" if report["extra"] else "")

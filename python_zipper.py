@@ -456,12 +456,13 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             if dest_hashes[kind] != row["hashes"][kind]:
                 raise MigrationError(f"large file {rel!r} at DESTINATION has {kind} {dest_hashes[kind]}, "
                                      f"mapped {row['hashes'][kind]}")
-        record = {"folder": folder, "path": rel, "size": row["size"], "mtime": row["mtime"],
+        file_id = large_file_id(rel, row["size"], row["mtime"])
+        record = {"folder": folder, "stem": stem, "id": file_id, "path": rel, "size": row["size"],
+                  "mtime": row["mtime"],
                   "checked_by": matched[0] if matched else "size", "created_at": utc_now(),
                   "worker": cfg.worker_id}
         try:
-            records.put_json(layout.large_record(stem, large_file_id(rel, row["size"], row["mtime"])), record,
-                             create_only=True)
+            records.put_json(layout.large_record(stem, file_id), record, create_only=True)
         except RecordExists:
             pass
         log.info("large file %r copied and checked (%s) in %.1fs", rel, record["checked_by"],
@@ -516,6 +517,20 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             index.close()
 
 
+def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: set[str]) -> None:
+    """The original ``_progress/<stem>_progress.json`` for a folder whose parts are all uploaded.
+
+    Informational, for people and tools that read the original layout; no decision here
+    is ever taken from it.
+    """
+    parts = [p["name"] for p in folder.get("part_table") or []]
+    if not folder["name"] or any(p not in done for p in parts):
+        return
+    records.put_json(layout.legacy_progress(folder["stem"], "zipper"), {
+        "completed_keys": [layout.part_object(folder["stem"], p) for p in parts],
+        "folder_complete": True, "updated_at": utc_now()})
+
+
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
@@ -543,6 +558,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large, stale,
                    stats))
     made = skipped_files = 0
+    touched: set[str] = set()
     failed = list(stats["failed"])
     for label, result in results:
         if isinstance(result, StopRequested):
@@ -552,10 +568,18 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             failed.append((what, str(result)))
             log.error("%s failed: %s", what, result)
             continue
+        touched.add(label[1])
         if label[0] == "part":
             made += 1
             skipped_files += len(result.get("skipped") or [])
+            done_parts.setdefault(result["stem"], set()).add(result["part"])
+        else:
+            done_large.setdefault(result["stem"], set()).add(result["id"])
     runtime.check()
+    failed_folders = {label[1] for label, result in results if label and isinstance(result, Exception)}
+    for folder in folders:
+        if folder["name"] in touched and folder["name"] not in failed_folders:
+            write_legacy_progress(records, layout, folder, done_parts.get(folder["stem"], set()))
     log.info("zipper finished: %d parts made, %d failed, %d files left out because SOURCE changed",
              made, len(failed), skipped_files)
     if failed or skipped_files:

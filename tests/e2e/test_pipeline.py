@@ -64,6 +64,11 @@ def test_full_pipeline_restores_every_awkward_name(env):
     assert large == [{"path": "huge one.bin", "size": 600_000, "size_gb": 0.0}]
     assert f"{p}Photos 2020_LargeFiles.json".replace(" ", "_") not in objects
 
+    # The original progress records, for tools that read the original layout.
+    assert json.loads(env.get(f"{p}_progress/Photos_progress.json"))["folder_complete"] is True
+    assert json.loads(env.get(f"{p}_progress/Photos_unzip_progress.json"))["folder_complete"] is True
+    assert json.loads(env.get(f"{p}_progress/Photos_mapper_progress.json"))["normal_files"] == 25
+
     # Every file of the map was matched at DESTINATION, by MD5 for the local destination.
     report = json.load(open(os.path.join(env.vars["WORK_DIR"], "reports", "latest.json")))
     assert report["totals"]["verified"] == len(index["folders"])

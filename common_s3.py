@@ -335,6 +335,13 @@ class Config:
         checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
         if checksums not in ("auto", "off"):
             raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
+        for name, wanted in (("DRY_RUN", env_bool(environ, "DRY_RUN")),
+                             ("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),
+                             ("WORKER_COUNT", worker_count > 1)):
+            if wanted:
+                # Refuse rather than ignore: a user who asks for these must not get a normal run.
+                raise ConfigError(f"{name}={environ.get(name)!r} is not supported by this version yet; "
+                                  "unset it")
         worker_id = env_str(environ, "WORKER_ID") or (
             f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", worker_id):

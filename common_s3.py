@@ -385,7 +385,7 @@ class Config:
             worker_index=worker_index,
             worker_id=worker_id,
             lease_seconds=env_number(environ, "LEASE_SECONDS", 600, minimum=1),
-            rclone_timeout_s=env_number(environ, "RCLONE_TIMEOUT", 3600, minimum=1),
+            rclone_timeout_s=env_number(environ, "COMMAND_TIMEOUT", 3600, minimum=1),
             s3_checksums=checksums,
             environ=dict(environ),
         )
@@ -993,10 +993,10 @@ class Rclone:
         self.cfg = cfg
         self.runtime = runtime
         self.binary = self._find(cfg)
-        self.env = dict(cfg.environ)
-        self.env.setdefault("RCLONE_CONFIG", self.env.get("RCLONE_CONFIG", ""))
-        if not self.env["RCLONE_CONFIG"]:
-            del self.env["RCLONE_CONFIG"]
+        # rclone reads RCLONE_<FLAG> variables as flags: pass the user's own, never ours.
+        self.env = {k: v for k, v in cfg.environ.items() if k != "RCLONE_BIN"}
+        if not self.env.get("RCLONE_CONFIG"):
+            self.env.pop("RCLONE_CONFIG", None)
 
     @staticmethod
     def _find(cfg: Config) -> str:

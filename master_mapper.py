@@ -19,7 +19,7 @@ Environment variables (default in brackets):
   WORK_DIR                 temporary files and the lock [/content, else ./migration_work]
   RCLONE_CONFIG            rclone configuration file [rclone's default]
   RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
-  RCLONE_TIMEOUT           seconds one rclone listing may take before it is retried [3600]
+  COMMAND_TIMEOUT           seconds one rclone listing may take before it is retried [3600]
   LARGE_FILE_THRESHOLD_GB  files strictly larger go SOURCE to DESTINATION directly [20]
   SPLIT_THRESHOLD          at most this many files per zip part [1000]
   MAX_ZIP_SIZE_GB          at most this many bytes per zip part, >= the threshold [20]

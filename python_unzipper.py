@@ -22,7 +22,7 @@ Environment variables (default in brackets):
   WORK_DIR                 staging folders, reports and the lock [/content, else ./migration_work]
   RCLONE_CONFIG            rclone configuration file [rclone's default]
   RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
-  RCLONE_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
+  COMMAND_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
   MAX_PARALLEL_WORKERS     parts restored at once [2]
   UPLOAD_THREADS           rclone --transfers when uploading [6]
   SKIP_UPLOAD              1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION [0]

@@ -22,7 +22,7 @@ Environment variables (default in brackets):
   WORK_DIR                 staging folders and the lock [/content, else ./migration_work]
   RCLONE_CONFIG            rclone configuration file [rclone's default]
   RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
-  RCLONE_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
+  COMMAND_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
   MAX_PARALLEL_WORKERS     parts in flight at once [2]
   DOWNLOAD_THREADS         rclone --transfers when downloading a part [6]
   SPLIT_THRESHOLD, MAX_ZIP_SIZE_GB   checked against the map's own plan [1000, 20]

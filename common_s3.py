@@ -860,23 +860,37 @@ class InstanceLock:
 # Signals and child processes
 
 class Runtime:
-    """What a run shares between threads: the stop event and the rclone children to end."""
+    """What a run shares between threads: the stop event and the rclone children to end.
 
-    def __init__(self) -> None:
+    The PIDs of running children are also kept in a file beside the lock, so that the next
+    run can end the rclone processes a killed run (kill -9, OOM) left behind.
+    """
+
+    def __init__(self, children_file: str | None = None) -> None:
         self.stop = threading.Event()
         self.signum: int | None = None
+        self.children_file = children_file
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+
+    def _save(self) -> None:
+        if self.children_file:
+            tmp = self.children_file + ".new"
+            with open(tmp, "w") as fh:
+                fh.write("".join(f"{p.pid}\n" for p in self._children))
+            os.replace(tmp, self.children_file)
 
     def add_child(self, proc: subprocess.Popen) -> None:
         with self._lock:
             self._children.add(proc)
+            self._save()
         if self.stop.is_set():
             _terminate_group(proc)
 
     def remove_child(self, proc: subprocess.Popen) -> None:
         with self._lock:
             self._children.discard(proc)
+            self._save()
 
     def request_stop(self, signum: int) -> None:
         if self.signum is None:
@@ -896,6 +910,28 @@ class Runtime:
     def check(self) -> None:
         if self.stop.is_set():
             raise StopRequested("stopping")
+
+
+def end_orphans(children_file: str) -> int:
+    """Kill the rclone processes a dead run of this script left behind; return how many."""
+    try:
+        with open(children_file) as fh:
+            pids = [int(line) for line in fh if line.strip().isdigit()]
+    except FileNotFoundError:
+        return 0
+    ended = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(argv0).startswith(b"rclone"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                ended += 1
+    os.remove(children_file)
+    return ended
 
 
 def _terminate_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -1618,6 +1654,7 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
         log.error("nothing was changed; fix the variable and run again")
         return EXIT_USAGE
     setup_logging(cfg.log_level, cfg.log_format, script)
+    children_file = os.path.join(cfg.work_dir, f".{script}.children")
     runtime = Runtime()
     lock = None
     code = EXIT_FAILED
@@ -1628,6 +1665,10 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
                 held = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
                 held.acquire()
                 lock = held  # only now is the temporary folder ours to clean
+                ended = end_orphans(children_file)
+                if ended:
+                    log.warning("ended %d rclone processes left running by a killed run", ended)
+                runtime.children_file = children_file
                 _clean_tmp(cfg.tmp_dir)
                 os.makedirs(cfg.tmp_dir, exist_ok=True)
             s3 = make_s3_client(cfg)

@@ -112,7 +112,7 @@ def test_defaults(base):
     ("INSTANCE_LOCK_TIMEOUT", "soon"),
     ("PROGRESS_INTERVAL", "0"),
     ("LEASE_SECONDS", "-inf"),
-    ("RCLONE_TIMEOUT", "0"),
+    ("COMMAND_TIMEOUT", "0"),
     ("MAX_ZIP_BOMB_RATIO", "0.5"),
     ("WORKER_COUNT", "0"),
     ("WORKER_COUNT", "two"),

@@ -1,0 +1,93 @@
+"""kill -9 at random instants, then rerun to the end: nothing lost, nothing trusted half-written.
+
+Rounds per script come from KILL_ROUNDS (default 3; raise it for a longer soak outside CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from sample_tree import make_tree
+from treecheck import assert_same_tree
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = int(os.environ.get("KILL_ROUNDS", "3"))
+SCRIPTS = ("master_mapper.py", "python_zipper.py", "python_unzipper.py")
+
+
+def observe(env, seen: dict[str, set]) -> None:
+    """Record every part's ETag; every record on S3 must parse completely."""
+    for key, meta in env.objects().items():
+        if key.endswith(".zip"):
+            seen.setdefault(key, set()).add(meta["ETag"])
+        elif key.endswith(".json") and "/_probe/" not in key:
+            json.loads(env.get(key))
+
+
+def kill_at(env, script: str, delay: float, **extra) -> int:
+    """Start the script in its own process group and SIGKILL the whole group after ``delay``."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)], env={**env.vars, **extra},
+                            cwd=env.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+@pytest.mark.parametrize("seed", [11, 29])
+def test_kill9_at_random_instants_then_rerun(env, seed):
+    rng = random.Random(seed)
+    make_tree(env.source, small_files=45)
+    seen: dict[str, set] = {}
+    for script in SCRIPTS:
+        killed = 0
+        for _ in range(ROUNDS):
+            # Slow transfers down in some rounds, so kills also land mid-download and mid-upload.
+            extra = {"RCLONE_BWLIMIT": "200k"} if rng.random() < 0.5 else {}
+            killed += kill_at(env, script, rng.uniform(0.3, 3.0), **extra) == -signal.SIGKILL
+            observe(env, seen)
+        assert killed, f"no kill landed while {script} was running"
+        final = env.run(script)
+        assert final.returncode == 0, f"{script} after kills: {final.stderr[-3000:]}"
+        observe(env, seen)
+    assert_same_tree(env.source, env.destination)
+    changed = {k: v for k, v in seen.items() if len(v) > 1}
+    assert not changed, f"parts uploaded twice with different contents: {changed}"
+    # Temporary folders of dead runs are gone after the final runs.
+    for script in ("mapper", "zipper", "unzipper"):
+        tmp = os.path.join(env.vars["WORK_DIR"], ".tmp", script)
+        assert not os.path.exists(tmp) or not os.listdir(tmp), f"{tmp} not cleaned"
+
+
+def test_orphaned_rclone_of_a_killed_run_is_ended(env):
+    """kill -9 of the Python process alone (the OOM killer does that) leaves rclone running;
+    the next run ends it before cleaning the temporary folder."""
+    make_tree(env.source, small_files=12)
+    assert env.run("master_mapper.py").returncode == 0
+    proc = env.popen("python_zipper.py", RCLONE_BWLIMIT="10k", MAX_PARALLEL_WORKERS="1")
+    children_file = os.path.join(env.vars["WORK_DIR"], ".zipper.children")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (os.path.exists(children_file) and open(children_file).read()):
+        time.sleep(0.1)
+    orphan = int(open(children_file).read().split()[0])
+    proc.kill()
+    proc.communicate()
+    assert os.path.exists(f"/proc/{orphan}"), "the rclone child should outlive a kill -9 of its parent"
+    rerun = env.run("python_zipper.py")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "left running by a killed run" in rerun.stderr
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{orphan}") or open(f"/proc/{orphan}/stat").read().split()[2] == "Z"

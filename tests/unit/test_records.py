@@ -1,0 +1,307 @@
+"""Records: strict reads, Content-MD5 writes, create-only writes, listing, and the probe."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import ANY, Stubber
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+
+from common_s3 import (Capabilities, RecordError, RecordExists, Records, S3AuthError, S3Error,
+                       S3NotFoundError)
+
+BUCKET = "unit-bucket"
+
+
+def body(data: bytes) -> StreamingBody:
+    return StreamingBody(io.BytesIO(data), len(data))
+
+
+def read(s3, key: str) -> bytes:
+    return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def put_many(keys) -> None:
+    """Create objects straight in moto's backend: thousands in a fraction of a second."""
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    for key in keys:
+        backend.put_object(BUCKET, key, b"")
+
+
+@pytest.fixture
+def stubbed(stub_client, make_cfg, instant_stop):
+    """(Records, Stubber) on a client that answers only what the test queues."""
+    records = Records(stub_client, make_cfg(), stop=instant_stop)
+    with Stubber(stub_client) as stubber:
+        yield records, stubber
+        stubber.assert_no_pending_responses()
+
+
+# Reads
+
+def test_missing_key_reads_as_none(records):
+    assert records.get_json("work_files_zips/_parts/x/Full.json") is None
+    assert records.get_bytes("nothing/here") is None
+    assert records.head("nothing/here") is None
+
+
+def test_json_round_trip(records):
+    obj = {"name": "日本 #x", "n": 3, "nested": {"a": [1, 2]}}
+    records.put_json("rec/a.json", obj)
+    assert records.get_json("rec/a.json") == obj
+
+
+@pytest.mark.parametrize("bad", [b"{not json", b"", b"\xff\xfe\x00", b'{"a": 1'])
+def test_malformed_json_raises_naming_the_key_and_keeps_the_body(records, s3, bad):
+    key = "work_files_zips/_parts/F/Full.json"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bad)
+    with pytest.raises(RecordError) as info:
+        records.get_json(key)
+    assert key in str(info.value)
+    assert info.value.key == key
+    assert info.value.exit_code == 3
+    assert read(s3, key) == bad
+
+
+def test_access_denied_is_an_auth_error_not_none(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(S3AuthError) as info:
+        records.get_json("k.json")
+    assert info.value.key == "k.json"
+    assert "AccessDenied" in str(info.value)
+
+
+def test_missing_bucket_is_not_found_error(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("get_object", service_error_code="NoSuchBucket", http_status_code=404)
+    with pytest.raises(S3NotFoundError):
+        records.get_bytes("k")
+
+
+def test_server_errors_are_retried_then_raised(stubbed, instant_stop):
+    records, stubber = stubbed
+    for _ in range(3):  # S3_MAX_RETRIES=3
+        stubber.add_client_error("get_object", service_error_code="InternalError", http_status_code=500)
+    with pytest.raises(S3Error) as info:
+        records.get_json("k.json")
+    assert not isinstance(info.value, (S3AuthError, S3NotFoundError))
+    assert info.value.key == "k.json"
+    assert "InternalError" in str(info.value)
+    assert len(instant_stop.waits) == 2
+
+
+def test_a_server_error_then_success(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+    stubber.add_response("get_object", {"Body": body(b'{"ok": true}')}, {"Bucket": BUCKET, "Key": "k"})
+    assert records.get_json("k") == {"ok": True}
+
+
+def test_head_raises_on_errors_other_than_missing(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("head_object", service_error_code="403", http_status_code=403)
+    with pytest.raises(S3AuthError):
+        records.head("k")
+
+
+def test_requests_are_counted(records):
+    before = records.requests
+    records.get_bytes("missing")
+    records.put_bytes("k", b"x")
+    assert records.requests - before == 2
+
+
+# Writes
+
+def test_put_bytes_sends_content_md5(stubbed):
+    records, stubber = stubbed
+    data = b"some record body \xe2\x9c\x93"
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    stubber.add_response("put_object", {"ETag": '"x"'},
+                         {"Bucket": BUCKET, "Key": "k", "Body": data, "ContentMD5": md5,
+                          "ContentType": "application/octet-stream"})
+    records.put_bytes("k", data)
+
+
+def test_put_json_is_utf8_json_with_md5(stubbed):
+    records, stubber = stubbed
+    obj = {"folder": "café", "n": 1}
+    data = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
+    stubber.add_response("put_object", {"ETag": '"x"'},
+                         {"Bucket": BUCKET, "Key": "k.json", "Body": data,
+                          "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode(),
+                          "ContentType": "application/json; charset=utf-8"})
+    records.put_json("k.json", obj)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "common_s3.Records.put_bytes always adds ContentMD5 and ignores cfg.s3_checksums: with "
+    "S3_CHECKSUMS=off (documented as 'send none', for servers that reject Content-MD5) every "
+    "record, entries file and report PUT still carries Content-MD5; only S3Sink honours it"))
+def test_checksums_off_sends_no_content_md5(stub_client, make_cfg, instant_stop):
+    records = Records(stub_client, make_cfg(S3_CHECKSUMS="off"), stop=instant_stop)
+    with Stubber(stub_client) as stubber:
+        stubber.add_response("put_object", {"ETag": '"x"'},
+                             {"Bucket": BUCKET, "Key": "k", "Body": b"x",
+                              "ContentType": "application/octet-stream"})
+        records.put_bytes("k", b"x")
+
+
+def test_put_bytes_to_moto_is_accepted_and_read_back(records, s3):
+    data = bytes(range(256)) * 10
+    records.put_bytes("bin", data)
+    assert read(s3, "bin") == data
+    assert s3.head_object(Bucket=BUCKET, Key="bin")["ETag"].strip('"') == hashlib.md5(data).hexdigest()
+
+
+def test_create_only_after_probe_refuses_a_second_write(records, s3):
+    caps = records.probe("work_files_zips/_probe/")
+    assert caps.create_only
+    records.put_json("rec.json", {"who": "first"}, create_only=True)
+    with pytest.raises(RecordExists):
+        records.put_json("rec.json", {"who": "second"}, create_only=True)
+    assert records.get_json("rec.json") == {"who": "first"}
+    # A plain write still overwrites.
+    records.put_json("rec.json", {"who": "third"})
+    assert records.get_json("rec.json") == {"who": "third"}
+
+
+def test_create_only_is_not_sent_before_the_server_is_known_to_enforce_it(stubbed):
+    records, stubber = stubbed
+    assert records.caps == Capabilities(False, False, False)
+    stubber.add_response("put_object", {}, {"Bucket": BUCKET, "Key": "k", "Body": b"x", "ContentMD5": ANY,
+                                            "ContentType": ANY})
+    records.put_bytes("k", b"x", create_only=True)
+
+
+@pytest.mark.parametrize("code, status", [("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)])
+def test_refused_create_only_write_is_record_exists(stubbed, code, status):
+    records, stubber = stubbed
+    records.caps = Capabilities(True, True, True)
+    stubber.add_client_error("put_object", service_error_code=code, http_status_code=status,
+                             expected_params={"Bucket": BUCKET, "Key": "k", "Body": b"x",
+                                              "ContentMD5": ANY, "ContentType": ANY, "IfNoneMatch": "*"})
+    with pytest.raises(RecordExists):
+        records.put_bytes("k", b"x", create_only=True)
+
+
+def test_put_errors_are_typed(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("put_object", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(S3AuthError) as info:
+        records.put_bytes("k", b"x")
+    assert info.value.op == "PutObject" and info.value.key == "k"
+
+
+def test_delete(records, s3):
+    records.put_bytes("gone", b"x")
+    records.delete("gone")
+    assert records.head("gone") is None
+
+
+# Listing
+
+def test_list_keys_paginates(records):
+    put_many(f"many/{i:05d}" for i in range(2500))
+    put_many(["manyother", "other/1"])
+    keys = [item["Key"] for item in records.list_keys("many/")]
+    assert len(keys) == 2500
+    assert keys == sorted(keys)
+    assert len(set(keys)) == 2500
+    assert records.requests == 3  # three pages of at most 1000
+
+
+def test_list_keys_with_delimiter_yields_common_prefixes(records):
+    put_many(["p/a/1", "p/a/2", "p/b/1", "p/c", "p/d.json", "q/a/1"])
+    items = list(records.list_keys("p/", delimiter="/"))
+    prefixes = sorted(i["Prefix"] for i in items if "Prefix" in i)
+    objects = sorted(i["Key"] for i in items if "Key" in i)
+    assert prefixes == ["p/a/", "p/b/"]
+    assert objects == ["p/c", "p/d.json"]
+
+
+def test_common_prefixes_paginate_too(records):
+    put_many(f"g/g{i:06d}/index.json" for i in range(1100))
+    prefixes = [i["Prefix"] for i in records.list_keys("g/", delimiter="/")]
+    assert len(prefixes) == 1100
+    assert prefixes[0] == "g/g000000/" and prefixes[-1] == "g/g001099/"
+
+
+def test_empty_listing(records):
+    assert list(records.list_keys("nothing/")) == []
+
+
+def test_list_errors_raise(stubbed):
+    records, stubber = stubbed
+    stubber.add_client_error("list_objects_v2", service_error_code="AccessDenied", http_status_code=403)
+    with pytest.raises(S3AuthError):
+        list(records.list_keys("p/"))
+
+
+# The probe
+
+def test_probe_against_moto(records, s3):
+    caps = records.probe("work_files_zips/_probe/")
+    assert caps == Capabilities(create_only=True, compare_and_swap=True, send_conditions=True)
+    assert records.caps == caps
+    assert caps.describe() == "conditional writes enforced"
+    assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0
+
+
+def probe_key_params(**extra):
+    return {"Bucket": BUCKET, "Key": ANY, "Body": b"probe", **extra}
+
+
+def test_probe_against_a_server_that_ignores_conditions(stubbed):
+    records, stubber = stubbed
+    stubber.add_response("put_object", {}, probe_key_params())
+    stubber.add_response("put_object", {}, probe_key_params(IfNoneMatch="*"))
+    stubber.add_response("put_object", {}, probe_key_params(IfMatch=ANY))
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    caps = records.probe("work_files_zips/_probe/")
+    assert caps == Capabilities(create_only=False, compare_and_swap=False, send_conditions=True)
+    assert caps.describe() == "conditional writes ignored by the server"
+    assert records.caps == caps
+
+
+def test_probe_against_a_server_that_rejects_conditions(stubbed):
+    records, stubber = stubbed
+    stubber.add_response("put_object", {}, probe_key_params())
+    stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501)
+    stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501)
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    caps = records.probe("work_files_zips/_probe/")
+    assert caps.send_conditions is False
+    assert caps.create_only is False and caps.compare_and_swap is False
+    assert caps.describe() == "conditional writes rejected by the server"
+
+
+def test_probe_uses_one_key_under_the_probe_prefix_and_deletes_it(stubbed, make_cfg):
+    records, stubber = stubbed
+    keys = []
+    stubber.add_response("put_object", {}, probe_key_params())
+    stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
+    stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    records.s3.meta.events.register("before-parameter-build.s3.*",
+                                    lambda params, **kw: keys.append(params.get("Key")))
+    caps = records.probe("work_files_zips/_probe/")
+    assert caps == Capabilities(True, True, True)
+    assert len(keys) == 4 and len(set(keys)) == 1
+    assert keys[0].startswith("work_files_zips/_probe/unit-worker-")
+
+
+def test_probe_deletes_its_key_even_when_a_conditional_put_fails(stubbed):
+    records, stubber = stubbed
+    stubber.add_response("put_object", {}, probe_key_params())
+    stubber.add_client_error("put_object", service_error_code="AccessDenied", http_status_code=403)
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    with pytest.raises(S3Error):
+        records.probe("work_files_zips/_probe/")

@@ -633,6 +633,10 @@ class RecordExists(Exception):
 __all__.append("RecordExists")
 
 
+def _json_body(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
+
+
 class Records:
     """Reads and writes of small records and objects on S3, strictly.
 
@@ -729,9 +733,24 @@ class Records:
                 raise RecordExists(key) from None
             raise
 
+    def put_once(self, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> bool:
+        """Create-only write of a completion record.
+
+        True when the key now holds exactly ``body``: written now, or by our own earlier
+        attempt whose answer was lost (a retried create then meets 412). False when it holds
+        something else: another worker's record, which is kept as it is.
+        """
+        try:
+            self.put_bytes(key, body, content_type=content_type, create_only=True)
+            return True
+        except RecordExists:
+            return self.get_bytes(key) == body
+
+    def put_json_once(self, key: str, obj: Any) -> bool:
+        return self.put_once(key, _json_body(obj), content_type="application/json; charset=utf-8")
+
     def put_json(self, key: str, obj: Any, *, create_only: bool = False) -> dict:
-        body = json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
-        return self.put_bytes(key, body, content_type="application/json; charset=utf-8",
+        return self.put_bytes(key, _json_body(obj), content_type="application/json; charset=utf-8",
                               create_only=create_only)
 
     def delete(self, key: str) -> None:

@@ -197,12 +197,6 @@ def _pending(db) -> Iterable[tuple[str, int]]:
         yield from rows
 
 
-def _upload_file(records: Records, key: str, path: str, content_type: str, *, create_only: bool) -> None:
-    with open(path, "rb") as fh:
-        body = fh.read()
-    records.put_bytes(key, body, content_type=content_type, create_only=create_only)
-
-
 def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name: str, stem: str,
                    index: FolderIndex, header_extra: dict, tmp: str) -> dict:
     """Write the folder's manifest (create-only) and its original objects; return its summary."""
@@ -226,9 +220,9 @@ def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name
                 out.update(part=row["part"], g=row["gen"])
             gz.write(json.dumps(out, ensure_ascii=False, sort_keys=True).encode() + b"\n")
     try:
-        _upload_file(records, layout.manifest(gen, stem), path, "application/gzip", create_only=True)
-    except RecordExists:
-        log.info("manifest of generation %d already written by another worker", gen)
+        with open(path, "rb") as fh:
+            if not records.put_once(layout.manifest(gen, stem), fh.read(), content_type="application/gzip"):
+                log.info("manifest of generation %d already written by another worker; kept", gen)
     finally:
         os.remove(path)
     if name:
@@ -249,7 +243,8 @@ def write_original_objects(records: Records, layout: Layout, stem: str, name: st
             fh.write((b"" if first else b"\n") + row["path"].encode("utf-8", "surrogateescape"))
             first = False
     try:
-        _upload_file(records, layout.list_txt(stem), path, "text/plain; charset=utf-8", create_only=False)
+        with open(path, "rb") as fh:
+            records.put_bytes(layout.list_txt(stem), fh.read(), content_type="text/plain; charset=utf-8")
     finally:
         os.remove(path)
     larges = [{"path": r["path"], "size": r["size"], "size_gb": round(r["size"] / GIB, 2)}
@@ -356,11 +351,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                 "retired_stems": retired,
                 "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
                 "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
-        try:
-            records.put_json(layout.plan(gen), plan, create_only=True)
-        except RecordExists:
+        if not records.put_json_once(layout.plan(gen), plan):
             raise MigrationError(f"another mapper started generation {gen} at the same moment; "
-                                 "run again to continue it") from None
+                                 "run again to continue it")
         log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
 
     features = rclone.features(cfg.source)
@@ -406,10 +399,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              "retired_stems": plan.get("retired_stems", {}),
              "totals": {k: sum(f[k] or 0 for f in folders) for k in ("files", "bytes", "large",
                                                                       "large_bytes", "dirs")}}
-    try:
-        records.put_json(layout.index(gen), index, create_only=True)
-    except RecordExists:
-        log.info("generation %d was completed by another worker", gen)
+    if not records.put_json_once(layout.index(gen), index):
+        log.info("generation %d was completed by another worker; its index is kept", gen)
+        index = records.get_json(layout.index(gen))
     write_folder_list(records, layout, index)
     t = index["totals"]
     log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "

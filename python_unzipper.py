@@ -269,10 +269,7 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
                "restored_at": utc_now(), "worker": cfg.worker_id}
-        try:
-            records.put_json(layout.restored_record(job.stem, job.part), out, create_only=True)
-        except RecordExists:
-            pass
+        records.put_json_once(layout.restored_record(job.stem, job.part), out)
         log.info("part restored: %d files, %s in %.1fs (read %.1fs, upload %.1fs)", written,
                  human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
         return out
@@ -392,14 +389,11 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             index.close()
         report["state"] = "verified" if report["ok"] else "failed"
         if report["ok"]:
-            try:
-                records.put_json(layout.verified_record(gen, stem),
-                                 {"folder": name, "generation": gen, "verified_at": utc_now(),
-                                  **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
-                                                            "matched_by_size", "hash_kind")},
-                                  "extra": len(report["extra"])}, create_only=True)
-            except RecordExists:
-                pass
+            records.put_json_once(layout.verified_record(gen, stem),
+                                  {"folder": name, "generation": gen, "verified_at": utc_now(),
+                                   **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
+                                                             "matched_by_size", "hash_kind")},
+                                   "extra": len(report["extra"])})
             if name:
                 records.put_json(layout.legacy_progress(stem, "unzipper"), {
                     "processed_keys": [layout.part_object(stem, p["name"]) for p in folder.get("part_table") or []],

@@ -414,9 +414,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                       "entries_sha256": hashlib.sha256(entries_body).hexdigest(),
                       "files": len(entries), "bytes": sum(e["size"] for e in entries),
                       "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
-            try:
-                records.put_json(layout.part_record(job.stem, job.part), record, create_only=True)
-            except RecordExists:
+            if not records.put_json_once(layout.part_record(job.stem, job.part), record):
                 log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
             elapsed = time.monotonic() - started
             log.info("part uploaded: %d files, %s in %.1fs (download %.1fs, zip+upload %.1fs)",
@@ -461,10 +459,7 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                   "mtime": row["mtime"],
                   "checked_by": matched[0] if matched else "size", "created_at": utc_now(),
                   "worker": cfg.worker_id}
-        try:
-            records.put_json(layout.large_record(stem, file_id), record, create_only=True)
-        except RecordExists:
-            pass
+        records.put_json_once(layout.large_record(stem, file_id), record)
         log.info("large file %r copied and checked (%s) in %.1fs", rel, record["checked_by"],
                  time.monotonic() - started)
         return record

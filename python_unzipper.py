@@ -74,7 +74,8 @@ class PartDamaged(MigrationError):
     def __init__(self, key: str, problem: str):
         self.key = key
         super().__init__(f"part s3 key {key!r} is damaged or not what the zipper recorded: {problem}; "
-                         "it was not restored")
+                         "it was not restored (to rebuild it, delete its record under _parts/ and run "
+                         "python_zipper.py again)")
 
 
 # Pure checks

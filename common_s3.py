@@ -38,14 +38,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PARTIAL", "EXIT_WAITING", "EXIT_LOCKED",
-    "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError",
+    "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError", "DiskFullError",
     "S3Error", "S3AuthError", "S3NotFoundError", "RecordError", "RcloneError",
     "RcloneMissingError", "Interrupted", "StopRequested", "Config", "setup_logging",
     "retry_call", "is_retryable_s3", "make_s3_client", "Records", "Capabilities",
     "InstanceLock", "Runtime", "handle_signals", "Rclone", "RcloneResult", "DiskGate",
     "sanitize_name", "assign_stems", "Layout", "remote_join", "is_local_path",
     "FolderIndex", "parse_mtime", "format_mtime", "new_run_id", "run_script",
-    "WorkerPool", "read_jsonl_gz", "jsonl_gz_bytes", "ROOT_STEM", "GIB",
+    "WorkerPool", "read_jsonl_gz", "jsonl_gz_bytes", "ROOT_STEM", "GIB", "MIB", "is_disk_full",
 ]
 
 GIB = 1 << 30
@@ -116,6 +116,16 @@ class DiskSpaceError(MigrationError):
             "free some space or lower MAX_ZIP_SIZE_GB")
 
 
+class DiskFullError(MigrationError):
+    """WORK_DIR's filesystem ran out of space in the middle of a unit; the unit was abandoned."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, what: str):
+        super().__init__(f"WORK_DIR's filesystem is full (no space left on device) during {what}; "
+                         "it was abandoned and its temporary files removed; free space and run again")
+
+
 class S3Error(MigrationError):
     """An S3 request failed; carries the operation, bucket and key."""
 
@@ -156,7 +166,10 @@ class RcloneError(MigrationError):
         self.timed_out = timed_out
         # rclone's own exit codes: 5 temporary, 1 uncategorised (network trouble lands here),
         # 6 less serious; 2 usage, 3 directory not found, 4 file not found, 7 fatal are final.
-        self.retryable = timed_out or returncode in (1, 5, 6)
+        tail_lower = stderr_tail.lower()
+        self.disk_full = ("no space left on device" in tail_lower
+                          or "too big for remaining disk space" in tail_lower)
+        self.retryable = (timed_out or returncode in (1, 5, 6)) and not self.disk_full
         reason = "timed out" if timed_out else f"exited {returncode}"
         tail = stderr_tail.strip().splitlines()[-3:]
         super().__init__(f"rclone {what} {reason}" + (f": {' | '.join(tail)}" if tail else ""))
@@ -176,6 +189,13 @@ class Interrupted(BaseException):
 
 class StopRequested(Exception):
     """Raised inside workers when the run is stopping; the unit is abandoned cleanly."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC from Python, or rclone saying it ran out of space."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, RcloneError) and exc.disk_full
 
 
 def human_bytes(n: float) -> str:
@@ -1219,29 +1239,40 @@ class Rclone:
 def disk_usage(path: str, environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     """(total, used, free) bytes of the filesystem holding ``path``.
 
-    ``MIGRATION_TEST_DISK_USED_PERCENT`` in the environment injects a reading, for tests of
-    the disk rules where no small filesystem can be made.
+    ``MIGRATION_TEST_DISK_USAGE_FILE`` names a file holding a used percentage that replaces
+    the real reading: tests of the disk rules use it where no small filesystem can be made.
     """
     usage = shutil.disk_usage(path)
-    injected = (environ or {}).get("MIGRATION_TEST_DISK_USED_PERCENT")
+    injected = (environ or {}).get("MIGRATION_TEST_DISK_USAGE_FILE")
     if injected:
-        used = int(usage.total * float(injected) / 100)
-        return usage.total, used, usage.total - used
+        try:
+            with open(injected, encoding="utf-8") as fh:
+                percent = float(fh.read().strip() or "0")
+        except (OSError, ValueError):
+            percent = None
+        if percent is not None:
+            used = int(usage.total * percent / 100)
+            return usage.total, used, usage.total - used
     return usage.total, usage.used, usage.free
 
 
 class DiskGate:
     """Reserve room on WORK_DIR's filesystem before a unit writes there.
 
-    Above DISK_BACKPRESSURE_PERCENT a new unit waits while others are in flight; a unit that
-    would take the filesystem past DISK_LIMIT_PERCENT waits for the others, and fails with
-    DiskSpaceError when it cannot fit even alone.
+    Above DISK_BACKPRESSURE_PERCENT a new unit waits, and says so, while other units are in
+    flight (their end frees space); with nothing in flight it waits once per run, up to
+    ``patience_s``, for space to come back (another process may be cleaning up). A unit that
+    would take the filesystem past DISK_LIMIT_PERCENT waits for the units in flight, and fails
+    with DiskSpaceError (needed and free bytes) when it cannot fit even alone.
     """
 
-    def __init__(self, cfg: Config, runtime: Runtime, *, poll_s: float = 1.0):
+    def __init__(self, cfg: Config, runtime: Runtime, *, poll_s: float = 1.0, patience_s: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.runtime = runtime
         self.poll_s = poll_s
+        self.patience_s = patience_s
+        self.clock = clock
         self.inflight: dict[int, int] = {}
         self._cond = threading.Condition()
         self._next = 0
@@ -1252,7 +1283,7 @@ class DiskGate:
 
     @contextlib.contextmanager
     def reserve(self, nbytes: int, what: str) -> Iterator[None]:
-        said = False
+        said: set[str] = set()
         with self._cond:
             while True:
                 self.runtime.check()
@@ -1261,15 +1292,28 @@ class DiskGate:
                 allowed = int(total * self.cfg.disk_limit_percent / 100) - used - reserved
                 used_pct = 100.0 * used / total if total else 0.0
                 busy = bool(self.inflight)
-                if nbytes <= allowed and (used_pct <= self.cfg.disk_backpressure_percent or not busy):
-                    break
-                if not busy:
-                    raise DiskSpaceError(what, nbytes, max(0, allowed), self.cfg.disk_limit_percent)
-                if not said:
-                    log.info("disk %.0f%% used: %s waits for room (needs %s, may use %s)", used_pct,
-                             what, human_bytes(nbytes), human_bytes(max(0, allowed)))
-                    said = True
-                self._cond.wait(self.poll_s)
+                if used_pct > self.cfg.disk_backpressure_percent and (busy or self.patience_s > 0):
+                    if "back" not in said:
+                        log.warning("disk of WORK_DIR %.0f%% used, above DISK_BACKPRESSURE_PERCENT=%g: %s waits "
+                                    "for space before it starts", used_pct, self.cfg.disk_backpressure_percent, what)
+                        said.add("back")
+                    started = self.clock()
+                    self._cond.wait(self.poll_s)
+                    if not busy:
+                        self.patience_s -= self.clock() - started
+                    continue
+                if nbytes > allowed:
+                    if not busy:
+                        raise DiskSpaceError(what, nbytes, max(0, allowed), self.cfg.disk_limit_percent)
+                    if "limit" not in said:
+                        log.info("%s needs %s, %s may be used now: waiting for parts in flight", what,
+                                 human_bytes(nbytes), human_bytes(max(0, allowed)))
+                        said.add("limit")
+                    self._cond.wait(self.poll_s)
+                    continue
+                if "back" in said:
+                    log.info("disk of WORK_DIR %.0f%% used: %s starts", used_pct, what)
+                break
             self._next += 1
             token = self._next
             self.inflight[token] = nbytes

@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
+from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
                        latest_generation, load_manifest, log_context, mtime_ns, new_run_id, parse_mtime,
@@ -265,6 +265,10 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
                                         "--", staging, dest],
                                        what=f"upload of part {job.part} to DESTINATION",
                                        timeout_s=cfg.rclone_timeout_s + need / (512 * 1024))
+            except (OSError, MigrationError) as exc:
+                if is_disk_full(exc):
+                    raise DiskFullError(f"part {job.part} of {job.folder or '(root)'}") from exc
+                raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,

@@ -57,7 +57,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
+from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
                        RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
                        human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
@@ -421,9 +421,11 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                      len(entries), human_bytes(sink.total), elapsed, staged_at - started,
                      time.monotonic() - staged_at)
             return record
-        except BaseException:
+        except BaseException as exc:
             if sink is not None:
                 sink.abort()
+            if is_disk_full(exc):
+                raise DiskFullError(f"part {job.part} of {job.folder or '(root)'}") from exc
             raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)

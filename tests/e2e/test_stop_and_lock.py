@@ -74,6 +74,27 @@ def test_signal_during_download_stops_cleanly_and_rerun_finishes(env, sig, code)
     assert_same_tree(env.source, env.destination)
 
 
+def test_sigterm_during_unzipper_upload_stops_cleanly_and_rerun_finishes(env):
+    make_tree(env.source, small_files=12)
+    for script in ("master_mapper.py", "python_zipper.py"):
+        assert env.run(script).returncode == 0
+    proc = env.popen("python_unzipper.py", RCLONE_BWLIMIT="20k", MAX_PARALLEL_WORKERS="2")
+    children = wait_for(lambda: [c for c in rclone_children(proc.pid)
+                                 if b"copy" in open(f"/proc/{c}/cmdline", "rb").read()], 30, "an upload")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 143, err[-3000:]
+    for child in children:
+        assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+    tmp_dir = os.path.join(env.vars["WORK_DIR"], ".tmp", "unzipper")
+    assert not os.path.exists(tmp_dir) or not os.listdir(tmp_dir)
+    rerun = env.run("python_unzipper.py")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_same_tree(env.source, env.destination)
+
+
 def test_second_instance_exits_75_naming_the_holder(env):
     make_tree(env.source, small_files=12)
     assert env.run("master_mapper.py").returncode == 0

@@ -126,3 +126,31 @@ def env(tmp_path, moto_endpoint) -> Env:
     e.s3.create_bucket(Bucket=bucket)
     os.makedirs(e.source, exist_ok=True)
     return e
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory):
+    """A second, different S3 server: ``rclone serve s3`` on 127.0.0.1 (it ignores conditional
+    writes and checks credentials). Yields (endpoint, data directory)."""
+    import socket
+    import time
+    data = tmp_path_factory.mktemp("rclone-s3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RCLONE_AUTH_KEY": f'"{ACCESS_KEY},{SECRET_KEY}"'}
+    proc = subprocess.Popen([rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+                             "--config", os.devnull, str(data)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("rclone serve s3 did not start")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}", str(data)
+    proc.terminate()
+    proc.wait(10)

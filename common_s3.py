@@ -341,11 +341,11 @@ class Config:
             raise ConfigError(
                 f"DISK_BACKPRESSURE_PERCENT={back:g} is above DISK_LIMIT_PERCENT={limit:g}")
         worker_count = int(env_number(environ, "WORKER_COUNT", 1, minimum=1, integer=True))
-        index_default = environ.get("JOB_COMPLETION_INDEX") or environ.get("AWS_BATCH_JOB_ARRAY_INDEX") or "0"
-        worker_index = int(env_number({"WORKER_INDEX": environ.get("WORKER_INDEX") or index_default},
-                                      "WORKER_INDEX", 0, minimum=0, integer=True))
+        index_var = next((v for v in ("WORKER_INDEX", "JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
+                          if environ.get(v)), "WORKER_INDEX")
+        worker_index = int(env_number(environ, index_var, 0, minimum=0, integer=True))
         if worker_index >= worker_count:
-            raise ConfigError(f"WORKER_INDEX={worker_index} must be below WORKER_COUNT={worker_count}")
+            raise ConfigError(f"{index_var}={worker_index} must be below WORKER_COUNT={worker_count}")
         log_format = (environ.get("LOG_FORMAT") or "text").strip().lower()
         if log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT={log_format!r} must be text or json")
@@ -741,8 +741,9 @@ class Records:
                   create_only: bool = False) -> dict:
         """PUT with Content-MD5; create-only where the server enforces it (RecordExists on 412)."""
         import base64
-        kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type,
-                                      ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode())
+        kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        if self.cfg.s3_checksums != "off":
+            kwargs["ContentMD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         if create_only and self.caps.create_only:
             kwargs["IfNoneMatch"] = "*"
         try:
@@ -1466,12 +1467,19 @@ class Layout:
         return f"{self.prefix}_probe/"
 
 
+def local_name(stem: str, *parts: str) -> str:
+    """A file name under WORK_DIR for a folder's temporary files: short enough for any file
+    system (a stem may be 240 bytes), readable, and distinct per stem."""
+    digest = hashlib.sha256(stem.encode("utf-8")).hexdigest()[:12]
+    return ".".join([f"{stem[:40]}-{digest}", *parts])
+
+
 def large_file_id(path: str, size: int, mtime: str) -> str:
     """Identity of one version of a large file: a changed file gets a new id and is copied again."""
     return hashlib.sha256(f"{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-__all__.append("large_file_id")
+__all__ += ["large_file_id", "local_name"]
 
 
 # Time and ids

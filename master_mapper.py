@@ -51,7 +51,7 @@ from typing import Any, Iterable, Sequence
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, GIB, ROOT_STEM, ConfigError, Config, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, all_generations, assign_stems,
-                       is_local_path, latest_generation, load_manifest, log_context, remote_join,
+                       is_local_path, latest_generation, load_manifest, local_name, log_context, remote_join,
                        run_script, utc_now)
 
 log = logging.getLogger("master_mapper")
@@ -207,7 +207,7 @@ def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name
               "generation": gen, "files": files, "bytes": nbytes, "large": large,
               "large_bytes": large_bytes, "dirs": dirs, "source": cfg.source, **header_extra}
     import gzip
-    path = os.path.join(tmp, f"{stem}.manifest.gz")
+    path = os.path.join(tmp, local_name(stem, "manifest.gz"))
     with gzip.open(path, "wb", compresslevel=6) as gz:
         gz.write(json.dumps(header, ensure_ascii=False, sort_keys=True).encode() + b"\n")
         for row in index.rows():
@@ -236,7 +236,7 @@ def write_original_objects(records: Records, layout: Layout, stem: str, name: st
     """``_List.txt``, ``_LargeFiles.json`` (removed when there are none: no stale list) and the
     mapper's original progress record. They describe the latest generation; nothing reads them
     back for a decision."""
-    path = os.path.join(tmp, f"{stem}.list.txt")
+    path = os.path.join(tmp, local_name(stem, "list.txt"))
     with open(path, "wb") as fh:
         first = True
         for row in index.rows("f"):
@@ -266,7 +266,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     runtime.check()
     tmp = cfg.tmp_dir
     path = remote_join(cfg.source, name) if name else cfg.source
-    with log_context(folder=name), FolderIndex(os.path.join(tmp, f"{stem}.g{gen}.sqlite")) as index:
+    with log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
         started = time.monotonic()
         list_into_index(rclone, path, index, recursive=bool(name), hashes=hashes,
                         threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
@@ -276,7 +276,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             if previous is not None:
                 next_part = int(previous["next_part"])
                 header, prev_index = load_manifest(records, previous["manifest"],
-                                                   os.path.join(tmp, f"{stem}.prev.sqlite"))
+                                                   os.path.join(tmp, local_name(stem, "prev.sqlite")))
             parts, next_part, changes = assign_new_parts(index, prev_index, gen, next_part, cfg)
         finally:
             if prev_index is not None:

@@ -57,7 +57,7 @@ from typing import Any, Iterator, Sequence
 from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
-                       latest_generation, load_manifest, log_context, mtime_ns, new_run_id, parse_mtime,
+                       latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, parse_mtime,
                        read_jsonl_gz, remote_join, run_script, utc_now)
 
 log = logging.getLogger("python_unzipper")
@@ -249,7 +249,7 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
             log.error("%d files the map puts in this part are not in it (first: %r); the verification "
                       "will report them", len(missing), missing[0])
         need = sum(r["size"] for r in job.keep.values())
-        staging = os.path.join(cfg.tmp_dir, f"{job.stem}.{job.part}")
+        staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
         started = time.monotonic()
         with gate.reserve(need + MIB, f"part {job.part} of {job.folder or '(root)'}"):
             try:
@@ -286,7 +286,7 @@ def create_dirs(cfg: Config, rclone: Rclone, folder: str, stem: str, index: Fold
     dest_root = destination_root(cfg)
     dirs = [r["path"] for r in index.rows("d")]
     if dirs:
-        staging = os.path.join(cfg.tmp_dir, f"{stem}.dirs")
+        staging = os.path.join(cfg.tmp_dir, local_name(stem, "dirs"))
         try:
             for d in dirs:
                 os.makedirs(os.path.join(staging, d), exist_ok=True)
@@ -381,7 +381,7 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     name, stem = folder["name"], folder["stem"]
     with log_context(folder=name):
         _header, index = load_manifest(records, layout.manifest(gen, stem),
-                                       os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.verify.sqlite"))
+                                       os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "verify.sqlite")))
         try:
             waiting = [r["path"] for r in index.rows("l")
                        if large_file_id(r["path"], r["size"], r["mtime"]) not in larges_done]
@@ -439,7 +439,7 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             continue
         try:
             _header, index = load_manifest(records, layout.manifest(gen, stem),
-                                           os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.sqlite"))
+                                           os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite")))
         except Exception as exc:
             state["failed"].append((f"folder {name!r}", str(exc)))
             log.error("folder %r: %s", name, exc)

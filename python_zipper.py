@@ -60,7 +60,7 @@ from typing import Any, Iterator, Sequence
 from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
                        RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
-                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
+                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest, local_name,
                        log_context, parse_mtime, remote_join, run_script, utc_now)
 
 log = logging.getLogger("python_zipper")
@@ -312,7 +312,7 @@ def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict],
     """Ask SOURCE again about files that did not stage: gone or changed (skip them, report by path)
     versus still there as mapped (a transfer failure: the part fails and is retried)."""
     source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
-    list_path = os.path.join(tmp, f"{job.stem}.{job.part}.recheck")
+    list_path = os.path.join(tmp, local_name(job.stem, job.part, "recheck"))
     with open(list_path, "wb") as fh:
         fh.write(b"\0".join(b["path"].encode("utf-8", "surrogateescape") for b in bad))
     try:
@@ -374,7 +374,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
              gate: DiskGate, job: PartJob) -> dict:
     """Make one part: stage, check, stream the zip to S3, verify it, record it."""
     key = layout.part_object(job.stem, job.part)
-    staging = os.path.join(cfg.tmp_dir, f"{job.stem}.{job.part}")
+    staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
     list_path = staging + ".files"
     with log_context(folder=job.folder, part=job.part), \
             gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"):
@@ -490,7 +490,7 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
         missing_parts = [p for p in want_parts if p not in done_parts.get(stem, set())]
         if not missing_parts and not folder.get("large"):
             continue
-        index_path = os.path.join(cfg.tmp_dir, f"{stem}.g{gen}.sqlite")
+        index_path = os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite"))
         try:
             _header, index = load_manifest(records, layout.manifest(gen, stem), index_path)
         except Exception as exc:

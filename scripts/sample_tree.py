@@ -5,7 +5,7 @@ directly in SOURCE; names with spaces, a leading space, a leading '#' or ';', qu
 backslash, non-ASCII in NFC and NFD, CJK; files named like list files; zero-byte files;
 empty directories (nested and top-level); folders whose key stems collide ('A B' / 'A_B',
 'X' / 'X_unzip'); a folder whose stem is a prefix of another's ('Photos' / 'Photos 2020');
-a folder ending in '.zip'; deep nesting; a folder that splits into parts by count and one
+a folder ending in '.zip'; a folder name too long for a key stem; deep nesting; a folder that splits into parts by count and one
 that splits by bytes; and files above the large-file threshold.
 
 Every file gets an old, distinct modification time with a fractional part, so a test can
@@ -72,6 +72,8 @@ def make_tree(root: str, *, small_files: int = 25, by_bytes_files: int = 6, by_b
         "Unicode/emoji 🎉.txt": 105,
         "Deep/" + "/".join(f"level{i}" for i in range(12)) + "/bottom.txt": 106,
         "Deep/zero.txt": 0,
+        # 80 CJK characters: 240 bytes on disk, a 720-character key stem, so the stem is shortened.
+        "長" * 80 + "/long name.txt": 107,
     }
     for rel, size in names.items():
         put(rel, size)

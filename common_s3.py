@@ -717,7 +717,11 @@ class Records:
                 if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
                     return None
                 raise
-            return resp["Body"].read()
+            from botocore.exceptions import BotoCoreError
+            try:
+                return resp["Body"].read()
+            except (BotoCoreError, OSError) as exc:
+                raise S3Error("GetObject (body)", self.bucket, key, exc) from exc
         return self.retry(f"GET {key}", once)
 
     def get_json(self, key: str) -> Any:
@@ -917,7 +921,7 @@ class Runtime:
         if self.children_file:
             tmp = self.children_file + ".new"
             with open(tmp, "w") as fh:
-                fh.write("".join(f"{p.pid}\n" for p in self._children))
+                fh.write("".join(f"{p.pid} {_start_time(p.pid)}\n" for p in self._children))
             os.replace(tmp, self.children_file)
 
     def add_child(self, proc: subprocess.Popen) -> None:
@@ -952,15 +956,34 @@ class Runtime:
             raise StopRequested("stopping")
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the
+    PID it names one process for good, even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
 def end_orphans(children_file: str) -> int:
-    """Kill the rclone processes a dead run of this script left behind; return how many."""
+    """Kill the rclone processes a dead run of this script left behind; return how many.
+
+    A process is ended only if its PID and start time both match what the dead run wrote,
+    so a reused PID (somebody's own rclone mount) is never touched.
+    """
     try:
         with open(children_file) as fh:
-            pids = [int(line) for line in fh if line.strip().isdigit()]
+            rows = [line.split() for line in fh]
     except FileNotFoundError:
         return 0
     ended = 0
-    for pid in pids:
+    for row in rows:
+        if len(row) != 2 or not row[0].isdigit():
+            continue
+        pid, started = int(row[0]), row[1]
+        if started == "?" or _start_time(pid) != started:
+            continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 argv0 = fh.read().split(b"\0")[0]
@@ -1458,6 +1481,12 @@ class Layout:
 
     def verified_of(self, gen: int) -> str:
         return f"{self.prefix}_verified/g{gen:06d}/"
+
+    def repair(self, gen: int, stem: str) -> str:
+        return f"{self.prefix}_repair/g{gen:06d}/{stem}.json"
+
+    def repair_of(self, gen: int) -> str:
+        return f"{self.prefix}_repair/g{gen:06d}/"
 
     def report(self, run_id: str) -> str:
         return f"{self.prefix}_reports/{run_id}.json"

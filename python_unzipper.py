@@ -194,6 +194,8 @@ def extract_part(records: Records, record: dict, entries: list[dict], keep: dict
                 os.utime(target, ns=(ns, ns))
             written += 1
         stream.drain()
+    except EOFError as exc:
+        raise PartDamaged(key, f"the object is shorter than recorded ({exc})") from None
     finally:
         resp["Body"].close()
     if stream.pos != record["size"]:
@@ -210,6 +212,7 @@ class RestoreJob:
     part: str
     gen: int
     keep: dict[str, dict]
+    repair: bool = False
 
 
 def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> tuple[dict, list[dict]]:
@@ -261,8 +264,9 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
                 fetched = time.monotonic()
                 dest = remote_join(destination_root(cfg), job.folder) if job.folder else destination_root(cfg)
                 if written:
+                    # A repair overwrites what DESTINATION holds even when size and mtime look right.
                     rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), "--no-traverse",
-                                        "--", staging, dest],
+                                        *(["--ignore-times"] if job.repair else []), "--", staging, dest],
                                        what=f"upload of part {job.part} to DESTINATION",
                                        timeout_s=cfg.rclone_timeout_s + need / (512 * 1024))
             except (OSError, MigrationError) as exc:
@@ -274,7 +278,8 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
                "restored_at": utc_now(), "worker": cfg.worker_id}
-        records.put_json_once(layout.restored_record(job.stem, job.part), out)
+        if not job.repair:
+            records.put_json_once(layout.restored_record(job.stem, job.part), out)
         log.info("part restored: %d files, %s in %.1fs (read %.1fs, upload %.1fs)", written,
                  human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
         return out
@@ -376,7 +381,7 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
 
 
 def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, folder: dict,
-                  larges_done: set[str], dest_features: dict) -> dict:
+                  larges_done: set[str], dest_features: dict, *, repaired: bool = False) -> dict:
     """Recreate empty directories and verify a folder whose parts are all restored."""
     name, stem = folder["name"], folder["stem"]
     with log_context(folder=name):
@@ -394,6 +399,9 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             index.close()
         report["state"] = "verified" if report["ok"] else "failed"
         if report["ok"]:
+            if repaired:
+                records.delete(layout.repair(gen, stem))
+                log.info("repaired: every damaged file restored and verified")
             records.put_json_once(layout.verified_record(gen, stem),
                                   {"folder": name, "generation": gen, "verified_at": utc_now(),
                                    **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
@@ -430,12 +438,15 @@ def list_records(records: Records, prefix: str) -> dict[str, set[str]]:
 
 def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                   gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
-                  state: dict) -> Iterator[tuple[Any, Any]]:
+                  repairs: dict[str, dict], state: dict) -> Iterator[tuple[Any, Any]]:
+    """One task per part to restore; for a folder under repair, only the parts holding damaged
+    files, and only those files."""
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
+        repair = repairs.get(stem)
         todo = [p["name"] for p in folder.get("part_table") or []
                 if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())]
-        if not todo:
+        if not todo and not repair:
             continue
         try:
             _header, index = load_manifest(records, layout.manifest(gen, stem),
@@ -445,13 +456,43 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             log.error("folder %r: %s", name, exc)
             continue
         try:
+            if repair:
+                damaged: dict[str, dict[str, dict]] = {}
+                for path in repair["paths"]:
+                    row = index.get(path)
+                    if row is None:
+                        continue
+                    if row["kind"] == "l":
+                        large_key = layout.large_record(stem, large_file_id(row["path"], row["size"], row["mtime"]))
+                        log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it "
+                                    "again", path)
+                        records.delete(large_key)
+                    elif row["kind"] == "f" and row["part"] in zipped.get(stem, set()):
+                        damaged.setdefault(row["part"], {})[path] = row
+                todo = sorted(set(todo) | set(damaged))
             for part in todo:
-                keep = {r["path"]: r for r in index.rows("f", part)}
-                job = RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep)
+                if repair and part in damaged and part in restored.get(stem, set()):
+                    keep, force = damaged[part], True
+                else:
+                    keep, force = {r["path"]: r for r in index.rows("f", part)}, False
+                job = RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep, repair=force)
                 yield (("part", name, part),
                        lambda job=job: restore_part(cfg, records, layout, rclone, runtime, gate, job))
         finally:
             index.close()
+
+
+def folder_state(folder: dict, zipped: dict, restored: dict, failed_parts: dict) -> tuple[str, dict]:
+    """Where a folder stands before its verification: (state, details)."""
+    stem = folder["stem"]
+    parts = [p["name"] for p in folder.get("part_table") or []]
+    not_zipped = [p for p in parts if p not in zipped.get(stem, set())]
+    not_restored = [p for p in parts if p not in restored.get(stem, set())]
+    if folder["name"] in failed_parts or set(not_restored) - set(not_zipped):
+        return "failed", {"parts_failed": failed_parts.get(folder["name"], sorted(set(not_restored) - set(not_zipped)))}
+    if not_zipped:
+        return "waiting", {"parts_waiting": not_zipped}
+    return "ready", {}
 
 
 def write_report(cfg: Config, records: Records, layout: Layout, report: dict) -> str:
@@ -484,6 +525,83 @@ def print_report(report: dict) -> None:
     sys.stdout.flush()
 
 
+def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
+    """Folders that ``--verify`` found damaged: {stem: {"paths": [...]}}."""
+    out = {}
+    for item in records.list_keys(layout.repair_of(gen)):
+        stem = item["Key"].rsplit("/", 1)[1][:-len(".json")]
+        marker = records.get_json(item["Key"])
+        if not isinstance(marker, dict) or not isinstance(marker.get("paths"), list):
+            raise RecordError(item["Key"], "not a repair record")
+        out[stem] = marker
+    return out
+
+
+def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+                gen: int, folders: list[dict]) -> int:
+    """``--verify``: compare DESTINATION with the map, transfer nothing, print every problem."""
+    dest_features = rclone.features(destination_root(cfg))
+
+    def check(folder: dict) -> dict:
+        name, stem = folder["name"], folder["stem"]
+        with log_context(folder=name):
+            _header, index = load_manifest(records, layout.manifest(gen, stem),
+                                           os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "check.sqlite")))
+            try:
+                return verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features)
+            finally:
+                index.close()
+
+    results = WorkerPool(cfg.max_parallel_workers, runtime).run([(f, lambda f=f: check(f)) for f in folders])
+    runtime.check()
+    report_folders, problems = [], 0
+    for folder, result in results:
+        if isinstance(result, Exception):
+            log.error("folder %r could not be checked: %s", folder["name"], result)
+            report_folders.append({"folder": folder["name"], "stem": folder["stem"], "state": "failed",
+                                   "error": str(result)})
+            problems += 1
+            continue
+        result["state"] = "verified" if result["ok"] else "failed"
+        report_folders.append(result)
+        prefix = folder["name"] + "/" if folder["name"] else ""
+        for path in result["missing"]:
+            sys.stdout.write(f"missing  {prefix}{path}\n")
+        for d in result["differing"]:
+            sys.stdout.write(f"differs  {prefix}{d['path']}  ({d['why']})\n")
+        for path in result["extra"]:
+            sys.stdout.write(f"extra    {prefix}{path}\n")
+        damaged = result["missing"] + [d["path"] for d in result["differing"]]
+        marker = layout.repair(gen, folder["stem"])
+        if damaged:
+            problems += 1
+            records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
+                                      "found_at": utc_now(), "worker": cfg.worker_id})
+    report = make_report(cfg, gen, report_folders, [], mode="verify")
+    path = write_report(cfg, records, layout, report)
+    print_report(report)
+    log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
+    if problems:
+        log.error("%d folders do not match the map; run python_unzipper.py to repair them "
+                  "(only the damaged files are restored)", problems)
+        return EXIT_PARTIAL
+    log.info("DESTINATION matches the map: %d files in %d folders", report["totals"]["files_verified"],
+             len(folders))
+    return EXIT_OK
+
+
+def make_report(cfg: Config, gen: int, report_folders: list[dict], errors: list, *, mode: str) -> dict:
+    counts = {s: sum(1 for f in report_folders if f["state"] == s) for s in ("verified", "waiting", "failed")}
+    return {"run_id": new_run_id(SCRIPT), "mode": mode, "generation": gen,
+            "destination": destination_root(cfg), "folders": report_folders,
+            "totals": {"folders": len(report_folders), **counts,
+                       "files_verified": sum(f.get("files", 0) for f in report_folders
+                                             if f["state"] == "verified"),
+                       "matched_by_hash": sum(f.get("matched_by_hash", 0) for f in report_folders),
+                       "matched_by_size": sum(f.get("matched_by_size", 0) for f in report_folders)},
+            "errors": [{"what": w, "error": e} for w, e in errors]}
+
+
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
@@ -494,17 +612,23 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         return EXIT_WAITING
     gen, index = latest
     folders = index["folders"]
+    if "--verify" in argv:
+        return verify_only(cfg, records, layout, rclone, runtime, gen, folders)
     zipped = list_records(records, f"{cfg.prefix}_parts/")
     larges = list_records(records, f"{cfg.prefix}_large/")
     restored = list_records(records, f"{cfg.prefix}_restored/")
     verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
                 for k in records.list_keys(layout.verified_of(gen))}
-    pending = [f for f in folders if f["stem"] not in verified]
-    log.info("map generation %d: %d folders, %d already verified", gen, len(folders), len(folders) - len(pending))
+    repairs = list_repairs(records, layout, gen)
+    pending = [f for f in folders if f["stem"] not in verified or f["stem"] in repairs]
+    pending_stems = {f["stem"] for f in pending}
+    log.info("map generation %d: %d folders, %d verified, %d to repair", gen, len(folders),
+             len(folders) - len(pending), len(repairs))
     gate = DiskGate(cfg, runtime)
     state: dict = {"failed": []}
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(
-        iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, state))
+        iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, repairs,
+                      state))
     failed_parts: dict[str, list] = {}
     for label, result in results:
         if isinstance(result, StopRequested):
@@ -518,62 +642,51 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         else:
             restored.setdefault(result["stem"], set()).add(result["part"])
     runtime.check()
+    larges = list_records(records, f"{cfg.prefix}_large/") if repairs else larges
 
     dest_features = rclone.features(destination_root(cfg)) if pending else {}
-    report_folders = []
+    entries: dict[str, dict] = {}
+    finishing = []
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
-        entry: dict[str, Any] = {"folder": name, "stem": stem}
-        if stem in verified:
-            entry["state"] = "verified"
-            entry["files"] = folder.get("files", 0) + folder.get("large", 0)
-            report_folders.append(entry)
+        entries[stem] = {"folder": name, "stem": stem}
+        if stem not in pending_stems:
+            entries[stem].update(state="verified", files=folder.get("files", 0) + folder.get("large", 0))
             continue
-        parts = [p["name"] for p in folder.get("part_table") or []]
-        not_zipped = [p for p in parts if p not in zipped.get(stem, set())]
-        not_restored = [p for p in parts if p not in restored.get(stem, set())]
-        if name in failed_parts or (not_restored and set(not_restored) - set(not_zipped)):
+        where, details = folder_state(folder, zipped, restored, failed_parts)
+        entries[stem].update(state=where, **details)
+        if where == "ready":
+            finishing.append((folder, lambda f=folder: finish_folder(
+                cfg, records, layout, rclone, gen, f, larges.get(f["stem"], set()), dest_features,
+                repaired=f["stem"] in repairs)))
+    for folder, result in WorkerPool(cfg.max_parallel_workers, runtime).run(finishing):
+        entry = entries[folder["stem"]]
+        if isinstance(result, StopRequested):
             entry["state"] = "failed"
-            entry["parts_failed"] = failed_parts.get(name, [])
-        elif not_zipped:
-            entry["state"] = "waiting"
-            entry["parts_waiting"] = not_zipped
+        elif isinstance(result, Exception):
+            log.error("folder %r could not be verified: %s", folder["name"], result)
+            state["failed"].append((f"verification of {folder['name']!r}", str(result)))
+            entry.update(state="failed", error=str(result))
         else:
-            runtime.check()
-            try:
-                result = finish_folder(cfg, records, layout, rclone, gen, folder, larges.get(stem, set()),
-                                       dest_features)
-            except (MigrationError, OSError) as exc:
-                log.error("folder %r could not be verified: %s", name, exc)
-                state["failed"].append((f"verification of {name!r}", str(exc)))
-                entry["state"] = "failed"
-                entry["error"] = str(exc)
-            else:
-                entry.update(result)
-        report_folders.append(entry)
-    counts = {s: sum(1 for f in report_folders if f["state"] == s) for s in ("verified", "waiting", "failed")}
-    report = {"run_id": new_run_id(SCRIPT), "generation": gen, "destination": destination_root(cfg),
-              "folders": report_folders,
-              "totals": {"folders": len(report_folders), **counts,
-                         "files_verified": sum(f.get("files", 0) for f in report_folders
-                                               if f["state"] == "verified")},
-              "errors": [{"what": w, "error": e} for w, e in state["failed"]]}
+            entry.update(result)
+    runtime.check()
+    report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
     path = write_report(cfg, records, layout, report)
     print_report(report)
     log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
-    if counts["failed"] or state["failed"]:
-        log.error("%d folders failed; run python_unzipper.py again to retry (restored parts are kept)",
-                  counts["failed"])
+    t = report["totals"]
+    if t["failed"] or state["failed"]:
+        log.error("%d folders failed; run python_unzipper.py again to retry (restored parts are kept)", t["failed"])
         return EXIT_PARTIAL
-    if counts["waiting"]:
-        log.warning("%d folders wait for the zipper; run python_zipper.py, then this again", counts["waiting"])
+    if t["waiting"]:
+        log.warning("%d folders wait for the zipper; run python_zipper.py, then this again", t["waiting"])
         return EXIT_WAITING
-    log.info("all %d folders restored and verified", counts["verified"])
+    log.info("all %d folders restored and verified", t["verified"])
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
-    return run_script(SCRIPT, __doc__, run, argv, environ)
+    return run_script(SCRIPT, __doc__, run, argv, environ, options=("--verify",))
 
 
 if __name__ == "__main__":

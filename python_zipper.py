@@ -95,8 +95,12 @@ def dos_time(mtime_s: float) -> tuple[int, int, int, int, int, int]:
     return (year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-def expected_etag(chunk_md5s: Sequence[bytes]) -> str:
-    if len(chunk_md5s) == 1:
+def expected_etag(chunk_md5s: Sequence[bytes], *, multipart: bool | None = None) -> str:
+    """The ETag S3 gives an object: its MD5 for a single PUT, MD5 of the chunk MD5s + -N for a
+    multipart upload (also one of a single chunk)."""
+    if multipart is None:
+        multipart = len(chunk_md5s) > 1
+    if not multipart:
         return chunk_md5s[0].hex()
     return hashlib.md5(b"".join(chunk_md5s)).hexdigest() + f"-{len(chunk_md5s)}"
 
@@ -127,6 +131,7 @@ class S3Sink:
         self.chunk_md5s: list[bytes] = []
         self.parts: list[dict] = []
         self.upload_id: str | None = None
+        self.multipart = False
         self.etag: str | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -209,7 +214,16 @@ class S3Sink:
         if self.buf:
             self._send(bytes(self.buf))
             self.buf.clear()
-        self._queue.put(None)
+        self.multipart = True
+        while True:  # the uploader may have died on an error and stopped taking chunks
+            if self._error or not (self._thread and self._thread.is_alive()):
+                break
+            self.runtime.check()
+            try:
+                self._queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
         while self._thread and self._thread.is_alive():
             self.runtime.check()
             self._thread.join(0.5)
@@ -400,7 +414,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             if head is None or head["ContentLength"] != sink.total:
                 raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
                                      f"upload, {sink.total} were sent")
-            want = expected_etag(sink.chunk_md5s)
+            want = expected_etag(sink.chunk_md5s, multipart=sink.multipart)
             got = head.get("ETag", "").strip('"')
             if got != want and (got == sink.etag or "-" not in got):
                 raise MigrationError(f"s3 key {key!r} has ETag {got}, expected {want}: the upload "

@@ -101,7 +101,7 @@ def test_running_out_of_space_mid_part_abandons_it_and_a_rerun_continues(env, sm
     wait_for(lambda: os.path.isdir(staging_root) and any(
         os.path.isdir(os.path.join(staging_root, d)) for d in os.listdir(staging_root)), 30, "staging")
     filler = os.path.join(small_fs, "filler")
-    with open(filler, "wb") as fh:  # someone else fills the disk while the part downloads
+    with open(filler, "wb", buffering=0) as fh:  # someone else fills the disk while the part downloads
         try:
             while True:
                 fh.write(b"\0" * 65536)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
 
 import pytest
 
-from common_s3 import EXIT_LOCKED, InstanceLock, LockHeldError
+from common_s3 import _start_time, EXIT_LOCKED, InstanceLock, LockHeldError, Runtime, end_orphans
 
 
 class Clock:
@@ -193,3 +196,48 @@ def test_work_dir_is_created(tmp_path):
     deep = tmp_path / "a" / "b" / "c"
     with InstanceLock(str(deep), "mapper") as lock:
         assert os.path.exists(lock.path)
+
+
+# rclone children left behind by a killed run (WORK_DIR/.<script>.children)
+
+def test_runtime_keeps_the_children_file_current(tmp_path):
+    class Child:  # what Runtime uses of a Popen: its pid, and identity
+        def __init__(self, pid):
+            self.pid = pid
+    path = tmp_path / ".zipper.children"
+    runtime = Runtime(str(path))
+    a, b = Child(101), Child(202)
+    runtime.add_child(a)
+    runtime.add_child(b)
+    assert sorted(line.split()[0] for line in path.read_text().splitlines()) == ["101", "202"]
+    runtime.remove_child(a)
+    assert [line.split()[0] for line in path.read_text().splitlines()] == ["202"]
+    runtime.remove_child(b)
+    assert path.read_text() == ""
+
+
+def test_orphaned_rclone_of_a_killed_run_is_ended(tmp_path):
+    sleep = shutil.which("sleep")
+    # argv[0] is what end_orphans looks at; Popen returns only after the exec.
+    orphan = subprocess.Popen(["rclone-orphan", "30"], executable=sleep, start_new_session=True)
+    bystander = subprocess.Popen(["not-rclone", "30"], executable=sleep, start_new_session=True)
+    children = tmp_path / ".zipper.children"
+    reused = subprocess.Popen(["rclone-reused-pid", "30"], executable=sleep, start_new_session=True)
+    children.write_text(f"{orphan.pid} {_start_time(orphan.pid)}\n{bystander.pid} {_start_time(bystander.pid)}\n"
+                        f"{os.getpid()} {_start_time(os.getpid())}\n999999999 1\n"
+                        f"{reused.pid} 1\n")  # same PID, another process: its start time differs
+    try:
+        assert end_orphans(str(children)) == 1
+        assert reused.poll() is None, "a process whose PID was reused was killed"
+        assert orphan.wait(10) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert not children.exists()
+    finally:
+        for proc in (orphan, bystander, reused):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def test_no_children_file_means_nothing_to_end(tmp_path):
+    assert end_orphans(str(tmp_path / ".zipper.children")) == 0

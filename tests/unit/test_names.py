@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from common_s3 import ROOT_STEM, Layout, assign_stems, sanitize_name
+from common_s3 import ROOT_STEM, FolderIndex, Layout, assign_stems, local_name, sanitize_name
 
 PREFIX = "work_files_zips/"
 AWKWARD = ["A B", "A_B", "A/B", "a", "A", "X", "X_unzip", "X_mapper", "X_unzip_mapper", "100%",
@@ -261,35 +261,36 @@ def test_prefix_is_prepended_verbatim(prefix):
     assert layout.part_record("F", "Full") == prefix + "_parts/F/Full.json"
 
 
-# Local files named after a stem (WORK_DIR/.tmp/<script>/<stem>...)
+# Local files named after a stem (WORK_DIR/.tmp/<script>/...)
 
-LONG_NAME_BUG = (
-    "common_s3.FolderIndex.close removes path+'-journal', '-wal', '-shm' and suppresses only "
-    "FileNotFoundError; when <stem><suffix>-journal exceeds NAME_MAX (255 bytes) os.remove raises "
-    "OSError(ENAMETOOLONG) and close() fails. assign_stems allows stems up to 240 bytes (hashed "
-    "long names are 232), so: python_unzipper.finish_folder ('<stem>.g<gen>.verify.sqlite') fails for "
-    "every folder whose stem is >= 231 bytes (e.g. any long non-ASCII name), and the mapper/zipper "
-    "('<stem>.g<gen>.sqlite', '<stem>.prev.sqlite') fail for plain stems of 238-240 bytes")
+LONG = ["x" * 230, "x" * 238, "x" * 240, "x" * 241, "漢" * 400, "長い名前" * 100, "a b " * 200]
+# Every pattern the scripts use, with the longest generation number and sqlite's own suffixes.
+LOCAL_PATTERNS = [("g999999", "sqlite"), ("g999999", "verify.sqlite"), ("prev.sqlite",),
+                  ("manifest.gz",), ("list.txt",), ("Part999999",), ("Part999999", "recheck"),
+                  ("dirs",)]
 
 
-def fail_on_long(*values):
-    return pytest.param(*values, marks=pytest.mark.xfail(strict=True, raises=OSError,
-                                                         reason=LONG_NAME_BUG))
-
-
-@pytest.mark.parametrize("name, suffix", [
-    ("x" * 230, ".g1.verify.sqlite"),
-    ("x" * 230, ".g1.sqlite"),
-    ("漢" * 400, ".g1.sqlite"),
-    ("漢" * 400, ".prev.sqlite"),
-    fail_on_long("漢" * 400, ".g1.verify.sqlite"),
-    fail_on_long("x" * 238, ".g1.sqlite"),
-    fail_on_long("x" * 240, ".prev.sqlite"),
-])
-def test_folder_index_named_after_any_stem_opens_and_closes(tmp_path, name, suffix):
-    from common_s3 import FolderIndex
+@pytest.mark.parametrize("name", LONG, ids=lambda n: f"{len(n)}x{n[0]}")
+def test_local_names_fit_any_file_system(name):
     stem = assign_stems([name])[name]
-    index = FolderIndex(str(tmp_path / (stem + suffix)))
+    for parts in LOCAL_PATTERNS:
+        base = local_name(stem, *parts)
+        assert "/" not in base
+        for suffix in ("", "-journal", "-wal", "-shm", ".files", ".new"):
+            assert len((base + suffix).encode("utf-8")) <= 255, base + suffix
+
+
+def test_local_names_are_distinct_per_stem():
+    stems = assign_stems(AWKWARD + ["x" * 200 + "a", "x" * 200 + "b"]).values()
+    names = {local_name(stem, "g1", "sqlite") for stem in stems}
+    assert len(names) == len(stems)
+    assert local_name("F", "Full") != local_name("F", "Part1")
+
+
+@pytest.mark.parametrize("name", LONG, ids=lambda n: f"{len(n)}x{n[0]}")
+def test_folder_index_at_a_local_name_opens_and_closes(tmp_path, name):
+    stem = assign_stems([name])[name]
+    index = FolderIndex(str(tmp_path / local_name(stem, "g999999", "verify.sqlite")))
     index.add("a.txt", "f", 1, "2001-09-09T01:46:40Z")
     index.commit()
     assert index.get("a.txt")["size"] == 1

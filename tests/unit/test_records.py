@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+from botocore.exceptions import ReadTimeoutError
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -97,6 +98,31 @@ def test_server_errors_are_retried_then_raised(stubbed, instant_stop):
     assert len(instant_stop.waits) == 2
 
 
+class FailingStream(io.RawIOBase):
+    """A response body whose reading times out, as a dropped connection does."""
+
+    def read(self, n=-1):
+        raise ReadTimeoutError(endpoint_url="https://s3.example")
+
+
+def test_body_read_timeouts_are_retried(stubbed, instant_stop):
+    records, stubber = stubbed
+    stubber.add_response("get_object", {"Body": StreamingBody(FailingStream(), 10)})
+    stubber.add_response("get_object", {"Body": body(b'{"ok": 1}')})
+    assert records.get_json("k.json") == {"ok": 1}
+    assert len(instant_stop.waits) == 1
+
+
+def test_body_read_failures_become_s3_errors_naming_the_key(stubbed):
+    records, stubber = stubbed
+    for _ in range(3):
+        stubber.add_response("get_object", {"Body": StreamingBody(FailingStream(), 10)})
+    with pytest.raises(Exception) as info:  # the type is what is checked
+        records.get_json("work_files_zips/_map/g000001/index.json")
+    assert isinstance(info.value, S3Error), f"{type(info.value).__name__}: {info.value}"
+    assert info.value.key == "work_files_zips/_map/g000001/index.json"
+
+
 def test_a_server_error_then_success(stubbed):
     records, stubber = stubbed
     stubber.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
@@ -141,17 +167,16 @@ def test_put_json_is_utf8_json_with_md5(stubbed):
     records.put_json("k.json", obj)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "common_s3.Records.put_bytes always adds ContentMD5 and ignores cfg.s3_checksums: with "
-    "S3_CHECKSUMS=off (documented as 'send none', for servers that reject Content-MD5) every "
-    "record, entries file and report PUT still carries Content-MD5; only S3Sink honours it"))
 def test_checksums_off_sends_no_content_md5(stub_client, make_cfg, instant_stop):
     records = Records(stub_client, make_cfg(S3_CHECKSUMS="off"), stop=instant_stop)
+    sent = []
+    stub_client.meta.events.register("before-parameter-build.s3.PutObject",
+                                     lambda params, **kw: sent.append(dict(params)))
     with Stubber(stub_client) as stubber:
-        stubber.add_response("put_object", {"ETag": '"x"'},
-                             {"Bucket": BUCKET, "Key": "k", "Body": b"x",
-                              "ContentType": "application/octet-stream"})
+        stubber.add_response("put_object", {"ETag": '"x"'})
         records.put_bytes("k", b"x")
+    assert len(sent) == 1
+    assert "ContentMD5" not in sent[0]
 
 
 def test_put_bytes_to_moto_is_accepted_and_read_back(records, s3):
@@ -305,3 +330,25 @@ def test_probe_deletes_its_key_even_when_a_conditional_put_fails(stubbed):
     stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
     with pytest.raises(S3Error):
         records.probe("work_files_zips/_probe/")
+
+
+# Completion records: written once
+
+def test_put_once_writes_a_new_record(records):
+    records.probe("work_files_zips/_probe/")
+    assert records.put_json_once("done.json", {"part": "Full"}) is True
+    assert records.get_json("done.json") == {"part": "Full"}
+
+
+def test_put_once_accepts_its_own_earlier_write(records):
+    records.probe("work_files_zips/_probe/")
+    assert records.put_json_once("done.json", {"part": "Full"}) is True
+    # A retry of the same write (its answer was lost) finds exactly its own body.
+    assert records.put_json_once("done.json", {"part": "Full"}) is True
+
+
+def test_put_once_keeps_another_workers_record(records):
+    records.probe("work_files_zips/_probe/")
+    assert records.put_json_once("done.json", {"worker": "a"}) is True
+    assert records.put_json_once("done.json", {"worker": "b"}) is False
+    assert records.get_json("done.json") == {"worker": "a"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
@@ -11,8 +12,8 @@ import pytest
 from botocore.exceptions import (ConnectionClosedError, EndpointConnectionError, NoCredentialsError,
                                  ReadTimeoutError)
 
-from common_s3 import (Interrupted, MigrationError, S3AuthError, S3Error, StopRequested,
-                       is_retryable_s3, retry_call)
+from common_s3 import (Interrupted, MigrationError, RcloneError, S3AuthError, S3Error, StopRequested,
+                       is_disk_full, is_retryable_s3, retry_call)
 
 
 class Script:
@@ -318,3 +319,37 @@ def test_wrapped_auth_error_is_not_retryable(client_error):
     assert is_retryable_s3(S3AuthError("GetObject", "b", "k", client_error("AccessDenied", 403))) is False
     assert is_retryable_s3(S3Error("GetObject", "b", "k",
                                    EndpointConnectionError(endpoint_url="http://s3"))) is True
+
+
+# rclone's exit codes
+
+@pytest.mark.parametrize("returncode, timed_out, retryable", [
+    (1, False, True), (5, False, True), (6, False, True), (None, True, True),
+    (2, False, False), (3, False, False), (4, False, False), (7, False, False), (9, False, False),
+])
+def test_rclone_error_retry_class(returncode, timed_out, retryable):
+    err = RcloneError("copy", returncode, ["rclone", "copy"], "ERROR : x: failed\n", timed_out=timed_out)
+    assert err.retryable is retryable
+    assert err.exit_code == 3
+
+
+@pytest.mark.parametrize("tail", ["ERROR : f: write /w/f: no space left on device",
+                                  "ERROR : f: Failed to copy: file too big for remaining disk space"])
+def test_rclone_running_out_of_disk_is_not_retried(tail):
+    err = RcloneError("copy", 1, ["rclone"], tail)
+    assert err.disk_full is True
+    assert err.retryable is False
+    assert is_disk_full(err)
+
+
+def test_disk_full_classification():
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(RcloneError("copy", 5, ["rclone"], "ERROR : network down"))
+    assert not is_disk_full(ValueError("x"))
+
+
+def test_rclone_error_message_shows_the_last_lines():
+    err = RcloneError("lsjson of 'src:'", 3, ["rclone"], "one\ntwo\nthree\nfour\n")
+    assert str(err) == "rclone lsjson of 'src:' exited 3: two | three | four"
+    assert "timed out" in str(RcloneError("copy", None, ["rclone"], "", timed_out=True))

@@ -308,18 +308,18 @@ class Config:
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], script: str) -> "Config":
-        required = _REQUIRED[script]
+    def from_env(cls, environ: Mapping[str, str], script: str, *, read_only: bool = False) -> "Config":
+        """Parse and check every variable; ``read_only`` (``--status``) needs only the bucket."""
+        required = ("S3_BUCKET",) if read_only else _REQUIRED[script]
         skip_upload = env_bool(environ, "SKIP_UPLOAD")
 
         def need(name: str) -> bool:
-            if name == "DESTINATION" and script == "unzipper":
+            if name == "DESTINATION" and script == "unzipper" and not read_only:
                 return not skip_upload
             return name in required
 
         source = env_str(environ, "SOURCE", required=need("SOURCE"))
-        destination = env_str(environ, "DESTINATION", required=need("DESTINATION") or
-                              (script == "unzipper" and not skip_upload))
+        destination = env_str(environ, "DESTINATION", required=need("DESTINATION"))
         bucket = env_str(environ, "S3_BUCKET", required=True)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket or ""):
             raise ConfigError(f"S3_BUCKET={bucket!r} is not a valid bucket name")
@@ -912,6 +912,7 @@ class Runtime:
 
     def __init__(self, children_file: str | None = None) -> None:
         self.stop = threading.Event()
+        self.progress = Progress()
         self.signum: int | None = None
         self.children_file = children_file
         self._children: set[subprocess.Popen] = set()
@@ -1488,6 +1489,17 @@ class Layout:
     def repair_of(self, gen: int) -> str:
         return f"{self.prefix}_repair/g{gen:06d}/"
 
+    def heartbeat(self, script: str, worker_id: str) -> str:
+        return f"{self.prefix}_status/{script}/{worker_id}.json"
+
+    @property
+    def status_root(self) -> str:
+        return f"{self.prefix}_status/"
+
+    @property
+    def reports_root(self) -> str:
+        return f"{self.prefix}_reports/"
+
     def report(self, run_id: str) -> str:
         return f"{self.prefix}_reports/{run_id}.json"
 
@@ -1721,6 +1733,220 @@ def all_generations(records: Records, layout: Layout) -> list[int]:
 __all__ += ["latest_generation", "all_generations"]
 
 
+# Progress, heartbeat and the status view
+
+class Progress:
+    """Counters a run keeps for its heartbeat and its summary (thread-safe)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.started_at = utc_now()
+        self.lock = threading.Lock()
+        self.current: dict[str, float] = {}
+        self.done = 0
+        self.failed = 0
+        self.bytes_done = 0
+        self.units_total = 0
+        self.bytes_total = 0
+        self.errors: dict[str, str] = {}
+        self.last_error: str | None = None
+        self.exit_code: int | None = None
+        self.mode: str | None = None
+
+    def plan(self, units: int, nbytes: int) -> None:
+        with self.lock:
+            self.units_total, self.bytes_total = units, nbytes
+
+    @contextlib.contextmanager
+    def unit(self, label: str, folder: str, nbytes: int = 0) -> Iterator[None]:
+        with self.lock:
+            self.current[label] = self.clock()
+        try:
+            yield
+        except BaseException as exc:
+            with self.lock:
+                self.failed += 1
+                self.last_error = f"{label}: {exc}"[:500]
+                if len(self.errors) < 500 or folder in self.errors:
+                    self.errors[folder] = str(exc)[:500]
+            raise
+        else:
+            with self.lock:
+                self.done += 1
+                self.bytes_done += nbytes
+        finally:
+            with self.lock:
+                self.current.pop(label, None)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            elapsed = max(1e-6, self.clock() - self.started)
+            return {"started_at": self.started_at, "updated_at": utc_now(), "elapsed_s": round(elapsed, 1),
+                    "current": sorted(self.current), "units_done": self.done, "units_failed": self.failed,
+                    "units_total": self.units_total, "bytes_done": self.bytes_done,
+                    "bytes_total": self.bytes_total, "bytes_per_s": round(self.bytes_done / elapsed, 1),
+                    "units_per_s": round(self.done / elapsed, 4), "last_error": self.last_error,
+                    "errors": dict(self.errors), "exit_code": self.exit_code, "mode": self.mode}
+
+
+class Heartbeat:
+    """Writes the run's progress to ``P_status/<script>/<worker>.json`` at start, every
+    ``min(30, PROGRESS_INTERVAL)`` seconds and at the end. A failed write is logged and
+    never stops the run."""
+
+    def __init__(self, records: Records, layout: Layout, cfg: Config, runtime: Runtime):
+        self.records = records
+        self.key = layout.heartbeat(cfg.script, cfg.worker_id)
+        self.cfg = cfg
+        self.runtime = runtime
+        self.progress = runtime.progress
+        self.interval_s = min(30.0, cfg.progress_interval_s)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeat")
+
+    def write(self, state: str) -> None:
+        body = {"script": self.cfg.script, "worker": self.cfg.worker_id, "host": socket.gethostname(),
+                "pid": os.getpid(), "state": state, **self.progress.snapshot()}
+        try:
+            self.records.put_json(self.key, body)
+        except (MigrationError, OSError) as exc:
+            log.debug("heartbeat not written: %s", exc)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.write("running")
+
+    def __enter__(self) -> "Heartbeat":
+        self.write("running")
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
+        self._done.set()
+        if self.runtime.signum is not None or isinstance(exc, (Interrupted, StopRequested)):
+            state = "stopped"
+        elif exc is not None or self.progress.exit_code not in (EXIT_OK, None):
+            state = "unfinished"
+            if exc is not None and not self.progress.last_error:
+                self.progress.last_error = str(exc)[:500]
+        else:
+            state = "finished"
+        self.write(state)
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def collect_status(records: Records, layout: Layout) -> dict:
+    """Everything ``--status`` shows, read from S3 only: one LIST per kind of record."""
+    latest = latest_generation(records, layout)
+    beats: dict[str, list[dict]] = {}
+    for item in records.list_keys(layout.status_root):
+        beat = records.get_json(item["Key"])
+        if isinstance(beat, dict) and beat.get("script"):
+            beats.setdefault(beat["script"], []).append(beat)
+    for group in beats.values():
+        group.sort(key=lambda b: b.get("updated_at") or "", reverse=True)
+    status: dict[str, Any] = {"generation": None, "folders": [], "heartbeats": beats,
+                              "generations": all_generations(records, layout)}
+    if latest is None:
+        return status
+    gen, index = latest
+
+    def names(prefix: str) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for item in records.list_keys(prefix):
+            stem, _, rest = item["Key"][len(prefix):].partition("/")
+            if rest.endswith(".json") and "/" not in rest:
+                found.setdefault(stem, set()).add(rest[:-len(".json")])
+        return found
+
+    zipped = names(f"{layout.prefix}_parts/")
+    larges = names(f"{layout.prefix}_large/")
+    restored = names(f"{layout.prefix}_restored/")
+    verified = names(f"{layout.prefix}_verified/").get(f"g{gen:06d}", set())
+    repairs = names(f"{layout.prefix}_repair/").get(f"g{gen:06d}", set())
+    errors: dict[str, str] = {}
+    for script in ("mapper", "zipper", "unzipper"):
+        for beat in reversed(beats.get(script, [])[:1]):
+            for folder, err in (beat.get("errors") or {}).items():
+                errors[folder] = f"{script}: {err}"
+    status["generation"] = gen
+    status["mapped_at"] = index.get("completed_at")
+    for f in index["folders"]:
+        stem = f["stem"]
+        parts = [p["name"] for p in f.get("part_table") or []]
+        part_bytes = {p["name"]: p["bytes"] for p in f.get("part_table") or []}
+        up = [p for p in parts if p in zipped.get(stem, set())]
+        back = [p for p in parts if p in restored.get(stem, set())]
+        status["folders"].append({
+            "folder": f["name"], "stem": stem, "files": f.get("files", 0) + f.get("large", 0),
+            "bytes": f.get("bytes", 0) + f.get("large_bytes", 0), "parts": len(parts),
+            "uploaded": len(up), "restored": len(back), "large": f.get("large", 0),
+            "large_done": min(f.get("large", 0), len(larges.get(stem, set()))),
+            "verified": "repair" if stem in repairs else ("yes" if stem in verified else "no"),
+            "bytes_to_upload": sum(part_bytes[p] for p in parts if p not in up)
+                               + (f.get("large_bytes", 0) if len(larges.get(stem, set())) < f.get("large", 0) else 0),
+            "bytes_to_restore": sum(part_bytes[p] for p in parts if p not in back),
+            "last_error": errors.get(f["name"], ""),
+        })
+    return status
+
+
+def show_status(cfg: Config, records: Records, layout: Layout) -> int:
+    """``--status``: one table across all stages, from S3 only; no lock; exit 0."""
+    status = collect_status(records, layout)
+    out = sys.stdout
+    if status["generation"] is None:
+        out.write(f"no complete map under s3://{cfg.bucket}/{cfg.prefix} yet (generations started: "
+                  f"{len(status['generations'])}); run master_mapper.py\n")
+    else:
+        rows = [("folder", "files", "bytes", "parts", "uploaded", "restored", "large", "verified", "last error")]
+        for f in status["folders"]:
+            rows.append((f["folder"] or "(files in SOURCE root)", str(f["files"]), human_bytes(f["bytes"]),
+                         str(f["parts"]), f"{f['uploaded']}/{f['parts']}", f"{f['restored']}/{f['parts']}",
+                         f"{f['large_done']}/{f['large']}", f["verified"], f["last_error"][:60]))
+        fs = status["folders"]
+        rows.append(("TOTAL", str(sum(f["files"] for f in fs)), human_bytes(sum(f["bytes"] for f in fs)),
+                     str(sum(f["parts"] for f in fs)),
+                     f"{sum(f['uploaded'] for f in fs)}/{sum(f['parts'] for f in fs)}",
+                     f"{sum(f['restored'] for f in fs)}/{sum(f['parts'] for f in fs)}",
+                     f"{sum(f['large_done'] for f in fs)}/{sum(f['large'] for f in fs)}",
+                     f"{sum(1 for f in fs if f['verified'] == 'yes')}/{len(fs)}", ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out.write(f"map generation {status['generation']} (completed {status.get('mapped_at')}), "
+                  f"bucket s3://{cfg.bucket}/{cfg.prefix}\n")
+        for r in rows:
+            out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        remaining = {"zipper": sum(f["bytes_to_upload"] for f in fs),
+                     "unzipper": sum(f["bytes_to_restore"] for f in fs)}
+        for script, left in remaining.items():
+            beat = (status["heartbeats"].get(script) or [None])[0]
+            rate = beat.get("bytes_per_s") if beat and beat.get("state") == "running" else None
+            eta = left / rate if rate else None
+            out.write(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
+    for script in ("mapper", "zipper", "unzipper"):
+        for beat in (status["heartbeats"].get(script) or [])[:3]:
+            out.write(f"{script} worker {beat.get('worker')}: {beat.get('state')}, updated {beat.get('updated_at')}, "
+                      f"{beat.get('units_done')} done, {beat.get('units_failed')} failed"
+                      + (f", now {', '.join(beat['current'][:3])}" if beat.get("current") else "")
+                      + (f", mode: {beat['mode']}" if beat.get("mode") else "")
+                      + (f", last error: {beat['last_error'][:100]}" if beat.get("last_error") else "") + "\n")
+    out.flush()
+    return EXIT_OK
+
+
+__all__ += ["Progress", "Heartbeat", "collect_status", "show_status"]
+
+
 # Running a script
 
 def _clean_tmp(path: str) -> None:
@@ -1745,8 +1971,9 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
     if unknown:
         sys.stderr.write(f"{script}: unknown argument {unknown[0]!r}; see --help\n")
         return EXIT_USAGE
+    read_only = "--status" in argv
     try:
-        cfg = Config.from_env(environ, script)
+        cfg = Config.from_env(environ, script, read_only=read_only)
     except ConfigError as exc:
         setup_logging("INFO", (environ.get("LOG_FORMAT") or "text").lower()
                       if (environ.get("LOG_FORMAT") or "text").lower() in ("text", "json") else "text", script)
@@ -1760,7 +1987,6 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
     code = EXIT_FAILED
     with handle_signals(runtime):
         try:
-            read_only = "--status" in argv
             if not read_only:
                 held = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
                 held.acquire()
@@ -1774,8 +2000,13 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
             s3 = make_s3_client(cfg)
             records = Records(s3, cfg, stop=runtime.stop)
             records.check_bucket()
-            rclone = Rclone(cfg, runtime) if not read_only else None
-            code = body(cfg, records, Layout(cfg.prefix), rclone, runtime, argv)
+            if read_only:
+                return show_status(cfg, records, Layout(cfg.prefix))
+            rclone = Rclone(cfg, runtime)
+            with Heartbeat(records, Layout(cfg.prefix), cfg, runtime) as beat:
+                runtime.progress = beat.progress
+                code = body(cfg, records, Layout(cfg.prefix), rclone, runtime, argv)
+                beat.progress.exit_code = code
             if runtime.signum is not None:
                 raise Interrupted(runtime.signum)
         except Interrupted as exc:

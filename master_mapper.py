@@ -7,7 +7,9 @@ split of the normal files into zip parts. A rerun continues an unfinished map;
 FORCE_RESCAN=1 lists SOURCE again as a new generation, and the zipper and unzipper
 then move only what changed.
 
-Usage: python master_mapper.py [--help]
+Usage: python master_mapper.py [--help | --status]
+
+  --status   one table of the whole migration across all stages, read from S3 (no lock)
 
 Environment variables (default in brackets):
   SOURCE                   rclone remote:path or local path to migrate from [required]
@@ -266,7 +268,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     runtime.check()
     tmp = cfg.tmp_dir
     path = remote_join(cfg.source, name) if name else cfg.source
-    with log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
+    with runtime.progress.unit(f"map {name or '(root)'}", name), log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
         started = time.monotonic()
         list_into_index(rclone, path, index, recursive=bool(name), hashes=hashes,
                         threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
@@ -308,6 +310,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
     log.info("S3 server: %s", caps.describe())
+    runtime.progress.mode = caps.describe()
     latest = latest_generation(records, layout)
     gens = all_generations(records, layout)
     unfinished = [g for g in gens if records.get_json(layout.index(g)) is None
@@ -373,6 +376,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             return map_folder(cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem,
                               hashes=hashes, previous=prev_folders.get(name))
         tasks.append((name, task))
+    runtime.progress.plan(len(tasks), 0)
     failed = []
     for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
         if isinstance(result, StopRequested):
@@ -436,7 +440,7 @@ def write_folder_list(records: Records, layout: Layout, index: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
-    return run_script(SCRIPT, __doc__, run, argv, environ)
+    return run_script(SCRIPT, __doc__, run, argv, environ, options=("--status",))
 
 
 if __name__ == "__main__":

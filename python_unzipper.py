@@ -10,7 +10,12 @@ DESTINATION offers a kind that was recorded), and writes a report on S3 and unde
 WORK_DIR/reports. Folders the zipper has not finished are restored as far as they go
 (exit code 4; run again later).
 
-Usage: python python_unzipper.py [--help]
+Usage: python python_unzipper.py [--help | --verify | --status]
+
+  --verify   check DESTINATION against the map, transfer nothing; print every missing,
+             differing and extra file; exit 0 when all match, 3 otherwise. The next
+             normal run restores exactly the damaged files.
+  --status   one table of the whole migration across all stages, read from S3 (no lock)
 
 Environment variables (default in brackets):
   DESTINATION              rclone remote:path or local path to migrate to [required unless SKIP_UPLOAD]
@@ -235,7 +240,9 @@ def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> 
 
 def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                  gate: DiskGate, job: RestoreJob) -> dict:
-    with log_context(folder=job.folder, part=job.part):
+    nbytes = sum(r["size"] for r in job.keep.values())
+    with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, nbytes), \
+            log_context(folder=job.folder, part=job.part):
         record, entries = read_part_record(records, layout, job.stem, job.part)
         key = record["key"]
         for e in entries:
@@ -606,6 +613,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
     log.info("S3 server: %s", caps.describe())
+    runtime.progress.mode = caps.describe()
     latest = latest_generation(records, layout)
     if latest is None:
         log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
@@ -624,6 +632,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     pending_stems = {f["stem"] for f in pending}
     log.info("map generation %d: %d folders, %d verified, %d to repair", gen, len(folders),
              len(folders) - len(pending), len(repairs))
+    to_restore = [(f, p) for f in pending for p in f.get("part_table") or []
+                  if p["name"] in zipped.get(f["stem"], set()) and p["name"] not in restored.get(f["stem"], set())]
+    runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore))
     gate = DiskGate(cfg, runtime)
     state: dict = {"failed": []}
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(
@@ -686,7 +697,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
-    return run_script(SCRIPT, __doc__, run, argv, environ, options=("--verify",))
+    return run_script(SCRIPT, __doc__, run, argv, environ, options=("--verify", "--status"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ large-file threshold are copied SOURCE to DESTINATION with rclone, checked and
 recorded. A file that vanished or changed at SOURCE since mapping is reported by
 path and left out; the rest proceeds and the exit code is 3.
 
-Usage: python python_zipper.py [--help]
+Usage: python python_zipper.py [--help | --status]
+
+  --status   one table of the whole migration across all stages, read from S3 (no lock)
 
 Environment variables (default in brackets):
   SOURCE                   rclone remote:path or local path, as mapped [required]
@@ -390,7 +392,8 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
     key = layout.part_object(job.stem, job.part)
     staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
     list_path = staging + ".files"
-    with log_context(folder=job.folder, part=job.part), \
+    with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, job.bytes), \
+            log_context(folder=job.folder, part=job.part), \
             gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"):
         started = time.monotonic()
         os.makedirs(staging, exist_ok=True)
@@ -455,7 +458,8 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     rel = row["path"]
     src = remote_join(cfg.source, folder, rel) if folder else remote_join(cfg.source, rel)
     dst = remote_join(cfg.destination, folder, rel) if folder else remote_join(cfg.destination, rel)
-    with log_context(folder=folder, part="large"):
+    with runtime.progress.unit(f"{folder or '(root)'}/large {rel}", folder, row["size"]), \
+            log_context(folder=folder, part="large"):
         started = time.monotonic()
         log.info("copying large file %r (%s) SOURCE -> DESTINATION", rel, human_bytes(row["size"]))
         rclone.run_retried(["copyto", "--", src, dst], what=f"copy of large file {rel!r}",
@@ -546,6 +550,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
     log.info("S3 server: %s", caps.describe())
+    runtime.progress.mode = caps.describe()
     latest = latest_generation(records, layout)
     if latest is None:
         log.error("no complete map on S3 under %r: run master_mapper.py first", cfg.prefix)
@@ -562,6 +567,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                      if p["name"] not in done_parts.get(f["stem"], set()))
     log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
              gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
+    runtime.progress.plan(todo_parts, sum(p["bytes"] for f in folders for p in f.get("part_table") or []
+                                          if p["name"] not in done_parts.get(f["stem"], set())))
     gate = DiskGate(cfg, runtime)
     stats: dict = {"failed": []}
     stale = list_stale_uploads(records, cfg.prefix) if todo_parts else {}
@@ -604,7 +611,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:
-    return run_script(SCRIPT, __doc__, run, argv, environ)
+    return run_script(SCRIPT, __doc__, run, argv, environ, options=("--status",))
 
 
 if __name__ == "__main__":

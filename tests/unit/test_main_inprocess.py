@@ -253,13 +253,15 @@ def test_body_gets_working_collaborators(body_env, s3):
     assert json.loads(body_json) == {"ok": True}
 
 
-def test_read_only_option_takes_no_lock(body_env):
+def test_read_only_option_takes_no_lock(body_env, capsys):
     calls = []
 
     def body(cfg, records, layout, rclone, runtime, argv):
-        calls.append((rclone, list(argv)))
-        return 0
+        calls.append(argv)
+        return 3
     with InstanceLock(body_env["WORK_DIR"], "zipper"):
-        code = common_s3.run_script("zipper", "doc", body, ["--status"], body_env, options=["--status"])
+        env = {k: v for k, v in body_env.items() if k not in ("SOURCE", "DESTINATION")}
+        code = common_s3.run_script("zipper", "doc", body, ["--status"], env, options=["--status"])
     assert code == 0
-    assert calls == [(None, ["--status"])]
+    assert calls == [], "--status must not run the stage"
+    assert "no complete map" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import python_unzipper
-from common_s3 import Layout, RecordError, assign_stems, jsonl_gz_bytes, large_file_id
+from common_s3 import Layout, RecordError, Runtime, assign_stems, jsonl_gz_bytes, large_file_id
 
 MTIME = "2001-09-09T01:46:40Z"
 FILES = {"a.txt": b"hello", "sub/b c.txt": b"second file", "日本/語.txt": b"unicode"}
@@ -219,7 +219,7 @@ def restore(cfg, records, folder, entries_rows, *, size=1000):
     job = python_unzipper.RestoreJob(folder=folder.name, stem=folder.stem, part="Full", gen=1, keep={})
     rclone = FakeRclone([])
     with pytest.raises(python_unzipper.PartDamaged) as info:
-        python_unzipper.restore_part(cfg, records, folder.layout, rclone, None, None, job)
+        python_unzipper.restore_part(cfg, records, folder.layout, rclone, Runtime(), None, job)
     assert rclone.calls == []
     assert folder.layout.part_object(folder.stem, "Full") in str(info.value)
     return info.value

@@ -800,6 +800,15 @@ class Records:
             if not token:
                 return
 
+    def record_names(self, prefix: str) -> dict[str, set[str]]:
+        """{stem: {name}} of the ``<prefix><stem>/<name>.json`` records, from one listing."""
+        found: dict[str, set[str]] = {}
+        for item in self.list_keys(prefix):
+            stem, _, rest = item["Key"][len(prefix):].partition("/")
+            if rest.endswith(".json") and "/" not in rest:
+                found.setdefault(stem, set()).add(rest[:-len(".json")])
+        return found
+
     def probe(self, probe_prefix: str) -> Capabilities:
         """Learn whether the server enforces create-only and compare-and-swap writes."""
         from botocore.exceptions import ClientError
@@ -1861,14 +1870,7 @@ def collect_status(records: Records, layout: Layout) -> dict:
         return status
     gen, index = latest
 
-    def names(prefix: str) -> dict[str, set[str]]:
-        found: dict[str, set[str]] = {}
-        for item in records.list_keys(prefix):
-            stem, _, rest = item["Key"][len(prefix):].partition("/")
-            if rest.endswith(".json") and "/" not in rest:
-                found.setdefault(stem, set()).add(rest[:-len(".json")])
-        return found
-
+    names = records.record_names
     zipped = names(f"{layout.prefix}_parts/")
     larges = names(f"{layout.prefix}_large/")
     restored = names(f"{layout.prefix}_restored/")

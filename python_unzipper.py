@@ -52,14 +52,16 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
+from common_s3 import (EXIT_OK, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, parse_mtime,
@@ -433,16 +435,6 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
 
 # The run
 
-def list_records(records: Records, prefix: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for item in records.list_keys(prefix):
-        rest = item["Key"][len(prefix):]
-        stem, _, name = rest.partition("/")
-        if name.endswith(".json") and "/" not in name:
-            found.setdefault(stem, set()).add(name[:-len(".json")])
-    return found
-
-
 def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                   gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
                   repairs: dict[str, dict], state: dict) -> Iterator[tuple[Any, Any]]:
@@ -609,6 +601,249 @@ def make_report(cfg: Config, gen: int, report_folders: list[dict], errors: list,
             "errors": [{"what": w, "error": e} for w, e in errors]}
 
 
+# Buckets written by the original scripts (no map of ours)
+
+_LEGACY_PART = re.compile(r"(Full|Part(\d+))(?:_Split(\d+))?\.zip")
+
+
+def _natural_key(part: str) -> tuple:
+    m = _LEGACY_PART.fullmatch(part)
+    assert m
+    return (0 if m.group(1) == "Full" else 1, int(m.group(2) or 0), int(m.group(3) or 0))
+
+
+def legacy_parts(records: Records, prefix: str, folders: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Part keys of each folder, by the original naming rule and never by a bare prefix.
+
+    ``P<s(F)>_<Full|PartN>.zip`` belongs to F. A split key was built by deleting every
+    ``.zip`` from the base key, so ``<base without .zip>_SplitM.zip``; when two folders could
+    have made the same split key, it is reported as ambiguous and restored nowhere.
+    Returns ({folder: [part keys in the original order]}, [ambiguous keys]).
+    """
+    stems = {f: sanitize_name(f) for f in folders}
+    base_owner: dict[str, str] = {}
+    split_owner: dict[str, set[str]] = {}
+    for folder, stem in stems.items():
+        base_owner[f"{prefix}{stem}_"] = folder
+        split_owner.setdefault(f"{prefix}{stem}_".replace(".zip", ""), set()).add(folder)
+    out: dict[str, list[str]] = {f: [] for f in folders}
+    ambiguous = []
+    for item in records.list_keys(prefix):
+        key = item["Key"]
+        if not key.endswith(".zip"):
+            continue
+        for head, folder in base_owner.items():
+            rest = key[len(head):]
+            if key.startswith(head) and _LEGACY_PART.fullmatch(rest) and "_Split" not in rest:
+                out[folder].append((_natural_key(rest), key))
+        for head, owners in split_owner.items():
+            rest = key[len(head):]
+            m = _LEGACY_PART.fullmatch(rest) if key.startswith(head) else None
+            if m and m.group(3):
+                if len(owners) > 1:
+                    ambiguous.append(key)
+                else:
+                    out[next(iter(owners))].append((_natural_key(rest), key))
+    return {f: [k for _n, k in sorted(set(v))] for f, v in out.items()}, sorted(set(ambiguous))
+
+
+def _zip_mtime(info: zipfile.ZipInfo) -> float:
+    """An entry's mtime: Info-ZIP's extended timestamp (UTC) when present, else the DOS field."""
+    extra = info.extra
+    i = 0
+    while i + 4 <= len(extra):
+        tag, size = struct.unpack("<HH", extra[i:i + 4])
+        if tag == 0x5455 and size >= 5 and extra[i + 4] & 1:
+            return float(struct.unpack("<i", extra[i + 5:i + 9])[0])
+        i += 4 + size
+    return time.mktime(info.date_time + (0, 0, -1))
+
+
+def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: Runtime, gate: DiskGate,
+                        folder: str, key: str, listed: set[str]) -> dict:
+    """Download one original part (a temporary file of at most one part), test every CRC,
+    refuse unsafe names and zip bombs, extract with mtimes, upload to DESTINATION/<folder>."""
+    head = records.head(key)
+    if head is None:
+        raise PartDamaged(key, "it disappeared from the bucket")
+    size = head["ContentLength"]
+    name = local_name(sanitize_name(folder), os.path.basename(key))
+    archive = os.path.join(cfg.tmp_dir, name + ".zip")
+    staging = os.path.join(cfg.tmp_dir, name)
+    with runtime.progress.unit(os.path.basename(key), folder, size), log_context(folder=folder,
+                                                                               part=os.path.basename(key)):
+        with gate.reserve(2 * size + MIB, f"part {os.path.basename(key)}"):
+            try:
+                records.retry(f"download of {key}", lambda: records._wrap(
+                    "GetObject", key, lambda: records.s3.download_file(records.bucket, key, archive)))
+                try:
+                    zf = zipfile.ZipFile(archive)
+                except zipfile.BadZipFile as exc:
+                    raise PartDamaged(key, f"not a zip file: {exc}") from None
+                with zf:
+                    infos = zf.infolist()
+                    for info in infos:
+                        reason = unsafe_reason(info.filename.rstrip("/"))
+                        if reason:
+                            raise PartDamaged(key, f"entry {info.filename!r} has {reason}")
+                    claimed = sum(i.file_size for i in infos)
+                    if size and claimed > cfg.max_zip_bomb_ratio * size:
+                        raise PartDamaged(key, f"entries claim {claimed} bytes, over MAX_ZIP_BOMB_RATIO="
+                                               f"{cfg.max_zip_bomb_ratio:g} times the part's {size}")
+                    bad = zf.testzip()
+                    if bad is not None:
+                        raise PartDamaged(key, f"entry {bad!r} fails its CRC check")
+                    written = skipped = 0
+                    for info in infos:
+                        runtime.check()
+                        target = os.path.join(staging, info.filename)
+                        if info.is_dir():
+                            os.makedirs(target, exist_ok=True)
+                            continue
+                        if re.search(r"\.[A-Za-z0-9]{8}\.partial$", info.filename) and info.filename not in listed:
+                            log.warning("skipping %r: a partial download the original zipper packed", info.filename)
+                            skipped += 1
+                            continue
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        with zf.open(info) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst, MIB)
+                        mtime = _zip_mtime(info)
+                        os.utime(target, (mtime, mtime))
+                        written += 1
+                os.remove(archive)
+                dest = remote_join(destination_root(cfg), folder)
+                rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), "--create-empty-src-dirs",
+                                    "--", staging, dest], what=f"upload of {os.path.basename(key)}",
+                                   timeout_s=cfg.rclone_timeout_s + size / (512 * 1024))
+            except (OSError, MigrationError) as exc:
+                if is_disk_full(exc):
+                    raise DiskFullError(f"part {key}") from exc
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if os.path.exists(archive):
+                    os.remove(archive)
+        log.info("original part restored: %d files (%d partial downloads skipped)", written, skipped)
+        return {"key": key, "etag": head.get("ETag", "").strip('"'), "files": written, "restored_at": utc_now()}
+
+
+def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
+               verify: bool) -> int:
+    """Restore and verify a bucket the original scripts wrote: ``folder_list.txt``, ``_List.txt``,
+    ``_Full``/``_PartN``/``_SplitM`` parts and their progress JSON; no map of ours."""
+    raw = records.get_bytes(layout.folder_list)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(layout.folder_list, f"not UTF-8 text: {exc}") from None
+    folders = [line for line in text.split("\n") if line.strip()]
+    log.info("bucket written by the original scripts: %d folders in %s", len(folders), layout.folder_list)
+    stems: dict[str, list[str]] = {}
+    for f in folders:
+        stems.setdefault(sanitize_name(f), []).append(f)
+    parts, ambiguous = legacy_parts(records, cfg.prefix, folders)
+    for key in ambiguous:
+        log.error("part %r could belong to several folders (the original split naming); it was not restored",
+                  key)
+    done = records.record_names(f"{cfg.prefix}_restored/legacy/")
+    gate = DiskGate(cfg, runtime)
+    dest_features = rclone.features(destination_root(cfg))
+    entries = []
+    errors: list[tuple[str, str]] = [(k, "ambiguous part") for k in ambiguous]
+    for folder in folders:
+        runtime.check()
+        stem = sanitize_name(folder)
+        entry: dict[str, Any] = {"folder": folder, "stem": stem}
+        entries.append(entry)
+        if len(stems[stem]) > 1:
+            msg = f"folders {stems[stem]!r} share the key stem {stem!r} in the original layout; their keys are mixed"
+            log.error("%s: not restored", msg)
+            entry.update(state="failed", error=msg)
+            errors.append((folder, msg))
+            continue
+        list_raw = records.get_bytes(layout.list_txt(stem))
+        if list_raw is None:
+            entry.update(state="waiting", error="no _List.txt: the original mapper has not mapped it")
+            continue
+        try:
+            listed = {p for p in list_raw.decode("utf-8").split("\n") if p}
+        except UnicodeDecodeError as exc:
+            raise RecordError(layout.list_txt(stem), f"not UTF-8 text: {exc}") from None
+        large_raw = records.get_bytes(layout.large_json(stem))
+        larges: dict[str, int] = {}
+        if large_raw is not None:
+            try:
+                larges = {d["path"]: int(d["size"]) for d in json.loads(large_raw)}
+            except (ValueError, TypeError, KeyError) as exc:
+                raise RecordError(layout.large_json(stem), f"not a list of {{path, size}}: {exc}") from None
+        progress = records.get_json(layout.legacy_progress(stem, "zipper"))
+        if progress is not None and not isinstance(progress, dict):
+            raise RecordError(layout.legacy_progress(stem, "zipper"), "not a JSON object")
+        zipper_done = bool(progress and progress.get("folder_complete"))
+        if not verify:
+            for key in parts[folder]:
+                head = records.head(key)
+                if head is None:
+                    continue
+                etag = head["ETag"].strip('"')
+                record_name = hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:32]
+                if record_name in done.get(stem, set()):
+                    continue
+                try:
+                    result = restore_legacy_part(cfg, records, rclone, runtime, gate, folder, key, listed)
+                except (MigrationError, OSError) as exc:
+                    log.error("%s", exc)
+                    errors.append((key, str(exc)))
+                    entry["state"] = "failed"
+                    continue
+                records.put_json_once(f"{cfg.prefix}_restored/legacy/{stem}/{record_name}.json", result)
+        if entry.get("state") == "failed":
+            continue
+        report = verify_legacy(cfg, rclone, folder, listed, larges, dest_features)
+        entry.update(report)
+        if not zipper_done and not verify:
+            entry["state"] = "waiting"
+            entry["why"] = "the original zipper has not marked this folder complete"
+        else:
+            entry["state"] = "verified" if report["ok"] else "failed"
+    report = make_report(cfg, 0, entries, errors, mode="legacy-verify" if verify else "legacy")
+    path = write_report(cfg, records, layout, report)
+    print_report(report)
+    log.info("report written to %s", path)
+    t = report["totals"]
+    if t["failed"] or errors:
+        return EXIT_PARTIAL
+    if t["waiting"]:
+        log.warning("%d folders are not complete in the original zipper's progress; run again later", t["waiting"])
+        return EXIT_WAITING
+    return EXIT_OK
+
+
+def verify_legacy(cfg: Config, rclone: Rclone, folder: str, listed: set[str], larges: dict[str, int],
+                  dest_features: dict) -> dict:
+    """Compare DESTINATION/<folder> with ``_List.txt`` (paths) and ``_LargeFiles.json`` (sizes)."""
+    dest = remote_join(destination_root(cfg), folder)
+    try:
+        found = {e["Path"]: int(e.get("Size", -1)) for e in rclone.lsjson(
+            dest, ["-R", "--files-only", "--no-mimetype"], what=f"listing of {dest!r}")}
+    except MigrationError as exc:
+        if getattr(exc, "returncode", None) == 3:
+            found = {}
+        else:
+            raise
+    missing = sorted(p for p in listed | set(larges) if p not in found)
+    differing = [{"path": p, "why": f"size {found[p]} != {s}"} for p, s in sorted(larges.items())
+                 if p in found and found[p] != s]
+    extra = sorted(p for p in found if p not in listed and p not in larges)
+    for p in missing[:50]:
+        log.error("missing at DESTINATION: %r", p)
+    return {"files": len(listed) + len(larges), "matched_by_hash": 0,
+            "matched_by_size": len(larges) - len(differing) - sum(1 for p in larges if p not in found),
+            "listed_present": len(listed) - sum(1 for p in listed if p not in found),
+            "missing": missing, "differing": differing, "extra": extra,
+            "ok": not missing and not differing}
+
+
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
     caps = records.probe(layout.probe)
@@ -616,15 +851,17 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     runtime.progress.mode = caps.describe()
     latest = latest_generation(records, layout)
     if latest is None:
+        if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
+            return run_legacy(cfg, records, layout, rclone, runtime, verify="--verify" in argv)
         log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
         return EXIT_WAITING
     gen, index = latest
     folders = index["folders"]
     if "--verify" in argv:
         return verify_only(cfg, records, layout, rclone, runtime, gen, folders)
-    zipped = list_records(records, f"{cfg.prefix}_parts/")
-    larges = list_records(records, f"{cfg.prefix}_large/")
-    restored = list_records(records, f"{cfg.prefix}_restored/")
+    zipped = records.record_names(f"{cfg.prefix}_parts/")
+    larges = records.record_names(f"{cfg.prefix}_large/")
+    restored = records.record_names(f"{cfg.prefix}_restored/")
     verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
                 for k in records.list_keys(layout.verified_of(gen))}
     repairs = list_repairs(records, layout, gen)
@@ -653,7 +890,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         else:
             restored.setdefault(result["stem"], set()).add(result["part"])
     runtime.check()
-    larges = list_records(records, f"{cfg.prefix}_large/") if repairs else larges
+    larges = records.record_names(f"{cfg.prefix}_large/") if repairs else larges
 
     dest_features = rclone.features(destination_root(cfg)) if pending else {}
     entries: dict[str, dict] = {}

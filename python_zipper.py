@@ -487,17 +487,6 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
 
 # The run
 
-def existing_records(records: Records, prefix: str) -> dict[str, set[str]]:
-    """{stem: {names}} of the ``<name>.json`` records under prefix, from one listing."""
-    found: dict[str, set[str]] = {}
-    for item in records.list_keys(prefix):
-        rest = item["Key"][len(prefix):]
-        stem, _, name = rest.partition("/")
-        if name.endswith(".json") and "/" not in name:
-            found.setdefault(stem, set()).add(name[:-len(".json")])
-    return found
-
-
 def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
                stale: dict, stats: dict) -> Iterator[tuple[Any, Any]]:
@@ -560,8 +549,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                           "the zipper must read the SOURCE that was mapped")
     folders = index["folders"]
-    done_parts = existing_records(records, layout.parts_of("").rstrip("/") + "/")
-    done_large = existing_records(records, layout.larges_of("").rstrip("/") + "/")
+    done_parts = records.record_names(f"{cfg.prefix}_parts/")
+    done_large = records.record_names(f"{cfg.prefix}_large/")
     total_parts = sum(len(f.get("part_table") or []) for f in folders)
     todo_parts = sum(1 for f in folders for p in f.get("part_table") or []
                      if p["name"] not in done_parts.get(f["stem"], set()))

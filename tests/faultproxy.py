@@ -28,7 +28,7 @@ _ERRORS = {
 
 class FaultProxy:
     def __init__(self, upstream: str, *, rate: float = 0.0, seed: int = 1, delay_s: float = 0.0,
-                 faults: tuple[str, ...] = FAULTS):
+                 faults: tuple[str, ...] = FAULTS, corrupt_paths: str | None = None):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.rate = rate
@@ -39,6 +39,8 @@ class FaultProxy:
         self.requests = 0
         self.injected: dict[str, int] = {f: 0 for f in FAULTS}
         self.by_method: dict[str, int] = {}
+        self.corrupt_paths = corrupt_paths  # flip one byte of PUT bodies whose path contains this
+        self.corrupted = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,6 +52,11 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if (proxy.corrupt_paths and self.command == "PUT" and proxy.corrupt_paths in self.path
+                        and len(body) > 100):
+                    body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0x01]) + body[len(body) // 2 + 1:]
+                    with proxy.lock:
+                        proxy.corrupted += 1
                 fault = proxy._draw(self.command)
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)

@@ -43,3 +43,25 @@ def test_rejected_credentials_exit_1_naming_the_bucket_and_hiding_the_secret(ren
         assert proc.returncode == 1, f"{script}: {proc.stderr[-2000:]}"
         assert renv.bucket in proc.stderr and "credentials were rejected" in proc.stderr
         assert secret not in proc.stdout + proc.stderr
+
+
+def test_part_corrupted_on_the_way_is_refused_by_the_server_or_caught_by_the_zipper(renv):
+    """rclone serve s3 checks Content-MD5: a byte flipped in transit is refused (400 BadDigest).
+    With S3_CHECKSUMS=off the server stores it, and the zipper's ETag check catches it."""
+    from faultproxy import FaultProxy
+    make_tree(renv.source, small_files=12)
+    assert renv.run("master_mapper.py").returncode == 0
+    real = renv.vars["S3_ENDPOINT"]
+    with FaultProxy(real, corrupt_paths="Photos_Part1.zip") as proxy:
+        renv.vars["S3_ENDPOINT"] = proxy.endpoint
+        checked = renv.run("python_zipper.py")
+        assert checked.returncode == 3, checked.stderr[-3000:]
+        assert "BadDigest" in checked.stderr and proxy.corrupted >= 1
+        unchecked = renv.run("python_zipper.py", S3_CHECKSUMS="off")
+        assert unchecked.returncode == 3, unchecked.stderr[-3000:]
+        assert "the upload was damaged" in unchecked.stderr
+    renv.vars["S3_ENDPOINT"] = real
+    for script in ("python_zipper.py", "python_unzipper.py"):
+        proc = renv.run(script)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_tree(renv.source, renv.destination)

@@ -1,6 +1,7 @@
 """kill -9 at random instants, then rerun to the end: nothing lost, nothing trusted half-written.
 
-Rounds per script come from KILL_ROUNDS (default 3; raise it for a longer soak outside CI).
+Rounds per script come from KILL_ROUNDS (default 3) and seeds from KILL_SEEDS (default 11);
+raise them for a longer soak outside CI, e.g. KILL_ROUNDS=10 KILL_SEEDS=1,2,3,4.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from treecheck import assert_same_tree
 pytestmark = pytest.mark.e2e
 
 ROUNDS = int(os.environ.get("KILL_ROUNDS", "3"))
+SEEDS = [int(s) for s in os.environ.get("KILL_SEEDS", "11").split(",")]
 SCRIPTS = ("master_mapper.py", "python_zipper.py", "python_unzipper.py")
 
 
@@ -47,7 +49,7 @@ def kill_at(env, script: str, delay: float, **extra) -> int:
     return proc.returncode
 
 
-@pytest.mark.parametrize("seed", [11, 29])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_kill9_at_random_instants_then_rerun(env, seed):
     rng = random.Random(seed)
     make_tree(env.source, small_files=45)

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def renv(tmp_path, rclone_s3) -> Env:
-    endpoint, data = rclone_s3
+    endpoint, _data = rclone_s3
     bucket = f"r-{uuid.uuid4().hex[:12]}"
-    os.makedirs(os.path.join(data, bucket))
     e = Env(endpoint=endpoint, bucket=bucket, tmp=str(tmp_path), vars=base_env(str(tmp_path), endpoint, bucket))
+    e.s3.create_bucket(Bucket=bucket)  # through the API: the server caches its directory listing
     os.makedirs(e.source, exist_ok=True)
     return e
 

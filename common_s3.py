@@ -355,8 +355,7 @@ class Config:
         checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
         if checksums not in ("auto", "off"):
             raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
-        for name, wanted in (("DRY_RUN", env_bool(environ, "DRY_RUN")),
-                             ("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),
+        for name, wanted in (("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),
                              ("WORKER_COUNT", worker_count > 1)):
             if wanted:
                 # Refuse rather than ignore: a user who asks for these must not get a normal run.
@@ -475,7 +474,7 @@ class _JsonFormatter(logging.Formatter):
             "script": getattr(record, "script", None),
             "folder": getattr(record, "folder", None),
             "part": getattr(record, "part", None),
-            "message": record.getMessage(),
+            "message": record.getMessage().strip("\n"),
         }
         fields = dict(getattr(record, "fields", None) or {})
         if record.exc_info:
@@ -500,8 +499,18 @@ class _TextFormatter(logging.Formatter):
         return text
 
 
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage().strip("\n")
+
+
+# Results meant for the reader (tables, plans, reports) go to stdout through this logger, so
+# that LOG_FORMAT=json turns them into JSON objects too; diagnostics go to stderr.
+out = logging.getLogger("migration.out")
+
+
 def setup_logging(level: str, fmt: str, script: str) -> None:
-    """Send every log line to stderr, as text or one JSON object per line."""
+    """Send every log line to stderr and every result line to stdout, as text or JSON."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -510,6 +519,14 @@ def setup_logging(level: str, fmt: str, script: str) -> None:
     handler.addFilter(_ContextFilter(script))
     root.addHandler(handler)
     root.setLevel(level)
+    for old in list(out.handlers):
+        out.removeHandler(old)
+    result = logging.StreamHandler(sys.stdout)
+    result.setFormatter(_JsonFormatter() if fmt == "json" else _PlainFormatter())
+    result.addFilter(_ContextFilter(script))
+    out.addHandler(result)
+    out.setLevel(logging.INFO)
+    out.propagate = False
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -525,7 +542,7 @@ def log_context(**ctx: Any) -> Iterator[None]:
         _LOG_CONTEXT.ctx = old
 
 
-__all__.append("log_context")
+__all__ += ["log_context", "out"]
 
 
 # Retry
@@ -741,9 +758,14 @@ class Records:
                 return None
             raise
 
+    def refuse_writes_in_dry_run(self, what: str) -> None:
+        if self.cfg.dry_run:
+            raise MigrationError(f"DRY_RUN=1: refusing to {what}; this is a bug, a dry run must change nothing")
+
     def put_bytes(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
                   create_only: bool = False) -> dict:
         """PUT with Content-MD5; create-only where the server enforces it (RecordExists on 412)."""
+        self.refuse_writes_in_dry_run(f"write s3 key {key!r}")
         import base64
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         if self.cfg.s3_checksums != "off":
@@ -779,6 +801,7 @@ class Records:
                               create_only=create_only)
 
     def delete(self, key: str) -> None:
+        self.refuse_writes_in_dry_run(f"delete s3 key {key!r}")
         self._wrap("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key))
 
     def list_keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[dict]:
@@ -810,8 +833,12 @@ class Records:
         return found
 
     def probe(self, probe_prefix: str) -> Capabilities:
-        """Learn whether the server enforces create-only and compare-and-swap writes."""
+        """Learn whether the server enforces create-only and compare-and-swap writes.
+
+        A dry run writes nothing, so it does not probe (and says the mode is unknown)."""
         from botocore.exceptions import ClientError
+        if self.cfg.dry_run:
+            return self.caps
         key = f"{probe_prefix}{self.cfg.worker_id}-{random.randrange(16**8):08x}"
         body = b"probe"
 
@@ -1762,10 +1789,11 @@ class Progress:
         self.last_error: str | None = None
         self.exit_code: int | None = None
         self.mode: str | None = None
+        self.skipped = 0
 
-    def plan(self, units: int, nbytes: int) -> None:
+    def plan(self, units: int, nbytes: int, *, skipped: int = 0) -> None:
         with self.lock:
-            self.units_total, self.bytes_total = units, nbytes
+            self.units_total, self.bytes_total, self.skipped = units, nbytes, skipped
 
     @contextlib.contextmanager
     def unit(self, label: str, folder: str, nbytes: int = 0) -> Iterator[None]:
@@ -1815,6 +1843,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeat")
 
     def write(self, state: str) -> None:
+        if self.cfg.dry_run:
+            return
         body = {"script": self.cfg.script, "worker": self.cfg.worker_id, "host": socket.gethostname(),
                 "pid": os.getpid(), "state": state, **self.progress.snapshot()}
         try:
@@ -1842,6 +1872,109 @@ class Heartbeat:
         else:
             state = "finished"
         self.write(state)
+
+
+def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilities:
+    """What every script does first: probe the server (not in a dry run) and say so."""
+    if records.cfg.dry_run:
+        log.info("DRY_RUN=1: printing the plan; nothing is written to S3, SOURCE or DESTINATION")
+        return records.caps
+    caps = records.probe(layout.probe)
+    log.info("S3 server: %s", caps.describe())
+    runtime.progress.mode = caps.describe()
+    return caps
+
+
+class ProgressPrinter:
+    """Shows a run's progress: a live bar on a terminal (tqdm), else one line every
+    PROGRESS_INTERVAL seconds with the same figures (for journald and notebooks)."""
+
+    def __init__(self, cfg: Config, progress: Progress, *, stream: Any = None):
+        self.cfg = cfg
+        self.progress = progress
+        self.stream = stream or sys.stderr
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="progress")
+        self.bar = None
+        if self.stream.isatty() and cfg.log_format == "text":
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                # A terminal that reports no size (a bare pty) would get a bar of width 0.
+                size = shutil.get_terminal_size((100, 20))
+                self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=self.stream,
+                                desc=cfg.script, ncols=size.columns, nrows=max(size.lines, 5), leave=False,
+                                mininterval=0.5)
+
+    def line(self) -> str | None:
+        snap = self.progress.snapshot()
+        if not snap["units_total"] and not snap["units_done"]:
+            return None
+        rate = snap["bytes_per_s"]
+        left = max(0, snap["bytes_total"] - snap["bytes_done"])
+        eta = _fmt_eta(left / rate) if rate else "unknown"
+        now = f"; now {', '.join(snap['current'][:3])}" if snap["current"] else ""
+        return (f"progress: {snap['units_done']}/{snap['units_total']} units, "
+                f"{human_bytes(snap['bytes_done'])} of {human_bytes(snap['bytes_total'])}, "
+                f"{human_bytes(rate)}/s, ETA {eta}, {snap['units_failed']} failed{now}")
+
+    def _loop(self) -> None:
+        period = 0.5 if self.bar is not None else self.cfg.progress_interval_s
+        while not self._done.wait(period):
+            if self.bar is not None:
+                snap = self.progress.snapshot()
+                self.bar.total = max(snap["bytes_total"], snap["bytes_done"])
+                self.bar.n = snap["bytes_done"]
+                self.bar.set_postfix_str(f"{snap['units_done']}/{snap['units_total']} units, "
+                                         f"{snap['units_failed']} failed", refresh=False)
+                self.bar.refresh()
+            else:
+                text = self.line()
+                if text:
+                    log.info("%s", text)
+
+    def __enter__(self) -> "ProgressPrinter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join(2)
+        if self.bar is not None:
+            self.bar.close()
+
+
+_NEXT = {"mapper": "python python_zipper.py", "zipper": "python python_unzipper.py",
+         "unzipper": "nothing: the migration is restored and verified (python python_unzipper.py --verify re-checks it)"}
+_BEFORE = {"mapper": "", "zipper": "python master_mapper.py", "unzipper": "python python_zipper.py"}
+
+
+def final_line(script: str, code: int) -> str:
+    """One plain line for the end of every run: what happened and what to do next."""
+    me = {"mapper": "master_mapper.py", "zipper": "python_zipper.py", "unzipper": "python_unzipper.py"}[script]
+    return {
+        EXIT_OK: f"done. Next: {_NEXT[script]}",
+        EXIT_FAILED: f"failed with a fatal error (above); fix it and run python {me} again; completed work is kept",
+        EXIT_USAGE: f"invalid configuration (the variable is named above); fix it and run python {me} again",
+        EXIT_PARTIAL: f"partly done: some items failed (listed above); run python {me} again to resume",
+        EXIT_WAITING: f"waiting for an earlier stage: run {_BEFORE[script] or 'the earlier stage'}, then "
+                      f"python {me} again",
+        EXIT_LOCKED: "another instance holds the lock on this WORK_DIR; wait for it to finish or set "
+                     "INSTANCE_LOCK_TIMEOUT",
+        130: f"stopped by SIGINT; progress is saved; run python {me} again to continue",
+        143: f"stopped by SIGTERM; progress is saved; run python {me} again to continue",
+    }.get(code, f"stopped (exit {code}); run python {me} again to continue")
+
+
+def summary_line(progress: Progress) -> str:
+    snap = progress.snapshot()
+    return (f"summary: {snap['units_done']} done, {snap['units_failed']} failed, {progress.skipped} skipped "
+            f"(already done), {human_bytes(snap['bytes_done'])} moved in {snap['elapsed_s']:.1f}s")
+
+
+__all__ += ["start_run", "ProgressPrinter", "final_line", "summary_line"]
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -1906,14 +2039,13 @@ def collect_status(records: Records, layout: Layout) -> dict:
 def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     """``--status``: one table across all stages, from S3 only; no lock; exit 0."""
     status = collect_status(records, layout)
-    out = sys.stdout
     if status["generation"] is None:
-        out.write(f"no complete map under s3://{cfg.bucket}/{cfg.prefix} yet (generations started: "
+        out.info(f"no complete map under s3://{cfg.bucket}/{cfg.prefix} yet (generations started: "
                   f"{len(status['generations'])}); run master_mapper.py\n")
     else:
         rows = [("folder", "files", "bytes", "parts", "uploaded", "restored", "large", "verified", "last error")]
         for f in status["folders"]:
-            rows.append((f["folder"] or "(files in SOURCE root)", str(f["files"]), human_bytes(f["bytes"]),
+            rows.append(((f["folder"] or "(files in SOURCE root)")[:40], str(f["files"]), human_bytes(f["bytes"]),
                          str(f["parts"]), f"{f['uploaded']}/{f['parts']}", f"{f['restored']}/{f['parts']}",
                          f"{f['large_done']}/{f['large']}", f["verified"], f["last_error"][:60]))
         fs = status["folders"]
@@ -1924,25 +2056,24 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
                      f"{sum(f['large_done'] for f in fs)}/{sum(f['large'] for f in fs)}",
                      f"{sum(1 for f in fs if f['verified'] == 'yes')}/{len(fs)}", ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        out.write(f"map generation {status['generation']} (completed {status.get('mapped_at')}), "
+        out.info(f"map generation {status['generation']} (completed {status.get('mapped_at')}), "
                   f"bucket s3://{cfg.bucket}/{cfg.prefix}\n")
         for r in rows:
-            out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+            out.info("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
         remaining = {"zipper": sum(f["bytes_to_upload"] for f in fs),
                      "unzipper": sum(f["bytes_to_restore"] for f in fs)}
         for script, left in remaining.items():
             beat = (status["heartbeats"].get(script) or [None])[0]
             rate = beat.get("bytes_per_s") if beat and beat.get("state") == "running" else None
             eta = left / rate if rate else None
-            out.write(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
+            out.info(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
     for script in ("mapper", "zipper", "unzipper"):
         for beat in (status["heartbeats"].get(script) or [])[:3]:
-            out.write(f"{script} worker {beat.get('worker')}: {beat.get('state')}, updated {beat.get('updated_at')}, "
+            out.info(f"{script} worker {beat.get('worker')}: {beat.get('state')}, updated {beat.get('updated_at')}, "
                       f"{beat.get('units_done')} done, {beat.get('units_failed')} failed"
                       + (f", now {', '.join(beat['current'][:3])}" if beat.get("current") else "")
                       + (f", mode: {beat['mode']}" if beat.get("mode") else "")
                       + (f", last error: {beat['last_error'][:100]}" if beat.get("last_error") else "") + "\n")
-    out.flush()
     return EXIT_OK
 
 
@@ -1980,7 +2111,7 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
         setup_logging("INFO", (environ.get("LOG_FORMAT") or "text").lower()
                       if (environ.get("LOG_FORMAT") or "text").lower() in ("text", "json") else "text", script)
         log.error("configuration: %s", exc)
-        log.error("nothing was changed; fix the variable and run again")
+        log.error("%s", final_line(script, EXIT_USAGE) + "; nothing was changed")
         return EXIT_USAGE
     setup_logging(cfg.log_level, cfg.log_format, script)
     children_file = os.path.join(cfg.work_dir, f".{script}.children")
@@ -2005,8 +2136,8 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
             if read_only:
                 return show_status(cfg, records, Layout(cfg.prefix))
             rclone = Rclone(cfg, runtime)
-            with Heartbeat(records, Layout(cfg.prefix), cfg, runtime) as beat:
-                runtime.progress = beat.progress
+            with Heartbeat(records, Layout(cfg.prefix), cfg, runtime) as beat, \
+                    ProgressPrinter(cfg, runtime.progress):
                 code = body(cfg, records, Layout(cfg.prefix), rclone, runtime, argv)
                 beat.progress.exit_code = code
             if runtime.signum is not None:
@@ -2044,4 +2175,10 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
             if lock is not None:
                 _clean_tmp(cfg.tmp_dir)
                 lock.release()
+    if not read_only:
+        log.info("%s", summary_line(runtime.progress))
+        if cfg.dry_run and code == EXIT_OK:
+            log.info("dry run done: nothing was changed; run again without DRY_RUN to do it")
+        else:
+            (log.info if code == EXIT_OK else log.error)("%s", final_line(script, code))
     return code

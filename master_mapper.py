@@ -31,6 +31,9 @@ Environment variables (default in brackets):
   MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
   INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
   DISK_LIMIT_PERCENT, DISK_BACKPRESSURE_PERCENT   WORK_DIR filesystem limits [80, 70]
+  S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
+  PROGRESS_INTERVAL        seconds between progress lines when not on a terminal (and heartbeats, at most 30) [30]
+  DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
   LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
   WORKER_ID                name of this worker in records and logs [host-pid-random]
 
@@ -50,7 +53,7 @@ import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, GIB, ROOT_STEM, ConfigError, Config, FolderIndex,
+from common_s3 import (EXIT_OK, out, human_bytes, start_run, EXIT_PARTIAL, GIB, ROOT_STEM, ConfigError, Config, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, all_generations, assign_stems,
                        is_local_path, latest_generation, load_manifest, local_name, log_context, remote_join,
@@ -285,6 +288,11 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                 prev_index.close()
         part_table = [{"name": p, "files": n, "bytes": b} for p, n, b in index.db.execute(
             "SELECT part, COUNT(*), SUM(size) FROM e WHERE kind = 'f' GROUP BY part ORDER BY part")]
+        if cfg.dry_run:
+            (files, nbytes), (large, large_bytes) = index.count("f"), index.count("l")
+            return {"name": name, "stem": stem, "files": files, "bytes": nbytes, "large": large,
+                    "large_bytes": large_bytes, "dirs": index.count("d")[0], "parts": parts,
+                    "large_files": [(r["path"], r["size"]) for r in index.rows("l")]}
         summary = write_manifest(records, layout, cfg, gen, name, stem, index,
                                  {"parts": parts, "part_table": part_table, "next_part": next_part,
                                   "changes": changes}, tmp)
@@ -308,9 +316,7 @@ def discover(rclone: Rclone, source: str) -> list[str]:
 
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
-    caps = records.probe(layout.probe)
-    log.info("S3 server: %s", caps.describe())
-    runtime.progress.mode = caps.describe()
+    start_run(records, layout, runtime)
     latest = latest_generation(records, layout)
     gens = all_generations(records, layout)
     unfinished = [g for g in gens if records.get_json(layout.index(g)) is None
@@ -320,7 +326,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         if index.get("source") != cfg.source:
             raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                               "set FORCE_RESCAN=1 to map the new SOURCE as a new generation")
-        write_folder_list(records, layout, index)
+        if not cfg.dry_run:
+            write_folder_list(records, layout, index)
         log.info("the map is complete (generation %d, %d folders); set FORCE_RESCAN=1 to list SOURCE again",
                  gen, len(index["folders"]))
         return EXIT_OK
@@ -354,7 +361,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                 "retired_stems": retired,
                 "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
                 "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
-        if not records.put_json_once(layout.plan(gen), plan):
+        if cfg.dry_run:
+            pass
+        elif not records.put_json_once(layout.plan(gen), plan):
             raise MigrationError(f"another mapper started generation {gen} at the same moment; "
                                  "run again to continue it")
         log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
@@ -376,14 +385,20 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             return map_folder(cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem,
                               hashes=hashes, previous=prev_folders.get(name))
         tasks.append((name, task))
-    runtime.progress.plan(len(tasks), 0)
+    runtime.progress.plan(len(tasks), 0, skipped=len(plan["folders"]) - len(tasks))
     failed = []
+    planned = []
     for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
         if isinstance(result, StopRequested):
             continue
         if isinstance(result, Exception):
             failed.append(name)
             log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
+        else:
+            planned.append(result)
+    if cfg.dry_run:
+        print_plan(gen, planned)
+        return EXIT_PARTIAL if failed else EXIT_OK
     runtime.check()
     if failed:
         log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
@@ -413,6 +428,26 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              t["large"], t["dirs"], sum(len(f["parts"] or []) for f in folders))
     log.info("next: run python_zipper.py")
     return EXIT_OK
+
+
+def print_plan(gen: int, planned: list[dict]) -> None:
+    """DRY_RUN: what a real run would record, to stdout."""
+    out.info(f"plan for map generation {gen} (DRY_RUN: nothing was written)\n")
+    rows = [("folder", "files", "bytes", "parts", "large files", "empty dirs")]
+    for s in sorted(planned, key=lambda s: s["name"]):
+        rows.append(((s["name"] or "(files in SOURCE root)")[:40], str(s["files"]), human_bytes(s["bytes"]),
+                     str(len(s["parts"])), f"{s['large']} ({human_bytes(s['large_bytes'])})", str(s["dirs"])))
+    rows.append(("TOTAL", str(sum(s["files"] for s in planned)), human_bytes(sum(s["bytes"] for s in planned)),
+                 str(sum(len(s["parts"]) for s in planned)),
+                 f"{sum(s['large'] for s in planned)} ({human_bytes(sum(s['large_bytes'] for s in planned))})",
+                 str(sum(s["dirs"] for s in planned))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.info("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    for s in planned:
+        for path, size in s.get("large_files", []):
+            out.info(f"large file {s['name'] + '/' if s['name'] else ''}{path} ({human_bytes(size)}) "
+                      "goes SOURCE to DESTINATION directly\n")
 
 
 def read_manifest_header(records: Records, key: str) -> dict:

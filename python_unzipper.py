@@ -38,6 +38,9 @@ Environment variables (default in brackets):
   S3_MAX_RETRIES           attempts per S3 request [3]
   MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
   INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
+  S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
+  PROGRESS_INTERVAL        seconds between progress lines when not on a terminal (and heartbeats, at most 30) [30]
+  DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
   LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
   WORKER_ID                name of this worker in records and logs [host-pid-random]
 
@@ -61,7 +64,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
+from common_s3 import (EXIT_OK, out, start_run, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, parse_mtime,
@@ -503,7 +506,8 @@ def write_report(cfg: Config, records: Records, layout: Layout, report: dict) ->
         fh.write(body)
     os.replace(path + ".tmp", path)
     shutil.copyfile(path, os.path.join(cfg.work_dir, "reports", "latest.json"))
-    records.put_bytes(layout.report(run_id), body.encode("utf-8"), content_type="application/json")
+    if not cfg.dry_run:
+        records.put_bytes(layout.report(run_id), body.encode("utf-8"), content_type="application/json")
     return path
 
 
@@ -517,11 +521,10 @@ def print_report(report: dict) -> None:
                      str(len(f.get("extra", [])) if isinstance(f.get("extra"), list) else "")))
     widths = [min(40, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
     for r in rows:
-        sys.stdout.write("  ".join(c[:40].ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        out.info("  ".join(c[:40].ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
     t = report["totals"]
-    sys.stdout.write(f"\n{t['verified']} of {t['folders']} folders verified, {t['waiting']} waiting for the "
+    out.info(f"\n{t['verified']} of {t['folders']} folders verified, {t['waiting']} waiting for the "
                      f"zipper, {t['failed']} failed; {t['files_verified']} files verified\n")
-    sys.stdout.flush()
 
 
 def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
@@ -565,15 +568,16 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
         report_folders.append(result)
         prefix = folder["name"] + "/" if folder["name"] else ""
         for path in result["missing"]:
-            sys.stdout.write(f"missing  {prefix}{path}\n")
+            out.info(f"missing  {prefix}{path}\n")
         for d in result["differing"]:
-            sys.stdout.write(f"differs  {prefix}{d['path']}  ({d['why']})\n")
+            out.info(f"differs  {prefix}{d['path']}  ({d['why']})\n")
         for path in result["extra"]:
-            sys.stdout.write(f"extra    {prefix}{path}\n")
+            out.info(f"extra    {prefix}{path}\n")
         damaged = result["missing"] + [d["path"] for d in result["differing"]]
         marker = layout.repair(gen, folder["stem"])
         if damaged:
             problems += 1
+        if damaged and not cfg.dry_run:
             records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
                                       "found_at": utc_now(), "worker": cfg.worker_id})
     report = make_report(cfg, gen, report_folders, [], mode="verify")
@@ -846,13 +850,11 @@ def verify_legacy(cfg: Config, rclone: Rclone, folder: str, listed: set[str], la
 
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
-    caps = records.probe(layout.probe)
-    log.info("S3 server: %s", caps.describe())
-    runtime.progress.mode = caps.describe()
+    start_run(records, layout, runtime)
     latest = latest_generation(records, layout)
     if latest is None:
         if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
-            return run_legacy(cfg, records, layout, rclone, runtime, verify="--verify" in argv)
+            return run_legacy(cfg, records, layout, rclone, runtime, verify="--verify" in argv or cfg.dry_run)
         log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
         return EXIT_WAITING
     gen, index = latest
@@ -871,7 +873,18 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              len(folders) - len(pending), len(repairs))
     to_restore = [(f, p) for f in pending for p in f.get("part_table") or []
                   if p["name"] in zipped.get(f["stem"], set()) and p["name"] not in restored.get(f["stem"], set())]
-    runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore))
+    runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
+                          skipped=len(folders) - len(pending))
+    if cfg.dry_run:
+        out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
+        for f, p in to_restore:
+            out.info(f"restore part {f['name'] or '(root)'}/{p['name']}: {p['files']} files, "
+                             f"{human_bytes(p['bytes'])} -> {destination_root(cfg)}\n")
+        for f in pending:
+            out.info(f"verify folder {f['name'] or '(root)'}: {f.get('files', 0) + f.get('large', 0)} files"
+                             + (" (repair)" if f["stem"] in repairs else "") + "\n")
+        out.info(f"{len(to_restore)} parts to restore, {len(pending)} folders to verify\n")
+        return EXIT_OK
     gate = DiskGate(cfg, runtime)
     state: dict = {"failed": []}
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(

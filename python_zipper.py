@@ -34,6 +34,8 @@ Environment variables (default in brackets):
   MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
   S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
   INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
+  PROGRESS_INTERVAL        seconds between progress lines when not on a terminal (and heartbeats, at most 30) [30]
+  DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
   LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
   WORKER_ID                name of this worker in records and logs [host-pid-random]
 
@@ -59,7 +61,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
+from common_s3 import (EXIT_OK, out, start_run, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
                        RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
                        human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest, local_name,
@@ -537,9 +539,7 @@ def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: 
 
 def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
         argv: Sequence[str]) -> int:
-    caps = records.probe(layout.probe)
-    log.info("S3 server: %s", caps.describe())
-    runtime.progress.mode = caps.describe()
+    start_run(records, layout, runtime)
     latest = latest_generation(records, layout)
     if latest is None:
         log.error("no complete map on S3 under %r: run master_mapper.py first", cfg.prefix)
@@ -557,7 +557,22 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
              gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
     runtime.progress.plan(todo_parts, sum(p["bytes"] for f in folders for p in f.get("part_table") or []
-                                          if p["name"] not in done_parts.get(f["stem"], set())))
+                                          if p["name"] not in done_parts.get(f["stem"], set())),
+                          skipped=total_parts - todo_parts)
+    if cfg.dry_run:
+        out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
+        for f in folders:
+            for p in f.get("part_table") or []:
+                if p["name"] not in done_parts.get(f["stem"], set()):
+                    out.info(f"part {f['name'] or '(root)'}/{p['name']}: {p['files']} files, "
+                                     f"{human_bytes(p['bytes'])} -> s3://{cfg.bucket}/"
+                                     f"{layout.part_object(f['stem'], p['name'])}\n")
+            if f.get("large"):
+                out.info(f"large files of {f['name'] or '(root)'}: {f['large']} "
+                                 f"({human_bytes(f.get('large_bytes', 0))}), "
+                                 f"{len(done_large.get(f['stem'], set()))} copy records exist\n")
+        out.info(f"{todo_parts} of {total_parts} parts to make\n")
+        return EXIT_OK
     gate = DiskGate(cfg, runtime)
     stats: dict = {"failed": []}
     stale = list_stale_uploads(records, cfg.prefix) if todo_parts else {}

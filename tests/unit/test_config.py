@@ -206,7 +206,7 @@ def test_explicit_worker_index_wins_over_job_engine(base):
     assert cfg.worker_index == 0
 
 
-@pytest.mark.parametrize("name, value", [("DRY_RUN", "1"), ("PROPAGATE_DELETES", "yes"),
+@pytest.mark.parametrize("name, value", [("PROPAGATE_DELETES", "yes"),
                                          ("WORKER_COUNT", "2")])
 def test_unsupported_features_are_refused_not_ignored(base, name, value):
     err = config_error({**base, **REQUIRED["zipper"], name: value})

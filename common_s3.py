@@ -198,6 +198,21 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RcloneError) and exc.disk_full
 
 
+@contextlib.contextmanager
+def staging_dir(path: str, what: str) -> Iterator[str]:
+    """A unit's temporary folder: created, always removed, and running out of space in it
+    becomes a DiskFullError naming the unit."""
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except (OSError, MigrationError) as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(what) from exc
+        raise
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -1386,7 +1401,7 @@ class DiskGate:
                 self._cond.notify_all()
 
 
-__all__ += ["disk_usage", "human_bytes"]
+__all__ += ["disk_usage", "human_bytes", "staging_dir"]
 
 
 # Names, stems and the key layout

@@ -64,7 +64,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, out, start_run, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
+from common_s3 import (EXIT_OK, out, staging_dir, start_run, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
                        Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, parse_mtime,
@@ -266,27 +266,18 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
         need = sum(r["size"] for r in job.keep.values())
         staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
         started = time.monotonic()
-        with gate.reserve(need + MIB, f"part {job.part} of {job.folder or '(root)'}"):
-            try:
-                def fetch() -> int:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    os.makedirs(staging)
-                    return extract_part(records, record, entries, job.keep, staging, runtime)
-                written = records.retry(f"read of {key}", fetch)
-                fetched = time.monotonic()
-                dest = remote_join(destination_root(cfg), job.folder) if job.folder else destination_root(cfg)
-                if written:
-                    # A repair overwrites what DESTINATION holds even when size and mtime look right.
-                    rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), "--no-traverse",
-                                        *(["--ignore-times"] if job.repair else []), "--", staging, dest],
-                                       what=f"upload of part {job.part} to DESTINATION",
-                                       timeout_s=cfg.rclone_timeout_s + need / (512 * 1024))
-            except (OSError, MigrationError) as exc:
-                if is_disk_full(exc):
-                    raise DiskFullError(f"part {job.part} of {job.folder or '(root)'}") from exc
-                raise
-            finally:
+        what = f"part {job.part} of {job.folder or '(root)'}"
+        with gate.reserve(need + MIB, what), staging_dir(staging, what):
+            def fetch() -> int:
                 shutil.rmtree(staging, ignore_errors=True)
+                os.makedirs(staging)
+                return extract_part(records, record, entries, job.keep, staging, runtime)
+            written = records.retry(f"read of {key}", fetch)
+            fetched = time.monotonic()
+            if written:
+                # A repair overwrites what DESTINATION holds even when size and mtime look right.
+                upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
+                               ["--no-traverse", *(["--ignore-times"] if job.repair else [])])
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
                "restored_at": utc_now(), "worker": cfg.worker_id}
@@ -295,6 +286,14 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
         log.info("part restored: %d files, %s in %.1fs (read %.1fs, upload %.1fs)", written,
                  human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
         return out
+
+
+def upload_staging(cfg: Config, rclone: Rclone, staging: str, folder: str, what: str, nbytes: int,
+                   flags: Sequence[str] = ()) -> None:
+    """rclone copy of a staging folder to DESTINATION/<folder>, keeping mtimes."""
+    dest = remote_join(destination_root(cfg), folder) if folder else destination_root(cfg)
+    rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), *flags, "--", staging, dest],
+                       what=what, timeout_s=cfg.rclone_timeout_s + nbytes / (512 * 1024))
 
 
 # Finishing a folder: empty directories, verification
@@ -676,7 +675,7 @@ def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: 
     staging = os.path.join(cfg.tmp_dir, name)
     with runtime.progress.unit(os.path.basename(key), folder, size), log_context(folder=folder,
                                                                                part=os.path.basename(key)):
-        with gate.reserve(2 * size + MIB, f"part {os.path.basename(key)}"):
+        with gate.reserve(2 * size + MIB, f"part {os.path.basename(key)}"), staging_dir(staging, f"part {key}"):
             try:
                 records.retry(f"download of {key}", lambda: records._wrap(
                     "GetObject", key, lambda: records.s3.download_file(records.bucket, key, archive)))
@@ -715,16 +714,9 @@ def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: 
                         os.utime(target, (mtime, mtime))
                         written += 1
                 os.remove(archive)
-                dest = remote_join(destination_root(cfg), folder)
-                rclone.run_retried(["copy", "--transfers", str(cfg.upload_threads), "--create-empty-src-dirs",
-                                    "--", staging, dest], what=f"upload of {os.path.basename(key)}",
-                                   timeout_s=cfg.rclone_timeout_s + size / (512 * 1024))
-            except (OSError, MigrationError) as exc:
-                if is_disk_full(exc):
-                    raise DiskFullError(f"part {key}") from exc
-                raise
+                upload_staging(cfg, rclone, staging, folder, f"upload of {os.path.basename(key)}", size,
+                               ["--create-empty-src-dirs"])
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
                 if os.path.exists(archive):
                     os.remove(archive)
         log.info("original part restored: %d files (%d partial downloads skipped)", written, skipped)

@@ -61,7 +61,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, out, start_run, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
+from common_s3 import (EXIT_OK, out, staging_dir, start_run, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
                        FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
                        RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
                        human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest, local_name,
@@ -396,9 +396,9 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
     list_path = staging + ".files"
     with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, job.bytes), \
             log_context(folder=job.folder, part=job.part), \
-            gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"):
+            gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"), \
+            staging_dir(staging, f"part {job.part} of {job.folder or '(root)'}"):
         started = time.monotonic()
-        os.makedirs(staging, exist_ok=True)
         sink = None
         try:
             stage_part(cfg, rclone, job, staging, list_path)
@@ -440,14 +440,11 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                      len(entries), human_bytes(sink.total), elapsed, staged_at - started,
                      time.monotonic() - staged_at)
             return record
-        except BaseException as exc:
+        except BaseException:
             if sink is not None:
                 sink.abort()
-            if is_disk_full(exc):
-                raise DiskFullError(f"part {job.part} of {job.folder or '(root)'}") from exc
             raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             if os.path.exists(list_path):
                 os.remove(list_path)
 

@@ -553,9 +553,14 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                      if p["name"] not in done_parts.get(f["stem"], set()))
     log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
              gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
-    runtime.progress.plan(todo_parts, sum(p["bytes"] for f in folders for p in f.get("part_table") or []
-                                          if p["name"] not in done_parts.get(f["stem"], set())),
-                          skipped=total_parts - todo_parts)
+    # Large files still to copy, as far as the index tells (a changed file keeps old records too).
+    todo_large = [f for f in folders if f.get("large", 0) > len(done_large.get(f["stem"], set()))]
+    runtime.progress.plan(
+        todo_parts + sum(f["large"] - len(done_large.get(f["stem"], set())) for f in todo_large),
+        sum(p["bytes"] for f in folders for p in f.get("part_table") or []
+            if p["name"] not in done_parts.get(f["stem"], set()))
+        + sum(f.get("large_bytes", 0) for f in todo_large),
+        skipped=total_parts - todo_parts)
     if cfg.dry_run:
         out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
         for f in folders:

@@ -111,6 +111,7 @@ def test_second_instance_exits_75_naming_the_holder(env):
         assert second.returncode == 75, second.stderr[-2000:]
         assert os.path.exists(sentinel), "the second instance cleaned the live holder's temporary folder"
         assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
+        assert "another instance holds the lock" in second.stderr.strip().splitlines()[-1]
         # With INSTANCE_LOCK_TIMEOUT it waits, then gives up with the same answer.
         started = time.monotonic()
         waited = env.run("python_zipper.py", INSTANCE_LOCK_TIMEOUT="2", timeout=60)

@@ -65,3 +65,16 @@ def test_part_corrupted_on_the_way_is_refused_by_the_server_or_caught_by_the_zip
         proc = renv.run(script)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_tree(renv.source, renv.destination)
+
+
+def test_multipart_parts_on_a_server_whose_etags_are_whole_object_md5s(renv):
+    """rclone serve s3 gives a multipart object the MD5 of its bytes, not MD5-of-MD5s-N."""
+    os.makedirs(os.path.join(renv.source, "Big"))
+    for i in range(3):
+        with open(os.path.join(renv.source, "Big", f"chunk{i}.bin"), "wb") as fh:
+            fh.write(os.urandom(7 << 20))
+    extra = {"LARGE_FILE_THRESHOLD_GB": "0.05", "MAX_ZIP_SIZE_GB": "0.05"}
+    for script in ("master_mapper.py", "python_zipper.py", "python_unzipper.py"):
+        proc = renv.run(script, **extra)
+        assert proc.returncode == 0, f"{script}: {proc.stderr[-3000:]}"
+    assert_same_tree(renv.source, renv.destination)

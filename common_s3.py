@@ -10,7 +10,6 @@ has no side effects: nothing is configured until a script's ``main()`` runs.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import errno
 import fcntl

@@ -44,20 +44,18 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Iterable, Sequence
 
-from common_s3 import (EXIT_OK, out, human_bytes, start_run, EXIT_PARTIAL, GIB, ROOT_STEM, ConfigError, Config, FolderIndex,
-                       Layout, MigrationError, Rclone, RcloneError, RecordError, RecordExists, Records,
-                       Runtime, StopRequested, WorkerPool, all_generations, assign_stems,
-                       is_local_path, latest_generation, load_manifest, local_name, log_context, remote_join,
-                       run_script, utc_now)
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, GIB, Config, ConfigError, FolderIndex, Layout,
+                       MigrationError, Rclone, RcloneError, RecordError, Records, Runtime,
+                       StopRequested, WorkerPool, all_generations, assign_stems, human_bytes,
+                       is_local_path, latest_generation, load_manifest, local_name, log_context, out,
+                       remote_join, run_script, start_run, utc_now)
 
 log = logging.getLogger("master_mapper")
 

@@ -64,11 +64,11 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, out, staging_dir, start_run, DiskFullError, all_generations, is_disk_full, sanitize_name, EXIT_PARTIAL, EXIT_WAITING, MIB, ROOT_STEM, Config, DiskGate,
-                       FolderIndex, Layout, MigrationError, Rclone, RecordError, RecordExists, Records,
-                       Runtime, StopRequested, WorkerPool, human_bytes, large_file_id,
-                       latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, parse_mtime,
-                       read_jsonl_gz, remote_join, run_script, utc_now)
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, DiskGate, FolderIndex, Layout,
+                       MigrationError, Rclone, RecordError, Records, Runtime, StopRequested, WorkerPool,
+                       all_generations, human_bytes, large_file_id, latest_generation, load_manifest,
+                       local_name, log_context, mtime_ns, new_run_id, out, parse_mtime, read_jsonl_gz,
+                       remote_join, run_script, sanitize_name, staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_unzipper")
 

@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import queue
 import re
-import shutil
 import struct
 import sys
 import threading
@@ -62,11 +60,11 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, out, staging_dir, start_run, DiskFullError, is_disk_full, EXIT_PARTIAL, EXIT_WAITING, MIB, ConfigError, Config, DiskGate,
-                       FolderIndex, Layout, MigrationError, Rclone, RcloneError, RecordError,
-                       RecordExists, Records, Runtime, S3Error, StopRequested, WorkerPool,
-                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest, local_name,
-                       log_context, parse_mtime, remote_join, run_script, utc_now)
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, ConfigError, DiskGate, Layout,
+                       MigrationError, Rclone, Records, Runtime, S3Error, StopRequested, WorkerPool,
+                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
+                       local_name, log_context, out, parse_mtime, remote_join, run_script, staging_dir,
+                       start_run, utc_now)
 
 log = logging.getLogger("python_zipper")
 

@@ -15,7 +15,7 @@ import zipfile
 import zlib
 
 import pytest
-from botocore.stub import ANY, Stubber
+from botocore.stub import Stubber
 
 import python_unzipper
 import python_zipper

@@ -1547,8 +1547,19 @@ class Layout:
         return f"{self.prefix}_status/"
 
     @property
-    def reports_root(self) -> str:
-        return f"{self.prefix}_reports/"
+    def parts_root(self) -> str:
+        return f"{self.prefix}_parts/"
+
+    @property
+    def large_root(self) -> str:
+        return f"{self.prefix}_large/"
+
+    @property
+    def restored_root(self) -> str:
+        return f"{self.prefix}_restored/"
+
+    def legacy_restored(self, stem: str, record_id: str) -> str:
+        return f"{self.prefix}_restored/legacy/{stem}/{record_id}.json"
 
     def report(self, run_id: str) -> str:
         return f"{self.prefix}_reports/{run_id}.json"
@@ -1577,15 +1588,11 @@ __all__ += ["large_file_id", "local_name"]
 
 def parse_mtime(text: str) -> float:
     """rclone's RFC 3339 ModTime (nanoseconds, Z or offset) as POSIX seconds (float)."""
-    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
-    if not m:
-        raise ValueError(f"unrecognised time {text!r}")
-    base = _dt.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
-    frac = float("0." + m.group(2)) if m.group(2) else 0.0
-    return base.timestamp() + frac
+    return mtime_ns(text) / 1e9
 
 
 def mtime_ns(text: str) -> int:
+    """rclone's RFC 3339 ModTime as integer nanoseconds since the epoch (exact)."""
     m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
     if not m:
         raise ValueError(f"unrecognised time {text!r}")
@@ -2018,9 +2025,9 @@ def collect_status(records: Records, layout: Layout) -> dict:
     gen, index = latest
 
     names = records.record_names
-    zipped = names(f"{layout.prefix}_parts/")
-    larges = names(f"{layout.prefix}_large/")
-    restored = names(f"{layout.prefix}_restored/")
+    zipped = names(layout.parts_root)
+    larges = names(layout.large_root)
+    restored = names(layout.restored_root)
     verified = names(f"{layout.prefix}_verified/").get(f"g{gen:06d}", set())
     repairs = names(f"{layout.prefix}_repair/").get(f"g{gen:06d}", set())
     errors: dict[str, str] = {}

@@ -741,7 +741,7 @@ def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     for key in ambiguous:
         log.error("part %r could belong to several folders (the original split naming); it was not restored",
                   key)
-    done = records.record_names(f"{cfg.prefix}_restored/legacy/")
+    done = records.record_names(layout.restored_root + "legacy/")
     gate = DiskGate(cfg, runtime)
     dest_features = rclone.features(destination_root(cfg))
     entries = []
@@ -792,7 +792,7 @@ def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                     errors.append((key, str(exc)))
                     entry["state"] = "failed"
                     continue
-                records.put_json_once(f"{cfg.prefix}_restored/legacy/{stem}/{record_name}.json", result)
+                records.put_json_once(layout.legacy_restored(stem, record_name), result)
         if entry.get("state") == "failed":
             continue
         report = verify_legacy(cfg, rclone, folder, listed, larges, dest_features)
@@ -853,9 +853,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     folders = index["folders"]
     if "--verify" in argv:
         return verify_only(cfg, records, layout, rclone, runtime, gen, folders)
-    zipped = records.record_names(f"{cfg.prefix}_parts/")
-    larges = records.record_names(f"{cfg.prefix}_large/")
-    restored = records.record_names(f"{cfg.prefix}_restored/")
+    zipped = records.record_names(layout.parts_root)
+    larges = records.record_names(layout.large_root)
+    restored = records.record_names(layout.restored_root)
     verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
                 for k in records.list_keys(layout.verified_of(gen))}
     repairs = list_repairs(records, layout, gen)
@@ -895,7 +895,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         else:
             restored.setdefault(result["stem"], set()).add(result["part"])
     runtime.check()
-    larges = records.record_names(f"{cfg.prefix}_large/") if repairs else larges
+    larges = records.record_names(layout.large_root) if repairs else larges
 
     dest_features = rclone.features(destination_root(cfg)) if pending else {}
     entries: dict[str, dict] = {}

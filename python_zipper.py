@@ -560,8 +560,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                           "the zipper must read the SOURCE that was mapped")
     folders = index["folders"]
-    done_parts = records.record_names(f"{cfg.prefix}_parts/")
-    done_large = records.record_names(f"{cfg.prefix}_large/")
+    done_parts = records.record_names(layout.parts_root)
+    done_large = records.record_names(layout.large_root)
     total_parts = sum(len(f.get("part_table") or []) for f in folders)
     todo_parts = sum(1 for f in folders for p in f.get("part_table") or []
                      if p["name"] not in done_parts.get(f["stem"], set()))

@@ -42,7 +42,7 @@ __all__ = [
     "RcloneMissingError", "Interrupted", "StopRequested", "Config", "setup_logging",
     "retry_call", "is_retryable_s3", "make_s3_client", "Records", "Capabilities",
     "InstanceLock", "Runtime", "handle_signals", "Rclone", "RcloneResult", "DiskGate",
-    "sanitize_name", "assign_stems", "Layout", "remote_join", "is_local_path",
+    "sanitize_name", "assign_stems", "Layout", "remote_join", "is_local_path", "plain_local_name",
     "FolderIndex", "parse_mtime", "format_mtime", "new_run_id", "run_script",
     "WorkerPool", "read_jsonl_gz", "jsonl_gz_bytes", "ROOT_STEM", "GIB", "MIB", "is_disk_full",
 ]
@@ -443,6 +443,13 @@ def is_local_path(path: str) -> bool:
     if path.startswith(("/", "./", "../")) or "/" in head or "\\" in head:
         return True
     return False
+
+
+def plain_local_name(path: str) -> bool:
+    """True when rclone's local backend shows this path exactly as it is on disk, so Python may
+    open it by that name. rclone doubles its quote character U+201B and shows invalid UTF-8
+    as U+FFFD; such names are left to rclone."""
+    return "\u201b" not in path and "\ufffd" not in path
 
 
 def remote_join(base: str, *parts: str) -> str:

@@ -51,23 +51,28 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import struct
 import sys
+import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, DiskGate, FolderIndex, Layout,
                        MigrationError, Rclone, RecordError, Records, Runtime, StopRequested, WorkerPool,
-                       all_generations, human_bytes, large_file_id, latest_generation, load_manifest,
-                       local_name, log_context, mtime_ns, new_run_id, out, parse_mtime, read_jsonl_gz,
+                       all_generations, format_mtime, human_bytes, is_local_path, large_file_id, latest_generation, load_manifest,
+                       local_name, log_context, mtime_ns, new_run_id, out, parse_mtime, plain_local_name, read_jsonl_gz,
                        remote_join, run_script, sanitize_name, staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_unzipper")
@@ -106,6 +111,55 @@ def unsafe_reason(path: str) -> str | None:
 
 def destination_root(cfg: Config) -> str:
     return cfg.local_output_dir if cfg.skip_upload else cfg.destination
+
+
+# Where restored files are placed directly, without rclone, when DESTINATION is a local path
+LOCAL_TMP = ".python_unzipper.tmp"
+
+
+def local_destination(cfg: Config, folders: Sequence[dict] = ()) -> str | None:
+    """DESTINATION as a directory to write into directly (a plain local path), or None when
+    rclone uploads (a remote, or a map whose top-level folder has our temporary name)."""
+    root = destination_root(cfg)
+    if not is_local_path(root) or any(f["name"] == LOCAL_TMP for f in folders):
+        return None
+    return root
+
+
+def remove_local_tmp(root: str, *, everything: bool) -> None:
+    """The staging folder beside a local DESTINATION: removed when empty, and with what killed
+    runs left in it once every folder is verified (nothing there is needed any more)."""
+    path = os.path.join(root, LOCAL_TMP)
+    if everything:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def place_files(staging: str, target: str, names: Sequence[str]) -> None:
+    """Move checked files from a staging folder under DESTINATION into place, each with one
+    rename (a file is either the old one or the whole new one). A target on another
+    filesystem gets a copy beside it first, renamed in the same way."""
+    made: set[str] = set()
+    for name in names:
+        src, dst = os.path.join(staging, name), os.path.join(target, name)
+        parent = os.path.dirname(dst)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = os.path.join(parent, f".{os.path.basename(dst)}.{os.getpid()}.partial")
+            try:
+                shutil.copy2(src, tmp)
+                os.replace(tmp, dst)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
 
 # Reading a part
@@ -154,11 +208,11 @@ class _Stream:
 
 
 def extract_part(records: Records, record: dict, entries: list[dict], keep: dict[str, dict],
-                 staging: str, runtime: Runtime) -> int:
+                 staging: str, runtime: Runtime, names: list[str] | None = None) -> int:
     """One streamed GET of the part; write the kept entries into staging, checking everything.
 
     ``keep`` maps path -> map row for the entries this generation takes from this part.
-    Returns the number of files written.
+    Returns the number of files written; their paths are appended to ``names``.
     """
     key = record["key"]
     resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
@@ -203,6 +257,8 @@ def extract_part(records: Records, record: dict, entries: list[dict], keep: dict
                 ns = mtime_ns(row["mtime"])
                 os.utime(target, ns=(ns, ns))
             written += 1
+            if names is not None:
+                names.append(name)
         stream.drain()
     except EOFError as exc:
         raise PartDamaged(key, f"the object is shorter than recorded ({exc})") from None
@@ -223,6 +279,7 @@ class RestoreJob:
     gen: int
     keep: dict[str, dict]
     repair: bool = False
+    local: str | None = None  # DESTINATION's directory, when files are placed without rclone
 
 
 def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> tuple[dict, list[dict]]:
@@ -264,20 +321,36 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
             log.error("%d files the map puts in this part are not in it (first: %r); the verification "
                       "will report them", len(missing), missing[0])
         need = sum(r["size"] for r in job.keep.values())
-        staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
+        local = job.local
+        if local is not None:  # staged beside DESTINATION, then renamed into place
+            staging = os.path.join(local, LOCAL_TMP, local_name(job.stem, job.part))
+            reserve: Any = contextlib.nullcontext()
+        else:
+            staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
+            reserve = gate.reserve(need + MIB, f"part {job.part} of {job.folder or '(root)'}")
         started = time.monotonic()
         what = f"part {job.part} of {job.folder or '(root)'}"
-        with gate.reserve(need + MIB, what), staging_dir(staging, what):
+        written_names: list[str] = []
+        with reserve, staging_dir(staging, what):
             def fetch() -> int:
                 shutil.rmtree(staging, ignore_errors=True)
                 os.makedirs(staging)
-                return extract_part(records, record, entries, job.keep, staging, runtime)
+                written_names.clear()
+                return extract_part(records, record, entries, job.keep, staging, runtime, written_names)
             written = records.retry(f"read of {key}", fetch)
             fetched = time.monotonic()
-            if written:
+            if written and local is not None:
+                runtime.check()
+                plain = [n for n in written_names if plain_local_name(n)]
+                place_files(staging, os.path.join(local, job.folder) if job.folder else local, plain)
+                if len(plain) < written:  # names rclone encodes: rclone writes them, as it lists them
+                    upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
+                                   ["--no-traverse", *(["--ignore-times"] if job.repair else [])])
+            elif written:
                 # A repair overwrites what DESTINATION holds even when size and mtime look right.
                 upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
                                ["--no-traverse", *(["--ignore-times"] if job.repair else [])])
+        save_sums(cfg, job.stem, job.part, entries)
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
                "restored_at": utc_now(), "worker": cfg.worker_id}
@@ -301,6 +374,12 @@ def upload_staging(cfg: Config, rclone: Rclone, staging: str, folder: str, what:
 def create_dirs(cfg: Config, rclone: Rclone, folder: str, stem: str, index: FolderIndex) -> None:
     dest_root = destination_root(cfg)
     dirs = [r["path"] for r in index.rows("d")]
+    local = local_destination(cfg)
+    if local is not None and all(plain_local_name(d) for d in dirs):
+        top = os.path.join(local, folder) if folder else local
+        for d in [""] + dirs:
+            os.makedirs(os.path.join(top, d), exist_ok=True)
+        return
     if dirs:
         staging = os.path.join(cfg.tmp_dir, local_name(stem, "dirs"))
         try:
@@ -311,18 +390,48 @@ def create_dirs(cfg: Config, rclone: Rclone, folder: str, stem: str, index: Fold
                                what=f"creation of {len(dirs)} empty directories")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    elif folder:
-        rclone.run_retried(["mkdir", "--", remote_join(dest_root, folder)], what=f"creation of {folder!r}")
+    else:  # the folder itself, also DESTINATION's root, which an empty root folder may be first to need
+        dest = remote_join(dest_root, folder) if folder else dest_root
+        rclone.run_retried(["mkdir", "--", dest], what=f"creation of {folder or dest!r}")
 
 
-def load_part_md5s(records: Records, layout: Layout, stem: str, parts: set[str], index: FolderIndex) -> None:
-    """Put each file's MD5 recorded by the zipper into the index (table md5)."""
-    index.db.execute("CREATE TABLE IF NOT EXISTS md5 (path TEXT PRIMARY KEY, md5 TEXT)")
+def sums_path(cfg: Config, stem: str, part: str) -> str:
+    return os.path.join(cfg.tmp_dir, local_name(stem, part, "sums.jsonl"))
+
+
+def save_sums(cfg: Config, stem: str, part: str, entries: list[dict]) -> None:
+    """Keep a restored part's recorded MD5 and CRC-32 per file for the folder's verification
+    in this run (the temporary folder is emptied at every start), so that it need not read
+    the part's record and entries from S3 again."""
+    path = sums_path(cfg, stem, part)
+    with open(path + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as fh:
+        for e in entries:
+            fh.write(json.dumps([e["path"], e.get("md5"), e.get("crc32")], ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def part_sums(cfg: Config, records: Records, layout: Layout, stem: str, part: str) -> Iterator[tuple]:
+    """(path, md5, crc32) of every entry of a part: kept from its restore in this run, or read
+    from S3 (and checked against the part record)."""
+    path = sums_path(cfg, stem, part)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            for line in fh:
+                yield tuple(json.loads(line))
+        return
+    _record, entries = read_part_record(records, layout, stem, part)
+    for e in entries:
+        yield e["path"], e.get("md5"), e.get("crc32")
+
+
+def load_part_md5s(cfg: Config, records: Records, layout: Layout, stem: str, parts: set[str],
+                   index: FolderIndex) -> None:
+    """Put each file's MD5 and CRC-32 recorded by the zipper into the index (table md5)."""
+    index.db.execute("CREATE TABLE IF NOT EXISTS md5 (path TEXT PRIMARY KEY, md5 TEXT, crc32 TEXT)")
     for part in sorted(parts):
-        _record, entries = read_part_record(records, layout, stem, part)
-        index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ? WHERE EXISTS "
+        index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ?, ? WHERE EXISTS "
                              "(SELECT 1 FROM e WHERE e.path = ? AND e.part = ?)",
-                             [(e["path"], e["md5"], e["path"], part) for e in entries])
+                             [(p, md5, crc, p, part) for p, md5, crc in part_sums(cfg, records, layout, stem, part)])
     index.commit()
 
 
@@ -332,22 +441,31 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     dest_root = destination_root(cfg)
     dest = remote_join(dest_root, folder) if folder else dest_root
     parts = {r["part"] for r in index.rows("f")}
-    load_part_md5s(records, layout, stem, parts, index)
-    offered = set(dest_features.get("Hashes") or [])
-    kind = "md5" if "md5" in offered else None
-    if kind is None:
-        source_kinds = set()
-        for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' LIMIT 1"):
-            source_kinds = set(json.loads(row[0]))
-        shared = sorted(offered & source_kinds)
-        kind = shared[0] if shared else None
-    flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
-    if kind:
-        flags += ["--hash", "--hash-type", kind]
+    load_part_md5s(cfg, records, layout, stem, parts, index)
+    local = local_destination(cfg)
+    if local is not None:  # read back in place: every file's CRC-32 against the zipper's
+        kind: str | None = "crc32"
+        listing: Iterator[dict] = list_local(os.path.join(local, folder) if folder else local,
+                                             recursive=bool(folder), skip=() if folder else (LOCAL_TMP,))
+        dest_features = {"Precision": 1}
+    else:
+        offered = set(dest_features.get("Hashes") or [])
+        kind = "md5" if "md5" in offered else None
+        if kind is None:
+            source_kinds = set()
+            for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' "
+                                        "LIMIT 1"):
+                source_kinds = set(json.loads(row[0]))
+            shared = sorted(offered & source_kinds)
+            kind = shared[0] if shared else None
+        flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
+        if kind:
+            flags += ["--hash", "--hash-type", kind]
+        listing = rclone.lsjson(dest, flags, what=f"listing of {dest!r} for verification")
     db = index.db
     db.execute("CREATE TABLE IF NOT EXISTS dest (path TEXT PRIMARY KEY, size INTEGER, mtime TEXT, hash TEXT)")
     n = 0
-    for entry in rclone.lsjson(dest, flags, what=f"listing of {dest!r} for verification"):
+    for entry in listing:
         db.execute("INSERT OR REPLACE INTO dest VALUES (?,?,?,?)",
                    (entry["Path"], int(entry.get("Size", -1)), entry.get("ModTime", ""),
                     (entry.get("Hashes") or {}).get(kind) if kind else None))
@@ -358,10 +476,10 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     report = {"folder": folder, "stem": stem, "hash_kind": kind, "files": 0, "bytes": 0,
               "matched_by_hash": 0, "matched_by_size": 0, "missing": [], "differing": [], "extra": []}
     rows = db.execute(
-        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, d.size, d.mtime, d.hash FROM e "
+        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
         "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
         "WHERE e.kind IN ('f', 'l') ORDER BY e.path")
-    for path, k, size, mtime, hashes, md5, dsize, dmtime, dhash in rows:
+    for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
         report["files"] += 1
         report["bytes"] += size
         if dsize is None:
@@ -373,6 +491,8 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         want = None
         if kind == "md5" and md5:
             want = md5
+        elif kind == "crc32":
+            want = crc32
         elif kind:
             want = json.loads(hashes or "{}").get(kind)
         if want and dhash:
@@ -389,6 +509,36 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         report["extra"].append(path)
     report["ok"] = not report["missing"] and not report["differing"]
     return report
+
+
+def list_local(top: str, *, recursive: bool, skip: Sequence[str] = ()) -> Iterator[dict]:
+    """Plain files under a local folder as rclone lsjson would list them (symlinks are not
+    followed), each with the CRC-32 of its bytes as read back from the disk."""
+    if not os.path.isdir(top):
+        return
+    block = bytearray(MIB)
+    view = memoryview(block)
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        if rel_dir == ".":
+            rel_dir = ""
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        if not recursive:
+            dirnames[:] = []
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            crc = 0
+            with open(full, "rb", buffering=0) as fh:
+                while True:
+                    n = fh.readinto(block)
+                    if not n:
+                        break
+                    crc = zlib.crc32(view[:n], crc)
+            yield {"Path": f"{rel_dir}/{name}" if rel_dir else name, "Size": st.st_size,
+                   "ModTime": format_mtime(st.st_mtime), "Hashes": {"crc32": f"{crc:08x}"}}
 
 
 def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, folder: dict,
@@ -437,17 +587,56 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
 
 # The run
 
+class Finisher:
+    """Verifies each folder as soon as its last part is restored, in the worker that restored
+    it, while other workers go on restoring: verification overlaps the transfers."""
+
+    def __init__(self, verify: Callable[[dict], dict]):
+        self.verify = verify
+        self.left: dict[str, int] = {}
+        self.failed: set[str] = set()
+        self.lock = threading.Lock()
+
+    def expect(self, stem: str, parts: int) -> None:
+        with self.lock:
+            self.left[stem] = parts
+
+    def part_done(self, folder: dict, ok: bool) -> dict | BaseException | None:
+        """Count a part of the folder; after its last one, verify the folder when every part
+        succeeded. Returns the verification's report or exception, or None."""
+        stem = folder["stem"]
+        with self.lock:
+            self.left[stem] -= 1
+            if not ok:
+                self.failed.add(stem)
+            last = self.left[stem] == 0 and stem not in self.failed
+        if not last:
+            return None
+        return self.finish(folder)
+
+    def finish(self, folder: dict) -> dict | BaseException:
+        try:
+            return self.verify(folder)
+        except Exception as exc:  # reported with the folder; the part itself stays restored
+            return exc
+
+
 def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                   gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
-                  repairs: dict[str, dict], state: dict) -> Iterator[tuple[Any, Any]]:
+                  repairs: dict[str, dict], state: dict, finisher: Finisher) -> Iterator[tuple[Any, Any]]:
     """One task per part to restore; for a folder under repair, only the parts holding damaged
-    files, and only those files."""
+    files, and only those files. A folder whose every part is zipped is verified after its
+    last restore (a folder with nothing left to restore, by a task of its own)."""
+    local = local_destination(cfg, folders)
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         repair = repairs.get(stem)
+        all_zipped = all(p["name"] in zipped.get(stem, set()) for p in folder.get("part_table") or [])
         todo = [p["name"] for p in folder.get("part_table") or []
                 if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())]
         if not todo and not repair:
+            if all_zipped:
+                yield ("folder", name, ""), lambda f=folder: finisher.finish(f)
             continue
         try:
             _header, index = load_manifest(records, layout.manifest(gen, stem),
@@ -471,16 +660,32 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                     elif row["kind"] == "f" and row["part"] in zipped.get(stem, set()):
                         damaged.setdefault(row["part"], {})[path] = row
                 todo = sorted(set(todo) | set(damaged))
+            jobs = []
             for part in todo:
                 if repair and part in damaged and part in restored.get(stem, set()):
                     keep, force = damaged[part], True
                 else:
                     keep, force = {r["path"]: r for r in index.rows("f", part)}, False
-                job = RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep, repair=force)
-                yield (("part", name, part),
-                       lambda job=job: restore_part(cfg, records, layout, rclone, runtime, gate, job))
+                jobs.append(RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep, repair=force,
+                                       local=local))
         finally:
             index.close()
+        if not jobs:
+            if all_zipped:
+                yield ("folder", name, ""), lambda f=folder: finisher.finish(f)
+            continue
+        finisher.expect(stem, len(jobs) if all_zipped else len(jobs) + 1)  # + 1: never verified now
+
+        def task(job: RestoreJob, folder: dict = folder) -> dict:
+            try:
+                result = restore_part(cfg, records, layout, rclone, runtime, gate, job)
+            except BaseException:
+                finisher.part_done(folder, False)
+                raise
+            result["verification"] = finisher.part_done(folder, True)
+            return result
+        for job in jobs:
+            yield ("part", name, job.part), lambda job=job, task=task: task(job)
 
 
 def folder_state(folder: dict, zipped: dict, restored: dict, failed_parts: dict) -> tuple[str, dict]:
@@ -879,14 +1084,29 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         return EXIT_OK
     gate = DiskGate(cfg, runtime)
     state: dict = {"failed": []}
+    local = local_destination(cfg, folders)
+    dest_features = rclone.features(destination_root(cfg)) if pending and local is None else {}
+
+    def verify(folder: dict) -> dict:
+        stem = folder["stem"]
+        # A repair deletes the copy records of damaged large files before its restores start.
+        done = records.record_names(layout.large_root) if stem in repairs else larges
+        return finish_folder(cfg, records, layout, rclone, gen, folder, done.get(stem, set()),
+                             dest_features, repaired=stem in repairs)
+
+    finisher = Finisher(verify)
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(
         iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, repairs,
-                      state))
+                      state, finisher))
+    runtime.check()
     failed_parts: dict[str, list] = {}
+    verified_now: dict[str, Any] = {}
     for label, result in results:
         if isinstance(result, StopRequested):
             continue
-        if isinstance(result, Exception):
+        if label and label[0] == "folder":
+            verified_now[label[1]] = result
+        elif isinstance(result, Exception):
             what = f"part {label[2]} of folder {label[1]!r}" if label else "listing of parts"
             state["failed"].append((what, str(result)))
             log.error("%s failed: %s", what, result)
@@ -894,12 +1114,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                 failed_parts.setdefault(label[1], []).append(label[2])
         else:
             restored.setdefault(result["stem"], set()).add(result["part"])
-    runtime.check()
-    larges = records.record_names(layout.large_root) if repairs else larges
+            if result.get("verification") is not None:
+                verified_now[label[1]] = result["verification"]
 
-    dest_features = rclone.features(destination_root(cfg)) if pending else {}
     entries: dict[str, dict] = {}
-    finishing = []
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         entries[stem] = {"folder": name, "stem": stem}
@@ -908,21 +1126,23 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             continue
         where, details = folder_state(folder, zipped, restored, failed_parts)
         entries[stem].update(state=where, **details)
-        if where == "ready":
-            finishing.append((folder, lambda f=folder: finish_folder(
-                cfg, records, layout, rclone, gen, f, larges.get(f["stem"], set()), dest_features,
-                repaired=f["stem"] in repairs)))
-    for folder, result in WorkerPool(cfg.max_parallel_workers, runtime).run(finishing):
-        entry = entries[folder["stem"]]
-        if isinstance(result, StopRequested):
+        if where != "ready":
+            continue
+        result = verified_now.get(name)
+        entry = entries[stem]
+        if result is None:  # ready, but not reached before a stop
+            entry["state"] = "failed"
+        elif isinstance(result, StopRequested):
             entry["state"] = "failed"
         elif isinstance(result, Exception):
-            log.error("folder %r could not be verified: %s", folder["name"], result)
-            state["failed"].append((f"verification of {folder['name']!r}", str(result)))
+            log.error("folder %r could not be verified: %s", name, result)
+            state["failed"].append((f"verification of {name!r}", str(result)))
             entry.update(state="failed", error=str(result))
         else:
             entry.update(result)
-    runtime.check()
+    if local is not None:
+        remove_local_tmp(local, everything=not state["failed"] and all(
+            e["state"] == "verified" for e in entries.values()))
     report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
     path = write_report(cfg, records, layout, report)
     print_report(report)

@@ -47,11 +47,13 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import queue
 import re
+import stat
 import struct
 import sys
 import threading
@@ -62,8 +64,8 @@ from typing import Any, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, ConfigError, DiskGate, Layout,
                        MigrationError, Rclone, Records, Runtime, S3Error, StopRequested, WorkerPool,
-                       human_bytes, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
-                       local_name, log_context, out, parse_mtime, remote_join, run_script, staging_dir,
+                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
+                       local_name, log_context, out, parse_mtime, plain_local_name, remote_join, run_script, staging_dir,
                        start_run, utc_now)
 
 log = logging.getLogger("python_zipper")
@@ -108,7 +110,7 @@ def expected_etag(chunk_md5s: Sequence[bytes], *, multipart: bool | None = None)
     return hashlib.md5(b"".join(chunk_md5s)).hexdigest() + f"-{len(chunk_md5s)}"
 
 
-def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str) -> None:
+def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str | None) -> None:
     """The object's ETag after upload, against what was sent.
 
     Servers differ: AWS, MinIO and moto give a multipart object MD5-of-chunk-MD5s-N, while
@@ -119,6 +121,10 @@ def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str) -> None:
     if got in (multipart_etag, whole_md5):
         return
     if re.fullmatch(r"[0-9a-f]{32}(-\d+)?", got):
+        if whole_md5 is None and "-" not in got:
+            raise MigrationError(f"s3 key {key!r} has ETag {got}, the MD5 of a whole object, where this "
+                                 f"server gave multipart ETags before ({multipart_etag} expected); the "
+                                 "part was not checked and will be made again")
         raise MigrationError(f"s3 key {key!r} has ETag {got}, expected {multipart_etag} or {whole_md5}: "
                              "the upload was damaged")
     log.warning("s3 key %r has an ETag that is not an MD5 (%s): checked by size only here", key, got)
@@ -129,14 +135,18 @@ def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str) -> None:
 class S3Sink:
     """A write-only file for zipfile that streams into one S3 object.
 
-    Bytes are cut into chunks; the first full chunk starts a multipart upload and a
-    background thread uploads chunks while the zip goes on (at most two chunks buffered).
-    An object smaller than one chunk is sent with a single PUT. Every chunk carries a
-    Content-MD5; the SHA-256 of the whole object is computed on the way.
+    Bytes are cut into chunks; the first full chunk starts a multipart upload and
+    ``uploaders`` background threads upload chunks while the zip goes on. Memory stays at
+    ``chunk x (uploaders + 2)`` whatever the part's size: the chunk being filled, one
+    queued, one per uploader. An object smaller than one chunk is sent with a single PUT.
+    Every chunk carries a Content-MD5; the SHA-256 of the whole object is computed on the
+    way, and its MD5 too unless ``whole_md5`` is False (servers whose multipart ETags are
+    MD5-of-chunk-MD5s do not need it).
     """
 
     def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime, *,
-                 send_md5: bool = True):
+                 send_md5: bool = True, uploaders: int = 2,
+                 whole_md5: bool = True):
         self.records = records
         self.s3 = records.s3
         self.bucket = records.bucket
@@ -147,15 +157,17 @@ class S3Sink:
         self.buf = bytearray()
         self.total = 0
         self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5()
+        self.md5: Any = hashlib.md5() if whole_md5 else None
         self.chunk_md5s: list[bytes] = []
         self.parts: list[dict] = []
         self.upload_id: str | None = None
         self.multipart = False
         self.etag: str | None = None
+        self.uploaders = max(1, uploaders)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
     # The file protocol zipfile needs
     def write(self, data: bytes) -> int:
@@ -165,10 +177,13 @@ class S3Sink:
         self.buf += data
         self.total += len(data)
         self.sha256.update(data)
-        self.md5.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         while len(self.buf) >= self.chunk:
-            self._send(bytes(self.buf[:self.chunk]))
+            with memoryview(self.buf) as view:
+                body = bytes(view[:self.chunk])
             del self.buf[:self.chunk]
+            self._send(body)
         return len(data)
 
     def tell(self) -> int:
@@ -194,8 +209,10 @@ class S3Sink:
             resp = self.records._wrap("CreateMultipartUpload", self.key, lambda: self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=self.key, ContentType="application/zip"))
             self.upload_id = resp["UploadId"]
-            self._thread = threading.Thread(target=self._uploader, daemon=True, name="part-upload")
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._uploader, daemon=True, name=f"part-upload-{n}")
+                             for n in range(self.uploaders)]
+            for t in self._threads:
+                t.start()
         number = len(self.chunk_md5s) + 1
         extra = self._md5_kwargs(body)
         while True:
@@ -211,17 +228,22 @@ class S3Sink:
     def _uploader(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
+            if item is None or self._error:
                 return
             number, body, extra = item
             try:
                 resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
                     Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
                     Body=body, **extra))
-                self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                with self._lock:
+                    self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
             except BaseException as exc:  # handed to the writer thread, which raises it
                 self._error = exc
                 return
+            del item, body
+
+    def _alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
 
     def finish(self) -> None:
         """Send what is left and complete the object; raise on any failure."""
@@ -236,25 +258,34 @@ class S3Sink:
             self._send(bytes(self.buf))
             self.buf.clear()
         self.multipart = True
-        while True:  # the uploader may have died on an error and stopped taking chunks
-            if self._error or not (self._thread and self._thread.is_alive()):
-                break
+        for _ in self._threads:  # one end mark per uploader; a dead uploader takes none
+            while self._alive() and not self._error:
+                self.runtime.check()
+                try:
+                    self._queue.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+        while self._alive():
             self.runtime.check()
-            try:
-                self._queue.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        while self._thread and self._thread.is_alive():
-            self.runtime.check()
-            self._thread.join(0.5)
+            for t in self._threads:
+                t.join(0.5)
         if self._error:
             raise self._error
         parts = sorted(self.parts, key=lambda p: p["PartNumber"])
+        if [p["PartNumber"] for p in parts] != list(range(1, len(self.chunk_md5s) + 1)):
+            raise MigrationError(f"s3 key {self.key!r}: {len(parts)} chunks uploaded, "
+                                 f"{len(self.chunk_md5s)} were cut")
         resp = self.records._wrap("CompleteMultipartUpload", self.key, lambda: self.s3.complete_multipart_upload(
             Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
         self.etag = resp["ETag"].strip('"')
         self.upload_id = None
+
+    def whole_md5(self) -> str | None:
+        """MD5 of the whole object, when known (always for a single PUT)."""
+        if self.md5 is not None:
+            return self.md5.hexdigest()
+        return self.chunk_md5s[0].hex() if not self.multipart and self.chunk_md5s else None
 
     def abort(self) -> None:
         if self.upload_id is not None:
@@ -315,21 +346,54 @@ class PartJob:
     stale_uploads: list[str] = field(default_factory=list)
 
 
-def stage_part(cfg: Config, rclone: Rclone, job: PartJob, staging: str, list_path: str) -> None:
-    """Download exactly the part's files into ``staging`` (NUL-separated list: any name works)."""
+def local_source_dir(cfg: Config, folder: str) -> str | None:
+    """SOURCE/<folder> as a directory to read directly when SOURCE is a plain local path, or
+    None for an rclone remote (whose files rclone downloads into a staging folder)."""
+    if not is_local_path(cfg.source):
+        return None
+    return os.path.join(cfg.source, folder) if folder else cfg.source
+
+
+def split_local(files: Sequence[dict], base: str, precision_s: float = 1.0) -> tuple[dict[str, str], list[dict]]:
+    """At a local SOURCE: ({path: file to read} for the files that are there as mapped, as
+    plain files, and the rest). The rest goes through rclone, which knows its own name
+    encoding and symlink rules, and is then checked and classified like any download."""
+    where: dict[str, str] = {}
+    other = []
+    for f in files:
+        full = os.path.join(base, f["path"])
+        if not plain_local_name(f["path"]):
+            other.append(f)
+            continue
+        try:
+            st = os.lstat(full)
+        except (OSError, ValueError):
+            other.append(f)
+            continue
+        if (not stat.S_ISREG(st.st_mode) or st.st_size != f["size"]
+                or (f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > precision_s)):
+            other.append(f)
+            continue
+        where[f["path"]] = full
+    return where, other
+
+
+def stage_files(cfg: Config, rclone: Rclone, job: PartJob, files: Sequence[dict], staging: str,
+                list_path: str) -> None:
+    """Download exactly these files of the part into ``staging`` (NUL-separated list: any name works)."""
     source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
     with open(list_path, "wb") as fh:
-        fh.write(b"\0".join(f["path"].encode("utf-8", "surrogateescape") for f in job.files))
-    timeout = cfg.rclone_timeout_s + job.bytes / (512 * 1024)
+        fh.write(b"\0".join(f["path"].encode("utf-8", "surrogateescape") for f in files))
+    timeout = cfg.rclone_timeout_s + sum(f["size"] for f in files) / (512 * 1024)
     rclone.run_retried(["copy", "--files-from0", list_path, "--transfers", str(cfg.download_threads),
                         "--no-traverse", "--no-check-dest", "--", source, staging],
                        what=f"download of part {job.part} of {job.folder or '(root)'}", timeout_s=timeout)
 
 
-def check_staged(job: PartJob, staging: str, precision_s: float = 1.0) -> list[dict]:
+def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0) -> list[dict]:
     """Files whose staged copy is missing or differs from the map (size, or mtime beyond 1 s)."""
     bad = []
-    for f in job.files:
+    for f in files:
         path = os.path.join(staging, f["path"])
         try:
             st = os.lstat(path)
@@ -373,15 +437,22 @@ def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict],
     return skipped
 
 
-def write_zip(sink: S3Sink, job: PartJob, staging: str, skip: set[str], runtime: Runtime) -> list[dict]:
-    """Stream the part's files into a store-mode zip; return the entries (offset, size, CRC, MD5)."""
+def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set[str],
+              runtime: Runtime) -> list[dict]:
+    """Stream the part's files into a store-mode zip; return the entries (offset, size, CRC, MD5).
+
+    ``where`` is the folder holding every file, or {path: file to read} for each one.
+    """
     entries = []
+    block = bytearray(MIB)
+    view = memoryview(block)
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in job.files:
             if f["path"] in skip:
                 continue
             runtime.check()
-            mtime = parse_mtime(f["mtime"]) if f["mtime"] else os.stat(os.path.join(staging, f["path"])).st_mtime
+            full = os.path.join(where, f["path"]) if isinstance(where, str) else where[f["path"]]
+            mtime = parse_mtime(f["mtime"]) if f["mtime"] else os.stat(full).st_mtime
             info = zipfile.ZipInfo(f["path"], date_time=dos_time(mtime))
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = (0o100644 << 16)
@@ -389,14 +460,14 @@ def write_zip(sink: S3Sink, job: PartJob, staging: str, skip: set[str], runtime:
             info.file_size = f["size"]
             md5 = hashlib.md5()
             written = 0
-            with open(os.path.join(staging, f["path"]), "rb") as src, zf.open(info, "w") as dst:
+            with open(full, "rb", buffering=0) as src, zf.open(info, "w") as dst:
                 while True:
-                    block = src.read(MIB)
-                    if not block:
+                    n = src.readinto(block)
+                    if not n:
                         break
-                    md5.update(block)
-                    dst.write(block)
-                    written += len(block)
+                    md5.update(view[:n])
+                    dst.write(view[:n])
+                    written += n
             if written != f["size"]:
                 raise MigrationError(f"{f['path']!r} changed while it was zipped ({written} bytes, "
                                      f"mapped {f['size']})")
@@ -405,39 +476,68 @@ def write_zip(sink: S3Sink, job: PartJob, staging: str, skip: set[str], runtime:
     return entries
 
 
+class EtagStyle:
+    """What this server's multipart ETags look like, learnt from the first multipart part.
+
+    Until a multipart ETag of the MD5-of-chunk-MD5s form has been seen, every sink also
+    hashes its whole object (one more MD5 pass) to check servers that give the whole
+    object's MD5 instead, like ``rclone serve s3``.
+    """
+
+    def __init__(self) -> None:
+        self.chunked = False
+
+    def learn(self, sink: S3Sink, got: str) -> None:
+        if sink.multipart and got == expected_etag(sink.chunk_md5s, multipart=True):
+            self.chunked = True
+
+
 def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-             gate: DiskGate, job: PartJob) -> dict:
-    """Make one part: stage, check, stream the zip to S3, verify it, record it."""
+             gate: DiskGate, job: PartJob, etags: EtagStyle | None = None) -> dict:
+    """Make one part: read (or stage) its files, check them, stream the zip to S3, verify it,
+    record it."""
     key = layout.part_object(job.stem, job.part)
     staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
     list_path = staging + ".files"
+    what = f"part {job.part} of {job.folder or '(root)'}"
+    etags = etags or EtagStyle()
+    base = local_source_dir(cfg, job.folder)
+    where, fetch = split_local(job.files, base) if base is not None else ({}, list(job.files))
+    fetch_bytes = sum(f["size"] for f in fetch)
     with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, job.bytes), \
             log_context(folder=job.folder, part=job.part), \
-            gate.reserve(int(job.bytes * 1.05) + MIB, f"part {job.part} of {job.folder or '(root)'}"), \
-            staging_dir(staging, f"part {job.part} of {job.folder or '(root)'}"):
+            (gate.reserve(int(fetch_bytes * 1.05) + MIB, what) if fetch else contextlib.nullcontext()), \
+            staging_dir(staging, what):
         started = time.monotonic()
         sink = None
         try:
-            stage_part(cfg, rclone, job, staging, list_path)
-            bad = check_staged(job, staging)
-            if bad:
-                job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir)
-                for s in job.skipped:
-                    log.error("left out of the part: %r: %s", s["path"], s["reason"])
+            if fetch:
+                if base is not None:
+                    log.info("%d of %d files are not plain files as mapped at the local SOURCE; "
+                             "rclone fetches them (first: %r)", len(fetch), len(job.files), fetch[0]["path"])
+                stage_files(cfg, rclone, job, fetch, staging, list_path)
+                bad = check_staged(fetch, staging)
+                if bad:
+                    job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir)
+                    for s in job.skipped:
+                        log.error("left out of the part: %r: %s", s["path"], s["reason"])
+                where.update((f["path"], os.path.join(staging, f["path"])) for f in fetch)
             skip = {s["path"] for s in job.skipped}
             kept = [f for f in job.files if f["path"] not in skip]
             staged_at = time.monotonic()
             abort_uploads(records, key, job.stale_uploads)
             estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
-            sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=cfg.s3_checksums != "off")
-            entries = write_zip(sink, job, staging, skip, runtime)
+            sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=cfg.s3_checksums != "off",
+                          whole_md5=not etags.chunked)
+            entries = write_zip(sink, job, where, skip, runtime)
             sink.finish()
             head = records.head(key)
             if head is None or head["ContentLength"] != sink.total:
                 raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
                                      f"upload, {sink.total} were sent")
             got = head.get("ETag", "").strip('"')
-            check_etag(key, got, expected_etag(sink.chunk_md5s, multipart=sink.multipart), sink.md5.hexdigest())
+            check_etag(key, got, expected_etag(sink.chunk_md5s, multipart=sink.multipart), sink.whole_md5())
+            etags.learn(sink, got)
             entries_body = jsonl_gz_bytes(entries)
             entries_key = layout.part_entries(job.stem, job.part)
             records.put_bytes(entries_key, entries_body, content_type="application/gzip")
@@ -450,9 +550,10 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             if not records.put_json_once(layout.part_record(job.stem, job.part), record):
                 log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
             elapsed = time.monotonic() - started
-            log.info("part uploaded: %d files, %s in %.1fs (download %.1fs, zip+upload %.1fs)",
-                     len(entries), human_bytes(sink.total), elapsed, staged_at - started,
-                     time.monotonic() - staged_at)
+            log.info("part uploaded: %d files, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
+                     len(entries), human_bytes(sink.total), elapsed,
+                     f"download of {len(fetch)} files" if fetch else "nothing to download",
+                     staged_at - started, time.monotonic() - staged_at)
             return record
         except BaseException:
             if sink is not None:
@@ -504,6 +605,7 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
                stale: dict, stats: dict) -> Iterator[tuple[Any, Any]]:
     """Yield one task per unit still to do, loading each folder's manifest only when reached."""
+    etags = EtagStyle()
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         want_parts = [p["name"] for p in folder.get("part_table") or []]
@@ -529,7 +631,7 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                               bytes=sum(f["size"] for f in files),
                               stale_uploads=stale.get(layout.part_object(stem, part), []))
                 yield (("part", name, part),
-                       lambda job=job: zip_part(cfg, records, layout, rclone, runtime, gate, job))
+                       lambda job=job: zip_part(cfg, records, layout, rclone, runtime, gate, job, etags))
         finally:
             index.close()
 

@@ -57,11 +57,20 @@ class Env:
 
     @property
     def source(self) -> str:
-        return self.vars["SOURCE"]
+        """SOURCE's folder on this machine (also when SOURCE is given to the scripts as a remote)."""
+        return self.vars["SOURCE"].removeprefix(":local:")
 
     @property
     def destination(self) -> str:
-        return self.vars["DESTINATION"]
+        return self.vars["DESTINATION"].removeprefix(":local:")
+
+    def via_rclone(self) -> "Env":
+        """Name SOURCE and DESTINATION as rclone remotes (``:local:PATH``): the same folders,
+        but every file goes through rclone, as with a cloud remote, instead of the scripts'
+        direct local reads and writes; RCLONE_BWLIMIT then slows every transfer."""
+        for name in ("SOURCE", "DESTINATION"):
+            self.vars[name] = ":local:" + self.vars[name].removeprefix(":local:")
+        return self
 
     @property
     def prefix(self) -> str:

@@ -30,6 +30,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_backpressure_waits_and_says_so_until_space_returns(env):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     tree(env.source, files=4, size=1000)
     assert env.run("master_mapper.py").returncode == 0
     reading = os.path.join(env.tmp, "disk-used-percent")
@@ -54,6 +55,7 @@ def test_backpressure_waits_and_says_so_until_space_returns(env):
 
 
 def test_part_that_would_pass_the_limit_is_not_started(env):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     tree(env.source, files=4, size=1000)
     assert env.run("master_mapper.py").returncode == 0
     reading = os.path.join(env.tmp, "disk-used-percent")
@@ -81,6 +83,7 @@ def small_fs(tmp_path):
 
 
 def test_real_small_filesystem_refuses_a_part_that_cannot_fit(env, small_fs):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     tree(env.source, files=20, size=200_000)  # 4 MB in one part: more than the whole filesystem
     env.vars["WORK_DIR"] = small_fs
     extra = {"MAX_ZIP_SIZE_GB": "0.01", "LARGE_FILE_THRESHOLD_GB": "0.01", "SPLIT_THRESHOLD": "1000"}
@@ -91,6 +94,7 @@ def test_real_small_filesystem_refuses_a_part_that_cannot_fit(env, small_fs):
 
 
 def test_running_out_of_space_mid_part_abandons_it_and_a_rerun_continues(env, small_fs):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     tree(env.source, files=10, size=150_000)  # one part of 1.5 MB on a 3 MiB filesystem
     env.vars["WORK_DIR"] = small_fs
     extra = {"MAX_ZIP_SIZE_GB": "0.01", "LARGE_FILE_THRESHOLD_GB": "0.01", "DISK_LIMIT_PERCENT": "100",

@@ -49,8 +49,13 @@ def kill_at(env, script: str, delay: float, **extra) -> int:
     return proc.returncode
 
 
+@pytest.mark.parametrize("form", ["local paths", "rclone remotes"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_kill9_at_random_instants_then_rerun(env, seed):
+def test_kill9_at_random_instants_then_rerun(env, seed, form):
+    """Local SOURCE and DESTINATION are read and written in place; as remotes, rclone moves
+    every file through staging folders: both are killed at random instants."""
+    if form == "rclone remotes":
+        env.via_rclone()
     rng = random.Random(seed)
     make_tree(env.source, small_files=45)
     seen: dict[str, set] = {}
@@ -72,11 +77,13 @@ def test_kill9_at_random_instants_then_rerun(env, seed):
     for script in ("mapper", "zipper", "unzipper"):
         tmp = os.path.join(env.vars["WORK_DIR"], ".tmp", script)
         assert not os.path.exists(tmp) or not os.listdir(tmp), f"{tmp} not cleaned"
+    assert not os.path.exists(os.path.join(env.destination, ".python_unzipper.tmp"))
 
 
 def test_orphaned_rclone_of_a_killed_run_is_ended(env):
     """kill -9 of the Python process alone (the OOM killer does that) leaves rclone running;
     the next run ends it before cleaning the temporary folder."""
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     make_tree(env.source, small_files=12)
     assert env.run("master_mapper.py").returncode == 0
     proc = env.popen("python_zipper.py", RCLONE_BWLIMIT="10k", MAX_PARALLEL_WORKERS="1")

@@ -78,6 +78,7 @@ def test_hanging_listing_times_out_and_is_reported(env):
 
 
 def test_transient_rclone_failure_is_retried(env):
+    env.via_rclone()  # downloads go through rclone (the shim)
     make_tree(env.source, small_files=12)
     assert env.run("master_mapper.py").returncode == 0
     shim = make_shim(env.tmp, env.vars["RCLONE_BIN"], match="--files-from0", action="fail-once",
@@ -91,6 +92,7 @@ def test_transient_rclone_failure_is_retried(env):
 
 
 def test_hanging_download_times_out_then_a_rerun_finishes(env):
+    env.via_rclone()  # downloads go through rclone (the shim)
     make_tree(env.source, small_files=3)
     assert env.run("master_mapper.py").returncode == 0
     shim = make_shim(env.tmp, env.vars["RCLONE_BIN"], match="source/Photos", action="hang")

@@ -46,6 +46,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_download_stops_cleanly_and_rerun_finishes(env, sig, code):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     make_tree(env.source, small_files=12)
     assert env.run("master_mapper.py").returncode == 0
     # Slow every transfer down (rclone reads flags from RCLONE_* variables), so the signal
@@ -74,6 +75,7 @@ def test_signal_during_download_stops_cleanly_and_rerun_finishes(env, sig, code)
 
 
 def test_sigterm_during_unzipper_upload_stops_cleanly_and_rerun_finishes(env):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     make_tree(env.source, small_files=12)
     for script in ("master_mapper.py", "python_zipper.py"):
         assert env.run(script).returncode == 0
@@ -95,6 +97,7 @@ def test_sigterm_during_unzipper_upload_stops_cleanly_and_rerun_finishes(env):
 
 
 def test_second_instance_exits_75_naming_the_holder(env):
+    env.via_rclone()  # rclone moves every file, and RCLONE_BWLIMIT slows it
     make_tree(env.source, small_files=12)
     assert env.run("master_mapper.py").returncode == 0
     first = env.popen("python_zipper.py", RCLONE_BWLIMIT="20k", MAX_PARALLEL_WORKERS="1")

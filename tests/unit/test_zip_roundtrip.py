@@ -4,6 +4,7 @@ damage to the object on S3 is caught."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -375,7 +376,7 @@ def gated(stub_client, make_cfg, instant_stop):
     records = Records(stub_client, make_cfg(), stop=instant_stop)
     gate = threading.Event()
     stub_client.meta.events.register("before-parameter-build.s3.UploadPart", lambda **kw: gate.wait(10))
-    sink = python_zipper.S3Sink(records, "k.zip", 4, Runtime())
+    sink = python_zipper.S3Sink(records, "k.zip", 4, Runtime(), uploaders=1)
     with Stubber(stub_client) as stubber:
         stubber.add_response("create_multipart_upload", {"UploadId": "u1"},
                              {"Bucket": BUCKET, "Key": "k.zip", "ContentType": "application/zip"})
@@ -389,7 +390,7 @@ def test_failed_chunk_upload_surfaces_in_the_writer_and_is_aborted(gated):
     stubber.add_response("abort_multipart_upload", {}, {"Bucket": BUCKET, "Key": "k.zip", "UploadId": "u1"})
     sink.write(b"0123")  # chunk 1 goes to the uploader, which waits at the gate
     gate.set()
-    sink._thread.join(10)  # the uploader ends with the error
+    sink._threads[0].join(10)  # the uploader ends with the error
     with pytest.raises(S3AuthError):
         sink.write(b"4")
     with pytest.raises(S3AuthError):
@@ -458,7 +459,7 @@ def test_check_staged(tmp_path):
         os.utime(os.path.join(staging, name), ns=(ns, ns))
     rows[1]["size"] = 4
     job = python_zipper.PartJob(folder="F", stem="F", part="Full", gen=1, files=rows)
-    bad = python_zipper.check_staged(job, staging)
+    bad = python_zipper.check_staged(job.files, staging)
     assert [b["path"] for b in bad] == ["size.txt", "time.txt", "missing.txt"]
     assert bad[2]["reason"] == "missing"
     assert "size" in bad[0]["reason"]
@@ -488,7 +489,7 @@ class CopyingRclone:
         assert args[0] == "copy" and args[1] == "--files-from0"
         with open(args[2], "rb") as fh:
             names = [n.decode() for n in fh.read().split(b"\0") if n]
-        source, staging = args[-2], args[-1]
+        source, staging = args[-2].removeprefix(":local:"), args[-1]
         for name in names:
             os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
             shutil.copy2(os.path.join(source, name), os.path.join(staging, name))
@@ -515,15 +516,21 @@ def make_job(source: str, files, folder="F") -> python_zipper.PartJob:
                                  bytes=sum(r["size"] for r in rows))
 
 
-def test_zip_part_records_a_part_the_unzipper_can_restore(zipper_env, tmp_path):
+@pytest.mark.parametrize("form", ["local path", "rclone remote"])
+def test_zip_part_records_a_part_the_unzipper_can_restore(zipper_env, tmp_path, form):
     cfg, records, layout, runtime, gate, source = zipper_env
+    if form == "rclone remote":  # the same folder, named so that only rclone reads it
+        cfg = dataclasses.replace(cfg, source=":local:" + source)
     job = make_job(source, SMALL_FILES)
     rclone = CopyingRclone()
     record = python_zipper.zip_part(cfg, records, layout, rclone, runtime, gate, job)
     assert record["key"] == layout.part_object("F", "Full")
     assert record["files"] == len(SMALL_FILES)
-    assert rclone.calls[0][-2] == os.path.join(source, "F")
-    assert os.path.dirname(rclone.calls[0][-1]) == cfg.tmp_dir  # staging under the script's tmp
+    if form == "local path":  # read in place: no rclone process, no staging copy
+        assert rclone.calls == []
+    else:
+        assert rclone.calls[0][-2] == ":local:" + os.path.join(source, "F")
+        assert os.path.dirname(rclone.calls[0][-1]) == cfg.tmp_dir  # staging under the script's tmp
     assert os.listdir(cfg.tmp_dir) == []  # staging and file list removed
     stored, entries = python_unzipper.read_part_record(records, layout, "F", "Full")
     assert stored == record
@@ -535,6 +542,41 @@ def test_zip_part_records_a_part_the_unzipper_can_restore(zipper_env, tmp_path):
         with open(os.path.join(out, path), "rb") as fh:
             assert fh.read() == content
         assert os.stat(os.path.join(out, path)).st_mtime_ns == mtime_ns(mtime)
+
+
+def test_zip_part_at_a_local_source_fetches_only_what_is_not_plain_as_mapped(zipper_env, tmp_path):
+    """A symlink, or a file whose time differs from the map, is not read in place: rclone
+    fetches it with its own rules, and it is checked and classified like any download."""
+    cfg, records, layout, runtime, gate, source = zipper_env
+    job = make_job(source, SMALL_FILES)
+    folder = os.path.join(source, "F")
+    first, second = job.files[0]["path"], job.files[1]["path"]
+    os.rename(os.path.join(folder, first), str(tmp_path / "elsewhere"))
+    os.symlink(str(tmp_path / "elsewhere"), os.path.join(folder, first))
+    ns = mtime_ns(job.files[1]["mtime"]) + 5 * 10**9
+    os.utime(os.path.join(folder, second), ns=(ns, ns))
+    where, fetch = python_zipper.split_local(job.files, folder)
+    assert [f["path"] for f in fetch] == [first, second]
+    assert set(where) == {f["path"] for f in job.files[2:]}
+
+    class FollowingRclone(CopyingRclone):  # as with --copy-links; the changed time stays changed
+        def run_retried(self, args, **kw):
+            super().run_retried(args, **kw)
+            os.utime(os.path.join(args[-1], second), ns=(ns, ns))
+
+    class Relisting:  # rclone lsjson after the download: the file is at SOURCE, changed
+        def lsjson(self, *_a, **_kw):
+            return [{"Path": second, "Size": job.files[1]["size"], "ModTime": "2030-01-01T00:00:00Z"}]
+
+    rclone = FollowingRclone()
+    rclone.lsjson = Relisting().lsjson
+    record = python_zipper.zip_part(cfg, records, layout, rclone, runtime, gate, job)
+    assert len(rclone.calls) == 1
+    assert record["files"] == len(SMALL_FILES) - 1
+    assert [s["path"] for s in record["skipped"]] == [second]
+    assert "changed" in record["skipped"][0]["reason"]
+    _stored, entries = python_unzipper.read_part_record(records, layout, "F", "Full")
+    assert first in {e["path"] for e in entries}
 
 
 def zip_size_for(records, files) -> int:

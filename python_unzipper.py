@@ -165,40 +165,60 @@ def place_files(staging: str, target: str, names: Sequence[str]) -> None:
 # Reading a part
 
 class _Stream:
-    """Sequential reads of an S3 body with position and SHA-256 of everything read."""
+    """Sequential reads of an S3 body with position and SHA-256 of everything read.
+
+    The body is read a MiB at a time into a buffer and hashed as it arrives; the many small
+    reads of a part of small files (headers, names, contents) are served from that buffer.
+    """
 
     def __init__(self, body: Any):
         self.body = body
-        self.pos = 0
+        self.pos = 0  # bytes handed out
         self.sha256 = hashlib.sha256()
+        self._buf = memoryview(b"")
+
+    def _fill(self) -> memoryview:
+        if not len(self._buf):
+            chunk = self.body.read(MIB)
+            if not chunk:
+                raise EOFError(f"the object ended at byte {self.pos}")
+            self.sha256.update(chunk)
+            self._buf = memoryview(chunk)
+        return self._buf
+
+    def _take(self, n: int) -> memoryview:
+        buf = self._fill()
+        piece, self._buf = buf[:n], buf[n:]
+        self.pos += len(piece)
+        return piece
 
     def read_exact(self, n: int) -> bytes:
-        chunks = []
+        pieces = []
         left = n
         while left:
-            chunk = self.body.read(min(left, MIB))
-            if not chunk:
-                raise EOFError(f"the object ended at byte {self.pos}")
-            self.sha256.update(chunk)
-            self.pos += len(chunk)
-            left -= len(chunk)
-            chunks.append(chunk)
-        return b"".join(chunks)
+            piece = self._take(left)
+            pieces.append(piece)
+            left -= len(piece)
+        return b"".join(pieces)
 
-    def copy_to(self, n: int, fh: Any, md5: Any) -> None:
+    def copy_to(self, n: int, fh: Any, md5: Any = None) -> int:
+        """Copy the next n bytes to fh (None: skip them); return their CRC-32, and feed
+        ``md5`` too when one is given."""
         left = n
+        crc = 0
         while left:
-            chunk = self.body.read(min(left, MIB))
-            if not chunk:
-                raise EOFError(f"the object ended at byte {self.pos}")
-            self.sha256.update(chunk)
-            md5.update(chunk)
+            piece = self._take(left)
+            crc = zlib.crc32(piece, crc)
+            if md5 is not None:
+                md5.update(piece)
             if fh is not None:
-                fh.write(chunk)
-            self.pos += len(chunk)
-            left -= len(chunk)
+                fh.write(piece)
+            left -= len(piece)
+        return crc
 
     def drain(self) -> None:
+        self.pos += len(self._buf)
+        self._buf = memoryview(b"")
         while True:
             chunk = self.body.read(MIB)
             if not chunk:
@@ -241,18 +261,22 @@ def extract_part(records: Records, record: dict, entries: list[dict], keep: dict
             if method != 0:
                 raise PartDamaged(key, f"entry {name!r} is compressed (method {method}), parts are stored")
             row = keep.get(name)
-            md5 = hashlib.md5()
+            # Each file is checked against the zipper's CRC-32 (its MD5 when no CRC was recorded);
+            # the SHA-256 of the whole object is checked before any file leaves staging.
+            md5 = None if entry.get("crc32") else hashlib.md5()
             if row is None:
-                stream.copy_to(entry["size"], None, md5)
+                stream.copy_to(entry["size"], None)
                 continue
             if entry["size"] != row["size"]:
                 raise PartDamaged(key, f"entry {name!r} has {entry['size']} bytes, the map says {row['size']}")
             target = os.path.join(staging, name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(target, "wb") as fh:
-                stream.copy_to(entry["size"], fh, md5)
-            if md5.hexdigest() != entry["md5"]:
-                raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry['md5']}")
+                crc = stream.copy_to(entry["size"], fh, md5)
+            if md5 is None and f"{crc:08x}" != entry["crc32"].lower():
+                raise PartDamaged(key, f"{name!r} has CRC-32 {crc:08x}, recorded {entry['crc32']}")
+            if md5 is not None and md5.hexdigest() != entry.get("md5"):
+                raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry.get('md5')}")
             if row["mtime"]:
                 ns = mtime_ns(row["mtime"])
                 os.utime(target, ns=(ns, ns))

@@ -71,14 +71,15 @@ from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, ConfigE
 log = logging.getLogger("python_zipper")
 
 SCRIPT = "zipper"
-MIN_CHUNK = 8 * MIB
+MIN_CHUNK = 16 * MIB  # x2 (one filling, one uploading) x MAX_PARALLEL_WORKERS: the zipper's buffers
 MAX_S3_PARTS = 9000
 
 
 # Pure planning
 
 def chunk_size_for(estimated_bytes: int) -> int:
-    """Multipart chunk size: at least 8 MiB, large enough that a part needs under 9,000 chunks."""
+    """Multipart chunk size: at least 16 MiB, large enough that a part needs under 9,000 chunks
+    (so one part of up to 16 MiB is a single PUT, and a part of tens of MiB a few chunks)."""
     need = -(-estimated_bytes // MAX_S3_PARTS)
     return max(MIN_CHUNK, -(-need // MIB) * MIB)
 
@@ -135,18 +136,17 @@ def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str | None) -
 class S3Sink:
     """A write-only file for zipfile that streams into one S3 object.
 
-    Bytes are cut into chunks; the first full chunk starts a multipart upload and
-    ``uploaders`` background threads upload chunks while the zip goes on. Memory stays at
-    ``chunk x (uploaders + 2)`` whatever the part's size: the chunk being filled, one
-    queued, one per uploader. An object smaller than one chunk is sent with a single PUT.
-    Every chunk carries a Content-MD5; the SHA-256 of the whole object is computed on the
-    way, and its MD5 too unless ``whole_md5`` is False (servers whose multipart ETags are
-    MD5-of-chunk-MD5s do not need it).
+    Bytes fill a chunk; the first full chunk starts a multipart upload, and background
+    threads upload full chunks while the zip goes on, at most ``uploaders`` at a time. A
+    full chunk is handed over as it is (never copied), so memory stays at
+    ``chunk x (uploaders + 1)`` whatever the part's size. An object smaller than one chunk
+    is sent with a single PUT. Every chunk carries a Content-MD5; the SHA-256 of the whole
+    object is computed on the way, and its MD5 too unless ``whole_md5`` is False (servers
+    whose multipart ETags are MD5-of-chunk-MD5s do not need it).
     """
 
     def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime, *,
-                 send_md5: bool = True, uploaders: int = 2,
-                 whole_md5: bool = True):
+                 send_md5: bool = True, uploaders: int = 2, whole_md5: bool = True):
         self.records = records
         self.s3 = records.s3
         self.bucket = records.bucket
@@ -164,27 +164,31 @@ class S3Sink:
         self.multipart = False
         self.etag: str | None = None
         self.uploaders = max(1, uploaders)
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(self.uploaders)  # chunks queued or uploading
         self._error: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     # The file protocol zipfile needs
-    def write(self, data: bytes) -> int:
+    def write(self, data: Any) -> int:
         if self._error:
             raise self._error
         self.runtime.check()
-        self.buf += data
-        self.total += len(data)
+        n = len(data)
+        self.total += n
         self.sha256.update(data)
         if self.md5 is not None:
             self.md5.update(data)
-        while len(self.buf) >= self.chunk:
-            with memoryview(self.buf) as view:
-                body = bytes(view[:self.chunk])
-            del self.buf[:self.chunk]
-            self._send(body)
-        return len(data)
+        view = memoryview(data)
+        while len(view):
+            room = self.chunk - len(self.buf)
+            self.buf += view[:room]
+            view = view[room:]
+            if len(self.buf) == self.chunk and len(view):
+                body, self.buf = self.buf, bytearray()
+                self._send(body)
+        return n
 
     def tell(self) -> int:
         return self.total
@@ -199,12 +203,21 @@ class S3Sink:
         return None
 
     # Upload machinery
-    def _md5_kwargs(self, body: bytes) -> dict:
+    def _md5_kwargs(self, body: Any) -> dict:
         digest = hashlib.md5(body).digest()
         self.chunk_md5s.append(digest)
         return {"ContentMD5": base64.b64encode(digest).decode()} if self.send_md5 else {}
 
-    def _send(self, body: bytes) -> None:
+    def _wait_slot(self) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if self._error:
+                raise self._error
+            self.runtime.check()
+        if self._error:
+            self._slots.release()
+            raise self._error
+
+    def _send(self, body: bytearray) -> None:
         if self.upload_id is None:
             resp = self.records._wrap("CreateMultipartUpload", self.key, lambda: self.s3.create_multipart_upload(
                 Bucket=self.bucket, Key=self.key, ContentType="application/zip"))
@@ -215,57 +228,49 @@ class S3Sink:
                 t.start()
         number = len(self.chunk_md5s) + 1
         extra = self._md5_kwargs(body)
-        while True:
-            if self._error:
-                raise self._error
-            self.runtime.check()
-            try:
-                self._queue.put((number, body, extra), timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._wait_slot()
+        self._queue.put((number, body, extra))
 
     def _uploader(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None or self._error:
+            if item is None:
                 return
             number, body, extra = item
+            del item
             try:
-                resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
-                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                    Body=body, **extra))
-                with self._lock:
-                    self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                if not self._error:
+                    resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
+                        Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+                        Body=body, **extra))
+                    with self._lock:
+                        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
             except BaseException as exc:  # handed to the writer thread, which raises it
                 self._error = exc
-                return
-            del item, body
+            finally:
+                del body
+                self._slots.release()
 
     def _alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
     def finish(self) -> None:
         """Send what is left and complete the object; raise on any failure."""
-        if self.upload_id is None:
-            body = bytes(self.buf)
+        if self._error:
+            raise self._error
+        if self.upload_id is None and len(self.buf) <= self.chunk:
+            body = self.buf
             extra = self._md5_kwargs(body)
             resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
                 Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/zip", **extra))
             self.etag = resp["ETag"].strip('"')
             return
         if self.buf:
-            self._send(bytes(self.buf))
-            self.buf.clear()
+            body, self.buf = self.buf, bytearray()
+            self._send(body)
         self.multipart = True
-        for _ in self._threads:  # one end mark per uploader; a dead uploader takes none
-            while self._alive() and not self._error:
-                self.runtime.check()
-                try:
-                    self._queue.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+        for _ in self._threads:
+            self._queue.put(None)
         while self._alive():
             self.runtime.check()
             for t in self._threads:
@@ -528,7 +533,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             abort_uploads(records, key, job.stale_uploads)
             estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
             sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=cfg.s3_checksums != "off",
-                          whole_md5=not etags.chunked)
+                          uploaders=1, whole_md5=not etags.chunked)
             entries = write_zip(sink, job, where, skip, runtime)
             sink.finish()
             head = records.head(key)

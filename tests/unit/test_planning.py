@@ -117,16 +117,16 @@ def test_entry_changed(new, changed):
                                   1 << 40, 5 * (1 << 40)])
 def test_chunk_size(size):
     chunk = python_zipper.chunk_size_for(size)
-    assert chunk >= 8 * MIB
+    assert chunk >= python_zipper.MIN_CHUNK == 16 * MIB
     assert chunk % MIB == 0
     assert -(-size // chunk) <= 9000
-    if chunk > 8 * MIB:  # the smallest whole MiB that keeps under 9,000 chunks
+    if chunk > python_zipper.MIN_CHUNK:  # the smallest whole MiB that keeps under 9,000 chunks
         assert -(-size // (chunk - MIB)) > 9000
 
 
 def test_chunk_size_for_twenty_gib():
     chunk = python_zipper.chunk_size_for(20 * GIB)
-    assert chunk == 8 * MIB
+    assert chunk == 16 * MIB
     assert 20 * GIB / chunk <= 9000
 
 

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import threading
+import time
 import unicodedata
 import zipfile
 import zlib
@@ -300,7 +301,7 @@ def test_flipped_byte_is_caught_by_the_etag(small, spot):
 
 
 @pytest.mark.parametrize("spot, found_by", [
-    ("file data", "MD5"),
+    ("file data", "CRC-32"),
     ("entry name", "recorded"),
     ("local header signature", "no local header"),
     ("central directory", "SHA-256"),
@@ -323,7 +324,7 @@ def test_flipped_byte_in_a_multipart_object(multipart):
     record = {k: v for k, v in multipart.record.items() if k != "etag"}
     with pytest.raises(python_unzipper.PartDamaged) as info:
         multipart.extract(record=record)
-    assert "MD5" in str(info.value)  # the middle of the object is inside big/one.bin
+    assert "CRC-32" in str(info.value)  # the middle of the object is inside big/one.bin
 
 
 def test_longer_object_is_caught(small):
@@ -359,8 +360,16 @@ def test_entries_out_of_order_or_overlapping_are_refused(small):
     assert "overlaps" in str(info.value) or "no local header" in str(info.value)
 
 
-def test_recorded_md5_mismatch_is_refused(small):
+def test_recorded_crc_mismatch_is_refused(small):
     entries = [dict(e) for e in small.entries]
+    entries[0]["crc32"] = "0" * 8
+    with pytest.raises(python_unzipper.PartDamaged) as info:
+        python_unzipper.extract_part(small.records, small.record, entries, small.keep, small.out, Runtime())
+    assert "CRC-32" in str(info.value)
+
+
+def test_recorded_md5_mismatch_is_refused_when_no_crc_was_recorded(small):
+    entries = [{k: v for k, v in e.items() if k != "crc32"} for e in small.entries]
     entries[0]["md5"] = "0" * 32
     with pytest.raises(python_unzipper.PartDamaged) as info:
         python_unzipper.extract_part(small.records, small.record, entries, small.keep, small.out, Runtime())
@@ -384,15 +393,22 @@ def gated(stub_client, make_cfg, instant_stop):
     gate.set()
 
 
+def wait_until(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert predicate()
+
+
 def test_failed_chunk_upload_surfaces_in_the_writer_and_is_aborted(gated):
     sink, stubber, gate = gated
     stubber.add_client_error("upload_part", service_error_code="AccessDenied", http_status_code=403)
     stubber.add_response("abort_multipart_upload", {}, {"Bucket": BUCKET, "Key": "k.zip", "UploadId": "u1"})
-    sink.write(b"0123")  # chunk 1 goes to the uploader, which waits at the gate
+    sink.write(b"01234")  # chunk 1 goes to the uploader, which waits at the gate
     gate.set()
-    sink._threads[0].join(10)  # the uploader ends with the error
+    wait_until(lambda: sink._error is not None)  # the upload failed in the uploader thread
     with pytest.raises(S3AuthError):
-        sink.write(b"4")
+        sink.write(b"5")
     with pytest.raises(S3AuthError):
         sink.finish()
     sink.abort()
@@ -400,11 +416,33 @@ def test_failed_chunk_upload_surfaces_in_the_writer_and_is_aborted(gated):
     stubber.assert_no_pending_responses()
 
 
+def test_a_full_chunk_waits_for_a_free_upload_slot_and_hears_of_a_failure(gated):
+    """With one upload slot, the next full chunk waits (memory stays bounded); when the upload
+    in flight fails, the waiting writer raises instead of hanging."""
+    sink, stubber, gate = gated
+    stubber.add_client_error("upload_part", service_error_code="AccessDenied", http_status_code=403)
+    outcome = {}
+
+    def write():
+        try:
+            sink.write(b"012345678")  # chunk 1 is held at the gate, chunk 2 waits for its slot
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+    helper = threading.Thread(target=write, daemon=True)
+    helper.start()
+    helper.join(0.5)
+    assert helper.is_alive(), "the second chunk did not wait for the slot"
+    assert len(sink.chunk_md5s) == 2 and sink._queue.qsize() == 0
+    gate.set()  # chunk 1 fails
+    helper.join(10)
+    assert not helper.is_alive(), "the writer blocked forever after a failed upload"
+    assert isinstance(outcome.get("error"), S3AuthError)
+
+
 def test_finish_reports_a_failed_chunk_upload_instead_of_hanging(gated):
     sink, stubber, gate = gated
     stubber.add_client_error("upload_part", service_error_code="AccessDenied", http_status_code=403)
-    sink.write(b"01234567")  # chunk 1 is held at the gate, chunk 2 waits in the queue
-    gate.set()  # chunk 1 fails; the uploader ends with chunk 2 still queued
+    sink.write(b"01234")  # chunk 1 is held at the gate; "4" waits for finish()
     outcome = {}
 
     def finish():
@@ -414,12 +452,9 @@ def test_finish_reports_a_failed_chunk_upload_instead_of_hanging(gated):
             outcome["error"] = exc
     helper = threading.Thread(target=finish, daemon=True)
     helper.start()
-    helper.join(1.0)  # a correct finish() answers in milliseconds
-    hung = helper.is_alive()
-    if hung:
-        sink._queue.get_nowait()  # unblock the stuck put so the helper thread can end
-        helper.join(10)
-    assert not hung, "S3Sink.finish() blocked forever on a dead uploader"
+    gate.set()  # chunk 1 fails while finish() waits to send the last chunk
+    helper.join(10)
+    assert not helper.is_alive(), "S3Sink.finish() blocked forever on a failed upload"
     assert isinstance(outcome.get("error"), S3AuthError)
 
 
@@ -591,8 +626,8 @@ def zip_size_for(records, files) -> int:
 def test_zip_part_of_exactly_one_chunk(zipper_env):
     cfg, records, layout, runtime, gate, source = zipper_env
     overhead = zip_size_for(records, [("f.bin", b"x" * 1000, "2001-09-09T01:46:40Z")]) - 1000
-    size = 8 * MIB - overhead
+    size = python_zipper.MIN_CHUNK - overhead
     job = make_job(source, [("f.bin", rand_bytes(size, 9), "2001-09-09T01:46:40Z")])
-    assert python_zipper.chunk_size_for(size + python_zipper.zip_overhead(["f.bin"])) == 8 * MIB
+    assert python_zipper.chunk_size_for(size + python_zipper.zip_overhead(["f.bin"])) == python_zipper.MIN_CHUNK
     record = python_zipper.zip_part(cfg, records, layout, CopyingRclone(), runtime, gate, job)
-    assert record["size"] == 8 * MIB
+    assert record["size"] == python_zipper.MIN_CHUNK

@@ -9,6 +9,7 @@ has no side effects: nothing is configured until a script's ``main()`` runs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as _dt
 import errno
@@ -675,13 +676,16 @@ class Capabilities:
     create_only: bool
     compare_and_swap: bool
     send_conditions: bool  # False when the server rejects the headers outright
+    md5_checked: bool = False  # True when the server refuses a body whose Content-MD5 is wrong
 
     def describe(self) -> str:
         if self.create_only and self.compare_and_swap:
-            return "conditional writes enforced"
-        if not self.send_conditions:
-            return "conditional writes rejected by the server"
-        return "conditional writes ignored by the server"
+            said = "conditional writes enforced"
+        elif not self.send_conditions:
+            said = "conditional writes rejected by the server"
+        else:
+            said = "conditional writes ignored by the server"
+        return said + (", Content-MD5 checked" if self.md5_checked else "")
 
 
 class RecordExists(Exception):
@@ -878,14 +882,24 @@ class Records:
 
         put_plain = self._wrap("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
         del put_plain
+        md5_checked = False
         try:
             create = put(IfNoneMatch="*")
             cas = put(IfMatch='"00000000000000000000000000000000"')
+            if self.cfg.s3_checksums != "off":  # a wrong Content-MD5: refused, or stored anyway?
+                wrong = base64.b64encode(hashlib.md5(b"not the probe").digest()).decode()
+                try:
+                    self.count()
+                    self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=wrong)
+                except ClientError as exc:
+                    if _client_error_code(exc) not in ("BadDigest", "InvalidDigest"):
+                        raise S3Error("PutObject", self.bucket, key, exc) from exc
+                    md5_checked = True
         finally:
             with contextlib.suppress(S3Error):
                 self.delete(key)
         caps = Capabilities(create_only=create == "refused", compare_and_swap=cas == "refused",
-                            send_conditions="rejected" not in (create, cas))
+                            send_conditions="rejected" not in (create, cas), md5_checked=md5_checked)
         self.caps = caps
         return caps
 

@@ -13,7 +13,7 @@ import pytest
 import master_mapper
 import python_unzipper
 import python_zipper
-from common_s3 import MIB, format_mtime, mtime_ns, parse_mtime
+from common_s3 import MIB, MigrationError, format_mtime, mtime_ns, parse_mtime
 
 GIB = 1 << 30
 
@@ -231,3 +231,43 @@ def test_unparsable_times(text):
 @pytest.mark.parametrize("seconds", [0.0, 1e9, 1e9 + 0.25, 1.7e9 + 0.5])
 def test_format_mtime_round_trips(seconds):
     assert parse_mtime(format_mtime(seconds)) == pytest.approx(seconds, abs=1e-6)
+
+
+# check_etag: what an ETag after upload proves, per server style
+
+MULTI = "0" * 32 + "-3"
+WHOLE = "a" * 32
+
+
+@pytest.mark.parametrize("got", [MULTI, WHOLE])
+def test_check_etag_accepts_either_form_when_both_are_known(got):
+    python_zipper.check_etag("k", got, MULTI, WHOLE)
+
+
+@pytest.mark.parametrize("got", ["1" * 32 + "-3", "b" * 32])
+def test_check_etag_refuses_an_md5_shaped_etag_that_matches_nothing(got):
+    with pytest.raises(MigrationError, match="damaged"):
+        python_zipper.check_etag("k", got, MULTI, WHOLE)
+
+
+def test_check_etag_without_the_whole_md5_refuses_a_whole_md5_etag_unless_chunks_were_checked():
+    with pytest.raises(MigrationError, match="multipart ETags before"):
+        python_zipper.check_etag("k", WHOLE, MULTI, None)
+    python_zipper.check_etag("k", WHOLE, MULTI, None, chunks_checked=True)  # the server checked each chunk
+    with pytest.raises(MigrationError, match="damaged"):  # a wrong multipart ETag is never excused
+        python_zipper.check_etag("k", "1" * 32 + "-3", MULTI, None, chunks_checked=True)
+
+
+def test_check_etag_lets_an_etag_that_is_no_md5_pass_on_size():
+    python_zipper.check_etag("k", "opaque-etag-from-some-service", MULTI, WHOLE)
+
+
+def test_etag_style_learns_chunked_etags_only_from_a_matching_multipart_upload():
+    class Sink:
+        multipart = True
+        chunk_md5s = [b"\x01" * 16, b"\x02" * 16]
+    style = python_zipper.EtagStyle()
+    style.learn(Sink(), "f" * 32)  # the whole object's MD5: nothing learnt
+    assert not style.chunked
+    style.learn(Sink(), python_zipper.expected_etag(Sink.chunk_md5s, multipart=True))
+    assert style.chunked

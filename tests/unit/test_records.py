@@ -289,6 +289,7 @@ def test_probe_against_a_server_that_ignores_conditions(stubbed):
     stubber.add_response("put_object", {}, probe_key_params())
     stubber.add_response("put_object", {}, probe_key_params(IfNoneMatch="*"))
     stubber.add_response("put_object", {}, probe_key_params(IfMatch=ANY))
+    stubber.add_response("put_object", {}, probe_key_params(ContentMD5=ANY))  # a wrong MD5, accepted
     stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
     caps = records.probe("work_files_zips/_probe/")
     assert caps == Capabilities(create_only=False, compare_and_swap=False, send_conditions=True)
@@ -301,11 +302,13 @@ def test_probe_against_a_server_that_rejects_conditions(stubbed):
     stubber.add_response("put_object", {}, probe_key_params())
     stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501)
     stubber.add_client_error("put_object", service_error_code="NotImplemented", http_status_code=501)
+    stubber.add_client_error("put_object", service_error_code="BadDigest", http_status_code=400)
     stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
     caps = records.probe("work_files_zips/_probe/")
     assert caps.send_conditions is False
     assert caps.create_only is False and caps.compare_and_swap is False
-    assert caps.describe() == "conditional writes rejected by the server"
+    assert caps.describe() == "conditional writes rejected by the server, Content-MD5 checked"
+    assert caps.md5_checked is True
 
 
 def test_probe_uses_one_key_under_the_probe_prefix_and_deletes_it(stubbed, make_cfg):
@@ -314,12 +317,13 @@ def test_probe_uses_one_key_under_the_probe_prefix_and_deletes_it(stubbed, make_
     stubber.add_response("put_object", {}, probe_key_params())
     stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
     stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
+    stubber.add_response("put_object", {}, probe_key_params(ContentMD5=ANY))
     stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
     records.s3.meta.events.register("before-parameter-build.s3.*",
                                     lambda params, **kw: keys.append(params.get("Key")))
     caps = records.probe("work_files_zips/_probe/")
     assert caps == Capabilities(True, True, True)
-    assert len(keys) == 4 and len(set(keys)) == 1
+    assert len(keys) == 5 and len(set(keys)) == 1
     assert keys[0].startswith("work_files_zips/_probe/unit-worker-")
 
 

@@ -71,9 +71,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, DiskGate, FolderIndex, Layout,
                        MigrationError, Rclone, RecordError, Records, Runtime, StopRequested, WorkerPool,
-                       all_generations, format_mtime, human_bytes, is_local_path, large_file_id, latest_generation, load_manifest,
-                       local_name, log_context, mtime_ns, new_run_id, out, parse_mtime, plain_local_name, read_jsonl_gz,
-                       remote_join, run_script, sanitize_name, staging_dir, start_run, utc_now)
+                       all_generations, format_mtime, human_bytes, is_local_path, large_file_id,
+                       latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
+                       parse_mtime, plain_local_name, read_jsonl_gz, remote_join, run_script, sanitize_name,
+                       staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_unzipper")
 
@@ -455,7 +456,8 @@ def load_part_md5s(cfg: Config, records: Records, layout: Layout, stem: str, par
     for part in sorted(parts):
         index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ?, ? WHERE EXISTS "
                              "(SELECT 1 FROM e WHERE e.path = ? AND e.part = ?)",
-                             [(p, md5, crc, p, part) for p, md5, crc in part_sums(cfg, records, layout, stem, part)])
+                             [(p, md5, crc, p, part)
+                              for p, md5, crc in part_sums(cfg, records, layout, stem, part)])
     index.commit()
 
 

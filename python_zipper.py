@@ -64,9 +64,9 @@ from typing import Any, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, ConfigError, DiskGate, Layout,
                        MigrationError, Rclone, Records, Runtime, S3Error, StopRequested, WorkerPool,
-                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation, load_manifest,
-                       local_name, log_context, out, parse_mtime, plain_local_name, remote_join, run_script, staging_dir,
-                       start_run, utc_now)
+                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
+                       load_manifest, local_name, log_context, out, parse_mtime, plain_local_name, remote_join,
+                       run_script, staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_zipper")
 
@@ -163,7 +163,9 @@ class S3Sink:
         self.total = 0
         self.sha256 = hashlib.sha256()
         self.md5: Any = hashlib.md5() if whole_md5 else None
-        self.chunk_md5s: list[bytes] = []
+        self.chunk_md5s: list[bytes] = []  # in chunk order, complete once finish() returns
+        self.chunks = 0  # chunks cut so far
+        self._md5_of: dict[int, bytes] = {}  # chunk number -> MD5, filled by the uploaders
         self.parts: list[dict] = []
         self.upload_id: str | None = None
         self.multipart = False
@@ -208,9 +210,10 @@ class S3Sink:
         return None
 
     # Upload machinery
-    def _md5_kwargs(self, body: Any) -> dict:
+    def _md5_kwargs(self, number: int, body: Any) -> dict:
         digest = hashlib.md5(body).digest()
-        self.chunk_md5s.append(digest)
+        with self._lock:
+            self._md5_of[number] = digest
         return {"ContentMD5": base64.b64encode(digest).decode()} if self.send_md5 else {}
 
     def _wait_slot(self) -> None:
@@ -231,20 +234,20 @@ class S3Sink:
                              for n in range(self.uploaders)]
             for t in self._threads:
                 t.start()
-        number = len(self.chunk_md5s) + 1
-        extra = self._md5_kwargs(body)
+        self.chunks += 1
         self._wait_slot()
-        self._queue.put((number, body, extra))
+        self._queue.put((self.chunks, body))  # its MD5 is computed by the uploader, beside the zip
 
     def _uploader(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            number, body, extra = item
+            number, body = item
             del item
             try:
                 if not self._error:
+                    extra = self._md5_kwargs(number, body)
                     resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
                         Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
                         Body=body, **extra))
@@ -265,7 +268,9 @@ class S3Sink:
             raise self._error
         if self.upload_id is None and len(self.buf) <= self.chunk:
             body = self.buf
-            extra = self._md5_kwargs(body)
+            self.chunks = 1
+            extra = self._md5_kwargs(1, body)
+            self.chunk_md5s = [self._md5_of[1]]
             resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
                 Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/zip", **extra))
             self.etag = resp["ETag"].strip('"')
@@ -283,9 +288,9 @@ class S3Sink:
         if self._error:
             raise self._error
         parts = sorted(self.parts, key=lambda p: p["PartNumber"])
-        if [p["PartNumber"] for p in parts] != list(range(1, len(self.chunk_md5s) + 1)):
-            raise MigrationError(f"s3 key {self.key!r}: {len(parts)} chunks uploaded, "
-                                 f"{len(self.chunk_md5s)} were cut")
+        if [p["PartNumber"] for p in parts] != list(range(1, self.chunks + 1)):
+            raise MigrationError(f"s3 key {self.key!r}: {len(parts)} chunks uploaded, {self.chunks} were cut")
+        self.chunk_md5s = [self._md5_of[n] for n in range(1, self.chunks + 1)]
         resp = self.records._wrap("CompleteMultipartUpload", self.key, lambda: self.s3.complete_multipart_upload(
             Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
         self.etag = resp["ETag"].strip('"')

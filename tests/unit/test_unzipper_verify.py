@@ -3,13 +3,15 @@ fake rclone (the listing is plain data) and the map and part records in moto."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import zlib
 
 import pytest
 
 import python_unzipper
-from common_s3 import Layout, RecordError, Runtime, assign_stems, jsonl_gz_bytes, large_file_id
+from common_s3 import Layout, RecordError, Runtime, assign_stems, jsonl_gz_bytes, large_file_id, mtime_ns
 
 MTIME = "2001-09-09T01:46:40Z"
 FILES = {"a.txt": b"hello", "sub/b c.txt": b"second file", "日本/語.txt": b"unicode"}
@@ -50,7 +52,8 @@ class Folder:
         rows += [{"t": "l", "p": p, "s": s, "m": MTIME} for p, s in larges]
         records.put_bytes(self.layout.manifest(1, self.stem), jsonl_gz_bytes([header, *rows]))
         entries = jsonl_gz_bytes([{"path": p, "offset": i * 100, "size": len(d),
-                                   "md5": hashlib.md5(d).hexdigest(), "mtime": MTIME}
+                                   "md5": hashlib.md5(d).hexdigest(), "crc32": f"{zlib.crc32(d):08x}",
+                                   "mtime": MTIME}
                                   for i, (p, d) in enumerate(files.items())])
         entries_key = self.layout.part_entries(self.stem, "Full")
         records.put_bytes(entries_key, entries)
@@ -238,3 +241,121 @@ def test_zip_bomb_is_refused(cfg, records):
     folder = Folder(records)
     err = restore(cfg, records, folder, [{"path": "bomb", "offset": 0, "size": 100 * 1000 + 1, "md5": ""}])
     assert "MAX_ZIP_BOMB_RATIO" in str(err)
+
+
+# A local DESTINATION: read back in place, no rclone
+
+def write_local(root, files=FILES, mtime=MTIME):
+    for path, data in files.items():
+        full = os.path.join(root, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as fh:
+            fh.write(data)
+        ns = mtime_ns(mtime)
+        os.utime(full, ns=(ns, ns))
+
+
+@pytest.fixture
+def local_cfg(make_cfg, tmp_path):
+    cfg = make_cfg("unzipper", DESTINATION=str(tmp_path / "dest"))
+    os.makedirs(cfg.tmp_dir)
+    return cfg
+
+
+def test_local_destination_is_read_back_and_checked_by_crc(local_cfg, folder, tmp_path):
+    write_local(str(tmp_path / "dest" / "F"))
+    rclone = FakeRclone([])
+    report = folder.finish(local_cfg, rclone, features={})
+    assert report["state"] == "verified", report
+    assert report["hash_kind"] == "crc32" and report["matched_by_hash"] == 3
+    assert rclone.calls == []  # directories made and files listed without rclone
+    assert os.path.isdir(tmp_path / "dest" / "F" / "empty" / "dir")
+
+
+def test_local_destination_with_same_size_other_bytes_fails_by_crc(local_cfg, folder, tmp_path):
+    write_local(str(tmp_path / "dest" / "F"), {**FILES, "a.txt": b"HELLO"})
+    report = folder.finish(local_cfg, FakeRclone([]), features={})
+    assert report["state"] == "failed"
+    assert [d["path"] for d in report["differing"]] == ["a.txt"]
+    assert report["differing"][0]["why"].startswith("crc32 ")
+
+
+def test_local_destination_mtime_is_checked(local_cfg, folder, tmp_path):
+    write_local(str(tmp_path / "dest" / "F"), mtime="2001-09-09T01:46:50Z")
+    report = folder.finish(local_cfg, FakeRclone([]), features={})
+    assert report["state"] == "failed"
+    assert all("modification time" in d["why"] for d in report["differing"])
+
+
+def test_list_local_skips_symlinks_and_the_staging_folder_at_the_top(tmp_path):
+    top = tmp_path / "dest"
+    write_local(str(top), {"a": b"1", "sub/b": b"22", f"{python_unzipper.LOCAL_TMP}/x.part/c": b"3"})
+    os.symlink(str(top / "a"), str(top / "link"))
+    found = {e["Path"]: e for e in python_unzipper.list_local(str(top), recursive=True,
+                                                             skip=(python_unzipper.LOCAL_TMP,))}
+    assert sorted(found) == ["a", "sub/b"]
+    assert found["sub/b"]["Size"] == 2 and found["sub/b"]["Hashes"]["crc32"] == f"{zlib.crc32(b'22'):08x}"
+    flat = [e["Path"] for e in python_unzipper.list_local(str(top), recursive=False)]
+    assert flat == ["a"]
+    assert list(python_unzipper.list_local(str(tmp_path / "none"), recursive=True)) == []
+
+
+def test_place_files_renames_into_place_and_copies_across_filesystems(tmp_path, monkeypatch):
+    staging, target = tmp_path / "stage", tmp_path / "target"
+    write_local(str(staging), {"a": b"1", "deep/er/b": b"22"})
+    os.makedirs(target / "deep")
+    (target / "a").write_bytes(b"old")
+    real_replace = os.replace
+
+    def cross_device(src, dst):
+        if str(src).startswith(str(staging)) and str(dst).endswith("b"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_replace(src, dst)
+    monkeypatch.setattr(python_unzipper.os, "replace", cross_device)
+    python_unzipper.place_files(str(staging), str(target), ["a", "deep/er/b"])
+    assert (target / "a").read_bytes() == b"1"
+    assert (target / "deep" / "er" / "b").read_bytes() == b"22"
+    assert os.stat(target / "deep" / "er" / "b").st_mtime_ns == mtime_ns(MTIME)
+    assert sorted(os.listdir(target / "deep" / "er")) == ["b"]  # no .partial left
+
+
+def test_local_destination_is_not_used_for_remotes_or_a_folder_named_like_the_staging(make_cfg, tmp_path):
+    local = make_cfg("unzipper", DESTINATION=str(tmp_path / "d"))
+    assert python_unzipper.local_destination(local) == str(tmp_path / "d")
+    assert python_unzipper.local_destination(local, [{"name": python_unzipper.LOCAL_TMP}]) is None
+    remote = make_cfg("unzipper", DESTINATION=":local:" + str(tmp_path / "d"))
+    assert python_unzipper.local_destination(remote) is None
+
+
+# Sums kept between a part's restore and its folder's verification
+
+def test_sums_kept_from_the_restore_are_used_instead_of_s3(cfg, folder):
+    python_unzipper.save_sums(cfg, folder.stem, "Full", [{"path": "a.txt", "md5": "m", "crc32": "c"}])
+    assert list(python_unzipper.part_sums(cfg, folder.records, folder.layout, folder.stem, "Full")) == \
+        [("a.txt", "m", "c")]
+    os.remove(python_unzipper.sums_path(cfg, folder.stem, "Full"))
+    from_s3 = list(python_unzipper.part_sums(cfg, folder.records, folder.layout, folder.stem, "Full"))
+    assert [p for p, _m, _c in from_s3] == list(FILES)
+
+
+# A folder is verified by the worker that restores its last part
+
+def test_finisher_verifies_after_the_last_part_only_when_every_part_succeeded():
+    seen = []
+    finisher = python_unzipper.Finisher(lambda f: seen.append(f["stem"]) or {"state": "verified"})
+    a, b = {"stem": "A"}, {"stem": "B"}
+    finisher.expect("A", 2)
+    finisher.expect("B", 2)
+    assert finisher.part_done(a, True) is None
+    assert finisher.part_done(a, True) == {"state": "verified"}
+    assert finisher.part_done(b, False) is None
+    assert finisher.part_done(b, True) is None  # a failed part: the folder is not verified now
+    assert seen == ["A"]
+
+
+def test_finisher_returns_a_verification_error_instead_of_raising():
+    def broken(_folder):
+        raise RecordError("k", "broken")
+    finisher = python_unzipper.Finisher(broken)
+    finisher.expect("A", 1)
+    assert isinstance(finisher.part_done({"stem": "A"}, True), RecordError)

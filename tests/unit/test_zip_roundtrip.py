@@ -432,7 +432,7 @@ def test_a_full_chunk_waits_for_a_free_upload_slot_and_hears_of_a_failure(gated)
     helper.start()
     helper.join(0.5)
     assert helper.is_alive(), "the second chunk did not wait for the slot"
-    assert len(sink.chunk_md5s) == 2 and sink._queue.qsize() == 0
+    assert sink.chunks == 2 and sink._queue.qsize() == 0
     gate.set()  # chunk 1 fails
     helper.join(10)
     assert not helper.is_alive(), "the writer blocked forever after a failed upload"

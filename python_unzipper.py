@@ -370,11 +370,12 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
                 place_files(staging, os.path.join(local, job.folder) if job.folder else local, plain)
                 if len(plain) < written:  # names rclone encodes: rclone writes them, as it lists them
                     upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
-                                   ["--no-traverse", *(["--ignore-times"] if job.repair else [])])
+                                   ["--no-check-dest"])
             elif written:
-                # A repair overwrites what DESTINATION holds even when size and mtime look right.
+                # Every staged file is checked: it is uploaded without looking at DESTINATION first
+                # (no request per file there), and a repair overwrites what looks right by size and time.
                 upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
-                               ["--no-traverse", *(["--ignore-times"] if job.repair else [])])
+                               ["--no-check-dest"])
         save_sums(cfg, job.stem, job.part, entries)
         out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,

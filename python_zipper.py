@@ -395,13 +395,16 @@ def split_local(files: Sequence[dict], base: str, precision_s: float = 1.0) -> t
 
 def stage_files(cfg: Config, rclone: Rclone, job: PartJob, files: Sequence[dict], staging: str,
                 list_path: str) -> None:
-    """Download exactly these files of the part into ``staging`` (NUL-separated list: any name works)."""
+    """Download exactly these files of the part into ``staging`` (NUL-separated list: any name works).
+
+    rclone lists the directories that hold them instead of looking each file up (no
+    ``--no-traverse``): one request per directory at SOURCE, not one per file."""
     source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
     with open(list_path, "wb") as fh:
         fh.write(b"\0".join(f["path"].encode("utf-8", "surrogateescape") for f in files))
     timeout = cfg.rclone_timeout_s + sum(f["size"] for f in files) / (512 * 1024)
     rclone.run_retried(["copy", "--files-from0", list_path, "--transfers", str(cfg.download_threads),
-                        "--no-traverse", "--no-check-dest", "--", source, staging],
+                        "--no-check-dest", "--", source, staging],
                        what=f"download of part {job.part} of {job.folder or '(root)'}", timeout_s=timeout)
 
 

@@ -67,3 +67,11 @@ def test_workers_run_in_parallel():
 @pytest.mark.parametrize("workers", [0, -1])
 def test_at_least_one_worker(workers):
     assert WorkerPool(workers, Runtime()).run([("a", lambda: 1)]) == [("a", 1)]
+
+
+def test_bound_malloc_is_harmless_to_call_again():
+    from common_s3 import bound_malloc
+    bound_malloc()
+    bound_malloc()
+    block = bytearray(32 << 20)  # allocations still work after the threshold is fixed
+    assert len(block) == 32 << 20

@@ -650,11 +650,12 @@ class Finisher:
 
 def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                   gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
-                  repairs: dict[str, dict], state: dict, finisher: Finisher) -> Iterator[tuple[Any, Any]]:
+                  repairs: dict[str, dict], state: dict, finisher: Finisher,
+                  local: str | None) -> Iterator[tuple[Any, Any]]:
     """One task per part to restore; for a folder under repair, only the parts holding damaged
     files, and only those files. A folder whose every part is zipped is verified after its
-    last restore (a folder with nothing left to restore, by a task of its own)."""
-    local = local_destination(cfg, folders)
+    last restore (a folder with nothing left to restore, by a task of its own). ``local`` is
+    the local DESTINATION files are renamed into, or None when rclone uploads them."""
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         repair = repairs.get(stem)
@@ -773,7 +774,7 @@ def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
 def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                 gen: int, folders: list[dict]) -> int:
     """``--verify``: compare DESTINATION with the map, transfer nothing, print every problem."""
-    dest_features = rclone.features(destination_root(cfg))
+    dest_features = rclone.features(destination_root(cfg)) if local_destination(cfg, folders) is None else {}
 
     def check(folder: dict) -> dict:
         name, stem = folder["name"], folder["stem"]
@@ -1124,7 +1125,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     finisher = Finisher(verify)
     results = WorkerPool(cfg.max_parallel_workers, runtime).run(
         iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, repairs,
-                      state, finisher))
+                      state, finisher, local))
     runtime.check()
     failed_parts: dict[str, list] = {}
     verified_now: dict[str, Any] = {}

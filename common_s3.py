@@ -892,9 +892,11 @@ class Records:
                     self.count()
                     self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=wrong)
                 except ClientError as exc:
-                    if _client_error_code(exc) not in ("BadDigest", "InvalidDigest"):
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if _client_error_code(exc) in ("BadDigest", "InvalidDigest") or status == 400:
+                        md5_checked = True  # refused: the server compares the digest
+                    elif status not in (501, 405):  # 501/405: the header is not supported
                         raise S3Error("PutObject", self.bucket, key, exc) from exc
-                    md5_checked = True
         finally:
             with contextlib.suppress(S3Error):
                 self.delete(key)

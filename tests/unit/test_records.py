@@ -356,3 +356,15 @@ def test_put_once_keeps_another_workers_record(records):
     assert records.put_json_once("done.json", {"worker": "a"}) is True
     assert records.put_json_once("done.json", {"worker": "b"}) is False
     assert records.get_json("done.json") == {"worker": "a"}
+
+
+@pytest.mark.parametrize("code,status,checked", [("BadDigest", 400, True), ("InvalidRequest", 400, True),
+                                                 ("NotImplemented", 501, False)])
+def test_probe_of_content_md5_never_fails_the_start_on_an_unknown_refusal(stubbed, code, status, checked):
+    records, stubber = stubbed
+    stubber.add_response("put_object", {}, probe_key_params())
+    stubber.add_response("put_object", {}, probe_key_params(IfNoneMatch="*"))
+    stubber.add_response("put_object", {}, probe_key_params(IfMatch=ANY))
+    stubber.add_client_error("put_object", service_error_code=code, http_status_code=status)
+    stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
+    assert records.probe("work_files_zips/_probe/").md5_checked is checked

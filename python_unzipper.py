@@ -346,15 +346,15 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
             log.error("%d files the map puts in this part are not in it (first: %r); the verification "
                       "will report them", len(missing), missing[0])
         need = sum(r["size"] for r in job.keep.values())
+        what = f"part {job.part} of {job.folder or '(root)'}"
         local = job.local
         if local is not None:  # staged beside DESTINATION, then renamed into place
             staging = os.path.join(local, LOCAL_TMP, local_name(job.stem, job.part))
             reserve: Any = contextlib.nullcontext()
         else:
             staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
-            reserve = gate.reserve(need + MIB, f"part {job.part} of {job.folder or '(root)'}")
+            reserve = gate.reserve(need + MIB, what)
         started = time.monotonic()
-        what = f"part {job.part} of {job.folder or '(root)'}"
         written_names: list[str] = []
         with reserve, staging_dir(staging, what):
             def fetch() -> int:

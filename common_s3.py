@@ -187,6 +187,16 @@ class Interrupted(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+class ClaimLost(MigrationError):
+    """The claim of the unit in hand was taken over or could not be renewed: stop that unit."""
+
+    exit_code = EXIT_PARTIAL
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"claim {key!r} lost ({why}); this worker stops working on that unit")
+        self.key = key
+
+
 class StopRequested(Exception):
     """Raised inside workers when the run is stopping; the unit is abandoned cleanly."""
 
@@ -370,8 +380,7 @@ class Config:
         checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
         if checksums not in ("auto", "off"):
             raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
-        for name, wanted in (("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),
-                             ("WORKER_COUNT", worker_count > 1)):
+        for name, wanted in (("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),):
             if wanted:
                 # Refuse rather than ignore: a user who asks for these must not get a normal run.
                 raise ConfigError(f"{name}={environ.get(name)!r} is not supported by this version yet; "
@@ -712,6 +721,7 @@ class Records:
         self.bucket = cfg.bucket
         self.stop = stop
         self.caps = Capabilities(False, False, False)
+        self.mode = "single"  # claims, shards or single: chosen by start_run from the probe
         self.requests = 0
         self._count_lock = threading.Lock()
 
@@ -788,22 +798,32 @@ class Records:
             raise MigrationError(f"DRY_RUN=1: refusing to {what}; this is a bug, a dry run must change nothing")
 
     def put_bytes(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
-                  create_only: bool = False) -> dict:
-        """PUT with Content-MD5; create-only where the server enforces it (RecordExists on 412)."""
+                  create_only: bool = False, **condition: str) -> dict:
+        """PUT with Content-MD5; create-only where the server enforces it, or with an explicit
+        ``IfMatch``/``IfNoneMatch`` condition. RecordExists when the condition did not hold
+        (412), also after a few tries that met 409 ConditionalRequestConflict (AWS's answer
+        while another conditional write on the key is in flight: retry)."""
         self.refuse_writes_in_dry_run(f"write s3 key {key!r}")
-        import base64
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         if self.cfg.s3_checksums != "off":
             kwargs["ContentMD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         if create_only and self.caps.create_only:
             kwargs["IfNoneMatch"] = "*"
-        try:
-            return self._wrap("PutObject", key, lambda: self.s3.put_object(**kwargs))
-        except S3Error as exc:
-            if _client_error_code(exc.error) in ("PreconditionFailed", "412", "ConditionalRequestConflict",
-                                                 "409"):
-                raise RecordExists(key) from None
-            raise
+        kwargs.update(condition)
+        for attempt in range(4):
+            try:
+                return self._wrap("PutObject", key, lambda: self.s3.put_object(**kwargs))
+            except S3Error as exc:
+                code = _client_error_code(exc.error)
+                if code in ("PreconditionFailed", "412"):
+                    raise RecordExists(key) from None
+                if code not in ("ConditionalRequestConflict", "409"):
+                    raise
+                if attempt == 3:
+                    raise RecordExists(key) from None
+                log.debug("conflicting conditional write on %s; trying again", key)
+                time.sleep(0.2 * 2 ** attempt + random.random() * 0.2)
+        raise AssertionError("unreachable")
 
     def put_once(self, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> bool:
         """Create-only write of a completion record.
@@ -816,18 +836,30 @@ class Records:
             self.put_bytes(key, body, content_type=content_type, create_only=True)
             return True
         except RecordExists:
-            return self.get_bytes(key) == body
+            there = self.get_bytes(key)
+            if there is None:  # refused, yet nothing there: conflicting writes that all failed
+                raise MigrationError(f"s3 key {key!r}: the create-only write met conflicting writes "
+                                     "and nothing was stored; run again") from None
+            return there == body
 
     def put_json_once(self, key: str, obj: Any) -> bool:
         return self.put_once(key, _json_body(obj), content_type="application/json; charset=utf-8")
 
-    def put_json(self, key: str, obj: Any, *, create_only: bool = False) -> dict:
+    def put_json(self, key: str, obj: Any, *, create_only: bool = False, **condition: str) -> dict:
         return self.put_bytes(key, _json_body(obj), content_type="application/json; charset=utf-8",
-                              create_only=create_only)
+                              create_only=create_only, **condition)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, **condition: str) -> None:
+        """DELETE; with ``IfMatch`` only if the object is still that one (RecordExists if not,
+        where the server enforces it)."""
         self.refuse_writes_in_dry_run(f"delete s3 key {key!r}")
-        self._wrap("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key))
+        try:
+            self._wrap("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key,
+                                                                          **condition))
+        except S3Error as exc:
+            if _client_error_code(exc.error) in ("PreconditionFailed", "412"):
+                raise RecordExists(key) from None
+            raise
 
     def list_keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[dict]:
         """Yield objects (and, with a delimiter, {'Prefix': ...} entries) under ``prefix``."""
@@ -990,6 +1022,7 @@ class Runtime:
         self.children_file = children_file
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+        self.local = threading.local()  # .claim: the claim of the unit this thread works on
 
     def _save(self) -> None:
         if self.children_file:
@@ -1026,8 +1059,25 @@ class Runtime:
             _terminate_group(proc, sig=signal.SIGKILL)
 
     def check(self) -> None:
+        """Raise when the run stops, or when the claim of this thread's unit was lost."""
         if self.stop.is_set():
             raise StopRequested("stopping")
+        claim = getattr(self.local, "claim", None)
+        if claim is not None and claim.lost.is_set():
+            raise ClaimLost(claim.key, claim.why)
+
+    def confirm_claim(self) -> None:
+        """Before a unit's result becomes visible (an object completed, a record written):
+        raise unless the run goes on and this thread's claim, if any, is still ours."""
+        self.check()
+        claim = getattr(self.local, "claim", None)
+        if claim is not None:
+            claim.owner.confirm(claim)
+
+    def unit_lost(self) -> threading.Event | None:
+        """The event set when this thread's unit loses its claim (None: no claim)."""
+        claim = getattr(self.local, "claim", None)
+        return claim.lost if claim is not None else None
 
 
 def _start_time(pid: int) -> str:
@@ -1146,6 +1196,271 @@ class WorkerPool:
         return results
 
 
+# Many machines: claims on S3, static shards
+
+def lease_clock() -> float:
+    """The clock leases are measured on: this machine's own, and it keeps counting while the
+    machine is suspended (CLOCK_BOOTTIME), so a resumed worker knows its claims are old."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
+def shard_of(folder: str, count: int) -> int:
+    """A folder's static shard: the same on every machine and every Python (no hash())."""
+    return int.from_bytes(hashlib.sha256(folder.encode("utf-8", "surrogateescape")).digest()[:8], "big") % count
+
+
+@dataclass
+class Claim:
+    key: str
+    unit: str
+    etag: str
+    body: dict
+    renewed_at: float  # lease_clock() just before the write that made ``etag``
+    lost: threading.Event = field(default_factory=threading.Event)
+    why: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: Any = None  # the Claims that renews it
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What a claimed task returns when it did not do its unit: ``held`` by another worker
+    (try again later), ``done`` already (by another worker), or ``lost`` while working."""
+
+    why: str
+    holder: str = ""
+
+
+class Claims:
+    """Claims of work units on S3, where the server enforces conditional writes.
+
+    Take: create-only PUT of ``P_claims/<stage>/<stem>/<unit>.json``. Held by another: its
+    ETag is remembered with the time it was first seen on our own clock; unchanged for
+    ``LEASE_SECONDS``, it is stale and taken over by a compare-and-swap PUT. Held claims are
+    renewed every third of the lease, each renewal with a new nonce so that the ETag changes
+    (moto's ETag is the MD5 of the body). A renewal refused (412) or impossible for most of
+    the lease marks the claim lost: the unit's thread stops at its next ``Runtime.check()``
+    and its rclone child is ended. Release: DELETE if the claim is still ours.
+
+    Disabled (every call just runs the unit) where the server does not enforce the
+    conditions: there a single worker, or static shards, need no claims.
+    """
+
+    def __init__(self, records: "Records", layout: "Layout", runtime: Runtime, stage: str):
+        self.records = records
+        self.layout = layout
+        self.runtime = runtime
+        self.stage = stage
+        self.cfg = records.cfg
+        caps = records.caps
+        self.enabled = caps.create_only and caps.compare_and_swap and not self.cfg.dry_run
+        self.lease = self.cfg.lease_seconds
+        self._seen: dict[str, tuple[str, float]] = {}
+        self._held: dict[str, Claim] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.taken_over = 0
+
+    # S3
+    def _body(self, unit: str, taken_at: str) -> dict:
+        return {"worker": self.cfg.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "stage": self.stage, "unit": unit, "lease_seconds": self.lease, "taken_at": taken_at,
+                "renewed_at": utc_now(), "nonce": f"{random.randrange(16**16):016x}"}
+
+    def _put(self, key: str, body: dict, **condition: str) -> str | None:
+        """The new ETag, or None when the condition did not hold (412, or 409: a concurrent
+        conditional write on the key, which AWS asks to retry; we simply try later)."""
+        try:
+            resp = self.records.put_json(key, body, **condition)
+        except RecordExists:
+            return None
+        return resp["ETag"].strip('"')
+
+    def _read(self, key: str) -> tuple[str, dict] | None:
+        try:
+            resp = self.records._wrap("GetObject", key, lambda: self.records.s3.get_object(
+                Bucket=self.records.bucket, Key=key))
+            raw = resp["Body"].read()
+        except S3Error as exc:
+            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = {}
+        return resp["ETag"].strip('"'), body if isinstance(body, dict) else {}
+
+    # Taking, renewing, releasing
+    def take(self, stem: str, unit: str) -> Claim | Skipped:
+        key = self.layout.claim(self.stage, stem, unit)
+        for _ in range(2):  # a claim released between our create and our read: create again
+            started = lease_clock()
+            body = self._body(unit, utc_now())
+            etag = self._put(key, body, IfNoneMatch="*")
+            if etag is not None:
+                return self._hold(Claim(key, unit, etag, body, started))
+            found = self._read(key)
+            if found is None:
+                continue
+            etag, other = found
+            holder = str(other.get("worker", "?"))
+            if holder == self.cfg.worker_id and key not in self._held:
+                holder += " (this worker's name, left by an earlier run)"
+            now = lease_clock()
+            seen = self._seen.get(key)
+            if seen is None or seen[0] != etag:
+                self._seen[key] = (etag, now)
+                return Skipped("held", holder)
+            if now - seen[1] < self.lease:
+                return Skipped("held", holder)
+            body = self._body(unit, utc_now())
+            new = self._put(key, body, IfMatch=f'"{etag}"')
+            if new is None:
+                return Skipped("held", holder)
+            self._seen.pop(key, None)
+            self.taken_over += 1
+            log.warning("took over %s unit %s from worker %s: its claim did not change for %.0fs "
+                        "(LEASE_SECONDS=%g)", self.stage, unit, holder, now - seen[1], self.lease)
+            return self._hold(Claim(key, unit, new, body, started))
+        return Skipped("held", "?")
+
+    def _hold(self, claim: Claim) -> Claim:
+        claim.owner = self
+        with self._lock:
+            self._held[claim.key] = claim
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="claims")
+                self._thread.start()
+        return claim
+
+    def renew(self, claim: Claim) -> bool:
+        """One compare-and-swap renewal; False (and the claim marked lost) when refused."""
+        with claim.lock:
+            if claim.lost.is_set():
+                return False
+            started = lease_clock()
+            body = dict(claim.body, renewed_at=utc_now(), nonce=f"{random.randrange(16**16):016x}")
+            try:
+                etag = self._put(claim.key, body, IfMatch=f'"{claim.etag}"')
+            except (MigrationError, OSError) as exc:
+                if lease_clock() - claim.renewed_at > 0.75 * self.lease:
+                    self._lose(claim, f"not renewed for {lease_clock() - claim.renewed_at:.0f}s: {exc}")
+                    return False
+                log.warning("could not renew the claim of %s (%s); trying again", claim.unit, exc)
+                return True
+            if etag is None:
+                found = self._read(claim.key)
+                if found is not None and found[1].get("nonce") == body["nonce"]:  # ours after all
+                    etag = found[0]
+                else:
+                    holder = found[1].get("worker", "?") if found else "nobody"
+                    self._lose(claim, f"taken over by {holder}")
+                    return False
+            claim.etag, claim.body, claim.renewed_at = etag, body, started
+            return True
+
+    def _lose(self, claim: Claim, why: str) -> None:
+        claim.why = why
+        claim.lost.set()
+        log.error("lost the claim of %s unit %s (%s): stopping work on it", self.stage, claim.unit, why)
+
+    def confirm(self, claim: Claim) -> None:
+        """Before a unit's result becomes visible: still ours? Renews unless the last renewal is
+        recent enough that nobody can have taken the claim since. Raises ClaimLost."""
+        if not claim.lost.is_set() and lease_clock() - claim.renewed_at < self.lease / 4:
+            return
+        if not self.renew(claim):
+            raise ClaimLost(claim.key, claim.why)
+
+    def release(self, claim: Claim) -> None:
+        with self._lock:
+            self._held.pop(claim.key, None)
+        if claim.lost.is_set():
+            return
+        with claim.lock:
+            try:
+                self.records._wrap("DeleteObject", claim.key, lambda: self.records.s3.delete_object(
+                    Bucket=self.records.bucket, Key=claim.key, IfMatch=f'"{claim.etag}"'))
+            except S3Error as exc:  # a claim left behind goes stale after the lease: harmless
+                log.debug("claim %s not deleted: %s", claim.key, exc)
+
+    def _renew_loop(self) -> None:
+        tick = max(0.2, min(5.0, self.lease / 12))
+        while not self.runtime.stop.wait(tick):
+            with self._lock:
+                due = [c for c in self._held.values()
+                       if lease_clock() - c.renewed_at >= self.lease / 3 and not c.lost.is_set()]
+            for claim in due:
+                self.renew(claim)
+
+    # Running a unit under its claim
+    def run(self, stem: str, unit: str, fn: Callable[[], Any], *, done: Callable[[], bool]) -> Any:
+        """Run ``fn`` holding the unit's claim; ``done()`` (asked once the claim is ours) tells
+        whether another worker finished the unit already. Returns ``fn()`` or a Skipped."""
+        if not self.enabled:
+            return fn()
+        got = self.take(stem, unit)
+        if isinstance(got, Skipped):
+            return got
+        previous = getattr(self.runtime.local, "claim", None)
+        self.runtime.local.claim = got
+        try:
+            if done():
+                return Skipped("done")
+            return fn()
+        except Exception:
+            if got.lost.is_set():
+                return Skipped("lost", got.why)
+            raise
+        finally:
+            self.runtime.local.claim = previous
+            self.release(got)
+
+    def current(self) -> Claim | None:
+        return getattr(self.runtime.local, "claim", None)
+
+    def confirm_current(self) -> None:
+        """``confirm`` the claim of this thread's unit, if it has one."""
+        claim = self.current()
+        if claim is not None:
+            self.confirm(claim)
+
+    def pause(self, held: int, first: Skipped | None) -> None:
+        """Between two passes over the units, while ``held`` are claimed by other workers."""
+        wait = max(0.5, min(30.0, self.lease / 4))
+        log.info("%d units are claimed by other workers (first held by %s); looking again in %.0fs, "
+                 "taking over any claim unchanged for %gs", held, first.holder if first else "?", wait,
+                 self.lease)
+        self.runtime.stop.wait(wait)
+        self.runtime.check()
+
+
+def choose_mode(cfg: Config, caps: Capabilities) -> str:
+    """claims, shards or single, as SPEC.md "Many machines" says; logged once."""
+    if caps.create_only and caps.compare_and_swap:
+        return "claims"
+    return "shards" if cfg.worker_count > 1 else "single"
+
+
+def describe_mode(cfg: Config, mode: str) -> str:
+    if mode == "claims":
+        return (f"claims (any number of workers may run this stage at once; a claim unchanged for "
+                f"{cfg.lease_seconds:g}s is taken over)")
+    if mode == "shards":
+        return f"static shards: worker {cfg.worker_index} of {cfg.worker_count} does only the folders of its shard"
+    return "one worker"
+
+
+def in_shard(cfg: Config, mode: str, folder: str) -> bool:
+    return mode != "shards" or shard_of(folder, cfg.worker_count) == cfg.worker_index
+
+
+__all__ += ["ClaimLost", "Claim", "Claims", "Skipped", "lease_clock", "shard_of", "choose_mode", "in_shard"]
+
+
 # rclone runner
 
 @dataclass
@@ -1216,10 +1531,13 @@ class Rclone:
         return t
 
     def _watch(self, proc: subprocess.Popen, timeout_s: float, state: dict) -> threading.Thread:
+        lost = self.runtime.unit_lost()  # the caller's unit: rclone ends when its claim is lost
+
         def watch() -> None:
             deadline = time.monotonic() + timeout_s
             while proc.poll() is None:
-                if self.runtime.stop.is_set() or time.monotonic() > deadline:
+                if self.runtime.stop.is_set() or (lost is not None and lost.is_set()) \
+                        or time.monotonic() > deadline:
                     state["timed_out"] = not self.runtime.stop.is_set()
                     _terminate_group(proc)
                     try:
@@ -1532,8 +1850,10 @@ class Layout:
     def part_record(self, stem: str, part: str) -> str:
         return f"{self.prefix}_parts/{stem}/{part}.json"
 
-    def part_entries(self, stem: str, part: str) -> str:
-        return f"{self.prefix}_parts/{stem}/{part}.entries.jsonl.gz"
+    def part_entries(self, stem: str, part: str, digest: str = "") -> str:
+        """The entries of a part; ``digest`` (of the body) makes each writer's key its own, so
+        a worker that lost its claim cannot replace the entries another worker recorded."""
+        return f"{self.prefix}_parts/{stem}/{part}.entries{'.' + digest[:16] if digest else ''}.jsonl.gz"
 
     def parts_of(self, stem: str) -> str:
         return f"{self.prefix}_parts/{stem}/"
@@ -1590,6 +1910,17 @@ class Layout:
     @property
     def probe(self) -> str:
         return f"{self.prefix}_probe/"
+
+    def claim(self, stage: str, stem: str, unit: str) -> str:
+        return f"{self.prefix}_claims/{stage}/{stem}/{unit}.json"
+
+    @property
+    def claims_root(self) -> str:
+        return f"{self.prefix}_claims/"
+
+    @property
+    def pause(self) -> str:
+        return f"{self.prefix}_pause/destination.json"
 
 
 def local_name(stem: str, *parts: str) -> str:
@@ -1919,13 +2250,21 @@ class Heartbeat:
 
 
 def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilities:
-    """What every script does first: probe the server (not in a dry run) and say so."""
-    if records.cfg.dry_run:
+    """What every script does first: probe the server (not in a dry run), choose the mode for
+    many machines (``records.mode``) and say both."""
+    cfg = records.cfg
+    if cfg.dry_run:
         log.info("DRY_RUN=1: printing the plan; nothing is written to S3, SOURCE or DESTINATION")
+        records.mode = "shards" if cfg.worker_count > 1 else "single"
         return records.caps
     caps = records.probe(layout.probe)
-    log.info("S3 server: %s", caps.describe())
-    runtime.progress.mode = caps.describe()
+    records.mode = choose_mode(cfg, caps)
+    log.info("S3 server: %s; mode: %s", caps.describe(), describe_mode(cfg, records.mode))
+    if records.mode == "single":
+        log.warning("this S3 server does not enforce conditional writes: no second machine may run "
+                    "%s against this migration at the same time (to use several, set WORKER_COUNT "
+                    "and a distinct WORKER_INDEX on each: static shards)", cfg.script)
+    runtime.progress.mode = f"{caps.describe()}; {records.mode}"
     return caps
 
 

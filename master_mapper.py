@@ -51,9 +51,9 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, GIB, Config, ConfigError, FolderIndex, Layout,
-                       MigrationError, Rclone, RcloneError, RecordError, Records, Runtime,
-                       StopRequested, WorkerPool, all_generations, assign_stems, human_bytes,
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
+                       Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped,
+                       StopRequested, WorkerPool, in_shard, shard_of, all_generations, assign_stems, human_bytes,
                        is_local_path, latest_generation, load_manifest, local_name, log_context, out,
                        remote_join, run_script, start_run, utc_now)
 
@@ -291,6 +291,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             return {"name": name, "stem": stem, "files": files, "bytes": nbytes, "large": large,
                     "large_bytes": large_bytes, "dirs": index.count("d")[0], "parts": parts,
                     "large_files": [(r["path"], r["size"]) for r in index.rows("l")]}
+        runtime.confirm_claim()
         summary = write_manifest(records, layout, cfg, gen, name, stem, index,
                                  {"parts": parts, "part_table": part_table, "next_part": next_part,
                                   "changes": changes}, tmp)
@@ -362,8 +363,13 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         if cfg.dry_run:
             pass
         elif not records.put_json_once(layout.plan(gen), plan):
-            raise MigrationError(f"another mapper started generation {gen} at the same moment; "
-                                 "run again to continue it")
+            theirs = records.get_json(layout.plan(gen))
+            if not isinstance(theirs, dict) or theirs.get("source") != cfg.source \
+                    or not isinstance(theirs.get("folders"), list):
+                raise MigrationError(f"another mapper started generation {gen} at the same moment, of "
+                                     f"another SOURCE or unreadable ({layout.plan(gen)!r}); run again")
+            plan = theirs
+            log.info("another mapper started generation %d at the same moment; joining it", gen)
         log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
 
     features = rclone.features(cfg.source)
@@ -371,37 +377,60 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     log.info("SOURCE backend %s; hashes %s", features["Name"] or "?",
              ", ".join(features["Hashes"]) if hashes else "not recorded (computed by the zipper)")
 
-    done = {item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
-            for item in records.list_keys(layout.generation(gen) + "folders/")}
-    tasks = []
-    for folder in plan["folders"]:
-        name, stem = folder["name"], folder["stem"]
-        if stem in done:
-            continue
+    def mapped() -> set[str]:
+        return {item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
+                for item in records.list_keys(layout.generation(gen) + "folders/")}
 
-        def task(name: str = name, stem: str = stem) -> dict:
-            return map_folder(cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem,
-                              hashes=hashes, previous=prev_folders.get(name))
-        tasks.append((name, task))
-    runtime.progress.plan(len(tasks), 0, skipped=len(plan["folders"]) - len(tasks))
-    failed = []
+    claims = Claims(records, layout, runtime, SCRIPT)
+    mine = [f for f in plan["folders"] if in_shard(cfg, records.mode, f["name"])]
+    if records.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+                 len(mine), len(plan["folders"]))
+    done = mapped()
+    runtime.progress.plan(sum(1 for f in mine if f["stem"] not in done), 0,
+                          skipped=sum(1 for f in mine if f["stem"] in done))
+    failed: list[str] = []
     planned = []
-    for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
-        if isinstance(result, StopRequested):
-            continue
-        if isinstance(result, Exception):
-            failed.append(name)
-            log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
-        else:
-            planned.append(result)
+    while True:
+        tasks = []
+        for folder in mine:
+            name, stem = folder["name"], folder["stem"]
+            if stem in done or name in failed:
+                continue
+
+            def task(name: str = name, stem: str = stem) -> dict:
+                return claims.run(stem, "folder", lambda: map_folder(
+                    cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem, hashes=hashes,
+                    previous=prev_folders.get(name)),
+                    done=lambda: records.head(layout.manifest(gen, stem)) is not None)
+            tasks.append((name, task))
+        held: list[Skipped] = []
+        for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
+            if isinstance(result, Skipped):
+                if result.why != "done":
+                    held.append(result)
+            elif isinstance(result, StopRequested):
+                continue
+            elif isinstance(result, Exception):
+                failed.append(name)
+                log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
+            else:
+                planned.append(result)
+        runtime.check()
+        if not held:
+            break
+        claims.pause(len(held), held[0])
+        done = mapped()
     if cfg.dry_run:
         print_plan(gen, planned)
         return EXIT_PARTIAL if failed else EXIT_OK
-    runtime.check()
     if failed:
         log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
                   "(the folders already mapped are kept)", len(failed))
         return EXIT_PARTIAL
+    missing = wait_for_other_shards(cfg, records, runtime, plan, mapped)
+    if missing:
+        return EXIT_WAITING
 
     # Every manifest exists: read their headers back for the index (also those of earlier runs).
     folders = []
@@ -426,6 +455,33 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              t["large"], t["dirs"], sum(len(f["parts"] or []) for f in folders))
     log.info("next: run python_zipper.py")
     return EXIT_OK
+
+
+def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan: dict,
+                          mapped: Any) -> list[dict]:
+    """Static shards: the index needs every folder's manifest, and the other workers map theirs.
+    Wait while they make progress (a new manifest at least every LEASE_SECONDS); return the
+    folders still unmapped when they stop making any (exit 4: run the missing shards)."""
+    missing = [f for f in plan["folders"] if f["stem"] not in mapped()]
+    if not missing or records.mode != "shards":
+        return missing
+    wait = max(0.5, min(30.0, cfg.lease_seconds / 4))
+    last_change = time.monotonic()
+    while missing:
+        if time.monotonic() - last_change > cfg.lease_seconds:
+            shards = sorted({shard_of(f["name"], cfg.worker_count) for f in missing})
+            log.warning("%d folders of other shards are not mapped yet (first: %r; shards %s); the index "
+                        "is written by whichever worker of this stage ends last: run those workers",
+                        len(missing), missing[0]["name"], ", ".join(map(str, shards)))
+            return missing
+        log.info("waiting for %d folders of other shards (first: %r)", len(missing), missing[0]["name"])
+        runtime.stop.wait(wait)
+        runtime.check()
+        now = [f for f in plan["folders"] if f["stem"] not in mapped()]
+        if len(now) < len(missing):
+            last_change = time.monotonic()
+        missing = now
+    return missing
 
 
 def print_plan(gen: int, planned: list[dict]) -> None:

@@ -69,9 +69,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, DiskGate, FolderIndex, Layout,
-                       MigrationError, Rclone, RecordError, Records, Runtime, StopRequested, WorkerPool,
-                       all_generations, format_mtime, human_bytes, is_local_path, large_file_id,
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
+                       Layout, MigrationError, Rclone, RecordError, Records, Runtime, Skipped, StopRequested,
+                       WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
                        parse_mtime, plain_local_name, read_jsonl_gz, remote_join, run_script, sanitize_name,
                        staging_dir, start_run, utc_now)
@@ -651,17 +651,23 @@ class Finisher:
 def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                   gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
                   repairs: dict[str, dict], state: dict, finisher: Finisher,
-                  local: str | None) -> Iterator[tuple[Any, Any]]:
+                  local: str | None, claims: Claims | None = None,
+                  tried: set = frozenset()) -> Iterator[tuple[Any, Any]]:
     """One task per part to restore; for a folder under repair, only the parts holding damaged
     files, and only those files. A folder whose every part is zipped is verified after its
     last restore (a folder with nothing left to restore, by a task of its own). ``local`` is
-    the local DESTINATION files are renamed into, or None when rclone uploads them."""
+    the local DESTINATION files are renamed into, or None when rclone uploads them. Each
+    restore holds its part's claim where claims are in use; parts in ``tried`` failed earlier
+    in this run and are not tried again."""
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         repair = repairs.get(stem)
         all_zipped = all(p["name"] in zipped.get(stem, set()) for p in folder.get("part_table") or [])
         todo = [p["name"] for p in folder.get("part_table") or []
-                if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())]
+                if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())
+                and ("part", name, p["name"]) not in tried]
+        if any(("part", name, p["name"]) in tried for p in folder.get("part_table") or []):
+            all_zipped = False  # a part failed in this run: the folder cannot be verified now
         if not todo and not repair:
             if all_zipped:
                 yield ("folder", name, ""), lambda f=folder: finisher.finish(f)
@@ -704,12 +710,23 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             continue
         finisher.expect(stem, len(jobs) if all_zipped else len(jobs) + 1)  # + 1: never verified now
 
-        def task(job: RestoreJob, folder: dict = folder) -> dict:
+        def task(job: RestoreJob, folder: dict = folder) -> dict | Skipped:
+            def restore() -> dict:
+                return restore_part(cfg, records, layout, rclone, runtime, gate, job)
             try:
-                result = restore_part(cfg, records, layout, rclone, runtime, gate, job)
+                if claims is None:
+                    result = restore()
+                else:
+                    result = claims.run(job.stem, job.part, restore, done=lambda: not job.repair and records.head(
+                        layout.restored_record(job.stem, job.part)) is not None)
             except BaseException:
                 finisher.part_done(folder, False)
                 raise
+            if isinstance(result, Skipped) and result.why != "done":
+                finisher.part_done(folder, False)  # another worker has it: verified in a later pass
+                return result
+            if isinstance(result, Skipped):  # restored by another worker meanwhile
+                result = {"stem": job.stem, "part": job.part, "folder": job.folder, "by_another_worker": True}
             result["verification"] = finisher.part_done(folder, True)
             return result
         for job in jobs:
@@ -1083,7 +1100,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
         return EXIT_WAITING
     gen, index = latest
-    folders = index["folders"]
+    folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
+    if records.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+                 len(folders), len(index["folders"]))
     if "--verify" in argv:
         return verify_only(cfg, records, layout, rclone, runtime, gen, folders)
     zipped = records.record_names(layout.parts_root)
@@ -1114,60 +1134,86 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     state: dict = {"failed": []}
     local = local_destination(cfg, folders)
     dest_features = rclone.features(destination_root(cfg)) if pending and local is None else {}
+    claims = Claims(records, layout, runtime, SCRIPT)
+    verifier = Claims(records, layout, runtime, "verify")
 
-    def verify(folder: dict) -> dict:
+    def verify(folder: dict) -> dict | Skipped:
         stem = folder["stem"]
-        # A repair deletes the copy records of damaged large files before its restores start.
-        done = records.record_names(layout.large_root) if stem in repairs else larges
-        return finish_folder(cfg, records, layout, rclone, gen, folder, done.get(stem, set()),
-                             dest_features, repaired=stem in repairs)
 
-    finisher = Finisher(verify)
-    results = WorkerPool(cfg.max_parallel_workers, runtime).run(
-        iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored, repairs,
-                      state, finisher, local))
-    runtime.check()
+        def check() -> dict:
+            # A repair deletes the copy records of damaged large files before its restores start.
+            done = records.record_names(layout.large_root) if stem in repairs else larges
+            return finish_folder(cfg, records, layout, rclone, gen, folder, done.get(stem, set()),
+                                 dest_features, repaired=stem in repairs)
+        return verifier.run(stem, "folder", check, done=lambda: stem not in repairs and records.head(
+            layout.verified_record(gen, stem)) is not None)
+
     failed_parts: dict[str, list] = {}
     verified_now: dict[str, Any] = {}
-    for label, result in results:
-        if isinstance(result, StopRequested):
-            continue
-        if label and label[0] == "folder":
-            verified_now[label[1]] = result
-        elif isinstance(result, Exception):
-            what = f"part {label[2]} of folder {label[1]!r}" if label else "listing of parts"
-            state["failed"].append((what, str(result)))
-            log.error("%s failed: %s", what, result)
-            if label:
+    tried: set = set()  # parts that failed in this run: reported, not tried again
+    while True:
+        held: list[Skipped] = []
+        finisher = Finisher(verify)
+        for label, result in WorkerPool(cfg.max_parallel_workers, runtime).run(
+                iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored,
+                              repairs, state, finisher, local, claims, tried)):
+            if isinstance(result, StopRequested):
+                continue
+            verification = result
+            if label and label[0] == "part" and isinstance(result, dict):
+                restored.setdefault(result["stem"], set()).add(result["part"])
+                verification = result.get("verification")
+            elif label and label[0] == "part" and isinstance(result, Exception):
+                what = f"part {label[2]} of folder {label[1]!r}"
+                state["failed"].append((what, str(result)))
+                log.error("%s failed: %s", what, result)
                 failed_parts.setdefault(label[1], []).append(label[2])
-        else:
-            restored.setdefault(result["stem"], set()).add(result["part"])
-            if result.get("verification") is not None:
-                verified_now[label[1]] = result["verification"]
+                tried.add(label)
+                continue
+            elif label is None:
+                state["failed"].append(("listing of parts", str(result)))
+                continue
+            if isinstance(verification, Skipped):
+                if verification.why != "done":
+                    held.append(verification)
+            elif verification is not None:  # a folder's report, or why it could not be verified
+                verified_now[label[1]] = verification
+        runtime.check()
+        if not held:
+            break
+        claims.pause(len(held), held[0])  # then look again: finished, or stale and ours to take
+        zipped = records.record_names(layout.parts_root)
+        larges = records.record_names(layout.large_root)
+        restored = records.record_names(layout.restored_root)
+        verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.verified_of(gen))}
+        repairs = list_repairs(records, layout, gen)
+        pending = [f for f in pending if f["stem"] not in verified or f["stem"] in repairs]
+        state["failed"] = [f for f in state["failed"] if not f[0].startswith("folder ")]
+    verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.verified_of(gen))}
+    restored = records.record_names(layout.restored_root)
 
     entries: dict[str, dict] = {}
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         entries[stem] = {"folder": name, "stem": stem}
-        if stem not in pending_stems:
+        result = verified_now.get(name)
+        if isinstance(result, dict):
+            entries[stem].update(result)
+            continue
+        if stem not in pending_stems or stem in verified:
             entries[stem].update(state="verified", files=folder.get("files", 0) + folder.get("large", 0))
             continue
         where, details = folder_state(folder, zipped, restored, failed_parts)
         entries[stem].update(state=where, **details)
         if where != "ready":
             continue
-        result = verified_now.get(name)
         entry = entries[stem]
-        if result is None:  # ready, but not reached before a stop
+        if result is None or isinstance(result, StopRequested):  # ready, but not reached before a stop
             entry["state"] = "failed"
-        elif isinstance(result, StopRequested):
-            entry["state"] = "failed"
-        elif isinstance(result, Exception):
+        else:
             log.error("folder %r could not be verified: %s", name, result)
             state["failed"].append((f"verification of {name!r}", str(result)))
             entry.update(state="failed", error=str(result))
-        else:
-            entry.update(result)
     if local is not None:
         remove_local_tmp(local, everything=not state["failed"] and all(
             e["state"] == "verified" for e in entries.values()))

@@ -62,9 +62,9 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Config, ConfigError, DiskGate, Layout,
-                       MigrationError, Rclone, Records, Runtime, S3Error, StopRequested, WorkerPool,
-                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
+                       Layout, MigrationError, Rclone, RecordExists, Records, Runtime, S3Error, Skipped,
+                       StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
                        load_manifest, local_name, log_context, out, parse_mtime, plain_local_name, remote_join,
                        run_script, staging_dir, start_run, utc_now)
 
@@ -138,6 +138,14 @@ def check_etag(key: str, got: str, multipart_etag: str, whole_md5: str | None, *
 
 # Streaming a zip into S3
 
+class ObjectExists(MigrationError):
+    """A create-only write of a part object found an object at its key."""
+
+    def __init__(self, key: str):
+        super().__init__(f"s3 key {key!r} already holds an object")
+        self.key = key
+
+
 class S3Sink:
     """A write-only file for zipfile that streams into one S3 object.
 
@@ -151,7 +159,8 @@ class S3Sink:
     """
 
     def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime, *,
-                 send_md5: bool = True, uploaders: int = 2, whole_md5: bool = True):
+                 send_md5: bool = True, uploaders: int = 2, whole_md5: bool = True,
+                 create_only: bool = False):
         self.records = records
         self.s3 = records.s3
         self.bucket = records.bucket
@@ -171,6 +180,8 @@ class S3Sink:
         self.multipart = False
         self.etag: str | None = None
         self.uploaders = max(1, uploaders)
+        self.create_only = create_only  # the object appears only where no object is (fencing)
+        self._final: tuple[str, Any] | None = None
         self._queue: queue.Queue = queue.Queue()
         self._slots = threading.Semaphore(self.uploaders)  # chunks queued or uploading
         self._error: BaseException | None = None
@@ -263,18 +274,16 @@ class S3Sink:
         return any(t.is_alive() for t in self._threads)
 
     def finish(self) -> None:
-        """Send what is left and complete the object; raise on any failure."""
+        """Send what is left and complete the object; raise on any failure (ObjectExists when
+        the object may appear only where none is, and one is there)."""
         if self._error:
             raise self._error
         if self.upload_id is None and len(self.buf) <= self.chunk:
-            body = self.buf
             self.chunks = 1
-            extra = self._md5_kwargs(1, body)
+            self._md5_kwargs(1, self.buf)
             self.chunk_md5s = [self._md5_of[1]]
-            resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
-                Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/zip", **extra))
-            self.etag = resp["ETag"].strip('"')
-            return
+            self._final = ("put", self.buf)
+            return self.commit()
         if self.buf:
             body, self.buf = self.buf, bytearray()
             self._send(body)
@@ -291,10 +300,42 @@ class S3Sink:
         if [p["PartNumber"] for p in parts] != list(range(1, self.chunks + 1)):
             raise MigrationError(f"s3 key {self.key!r}: {len(parts)} chunks uploaded, {self.chunks} were cut")
         self.chunk_md5s = [self._md5_of[n] for n in range(1, self.chunks + 1)]
-        resp = self.records._wrap("CompleteMultipartUpload", self.key, lambda: self.s3.complete_multipart_upload(
-            Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}))
+        self._final = ("complete", parts)
+        return self.commit()
+
+    def commit(self) -> None:
+        """The request that makes the object appear (again after ObjectExists, once the key
+        has been cleared). The unit's claim is confirmed first: a worker that lost it never
+        publishes a part."""
+        assert self._final is not None
+        self.runtime.confirm_claim()
+        kind, what = self._final
+        cond = {"IfNoneMatch": "*"} if self.create_only else {}
+        for attempt in range(4):
+            try:
+                if kind == "put":
+                    extra = ({"ContentMD5": base64.b64encode(self._md5_of[1]).decode()} if self.send_md5
+                             else {})
+                    resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
+                        Bucket=self.bucket, Key=self.key, Body=what, ContentType="application/zip",
+                        **extra, **cond))
+                else:
+                    resp = self.records._wrap("CompleteMultipartUpload", self.key,
+                                              lambda: self.s3.complete_multipart_upload(
+                                                  Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": what}, **cond))
+                break
+            except S3Error as exc:
+                code = getattr(exc.error, "response", {}).get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", "412"):
+                    raise ObjectExists(self.key) from None
+                if code not in ("ConditionalRequestConflict", "409") or attempt == 3:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
         self.etag = resp["ETag"].strip('"')
-        self.upload_id = None
+        if kind == "complete":
+            self.upload_id = None
+        self._final = None
 
     def whole_md5(self) -> str | None:
         """MD5 of the whole object, when known (always for a single PUT)."""
@@ -550,9 +591,15 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             # server that gives it as a multipart ETag without checking each chunk's MD5.
             chunks_checked = send_md5 and records.caps.md5_checked
             sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=send_md5,
-                          uploaders=1, whole_md5=not (etags.chunked or chunks_checked))
+                          uploaders=1, whole_md5=not (etags.chunked or chunks_checked),
+                          create_only=records.caps.create_only)
             entries = write_zip(sink, job, where, skip, runtime)
-            sink.finish()
+            try:
+                sink.finish()
+            except ObjectExists:
+                recorded = clear_unrecorded(records, layout, runtime, job, sink)
+                if recorded is not None:
+                    return recorded
             head = records.head(key)
             if head is None or head["ContentLength"] != sink.total:
                 raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
@@ -562,14 +609,17 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                        chunks_checked=chunks_checked)
             etags.learn(sink, got)
             entries_body = jsonl_gz_bytes(entries)
-            entries_key = layout.part_entries(job.stem, job.part)
+            entries_sha256 = hashlib.sha256(entries_body).hexdigest()
+            entries_key = layout.part_entries(job.stem, job.part, entries_sha256)
+            runtime.confirm_claim()
             records.put_bytes(entries_key, entries_body, content_type="application/gzip")
             record = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
                       "key": key, "size": sink.total, "etag": got, "sha256": sink.sha256.hexdigest(),
                       "entries_key": entries_key,
-                      "entries_sha256": hashlib.sha256(entries_body).hexdigest(),
+                      "entries_sha256": entries_sha256,
                       "files": len(entries), "bytes": sum(e["size"] for e in entries),
                       "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
+            runtime.confirm_claim()
             if not records.put_json_once(layout.part_record(job.stem, job.part), record):
                 log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
             elapsed = time.monotonic() - started
@@ -585,6 +635,40 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
         finally:
             if os.path.exists(list_path):
                 os.remove(list_path)
+
+
+def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: PartJob,
+                     sink: S3Sink) -> dict | None:
+    """The part's key already holds an object, so ours was not published (create-only).
+
+    Recorded by another worker meanwhile: its record stands and is returned. The very bytes
+    we made (an earlier attempt of ours, killed before its record): kept, and None. Anything
+    else has no record, so nobody trusts it: it is deleted (only if it is still that object)
+    and ours published in its place. Only the holder of the unit's claim gets here.
+    """
+    key = sink.key
+    runtime.confirm_claim()
+    record = records.get_json(layout.part_record(job.stem, job.part))
+    if record is not None:
+        log.warning("part %s was published and recorded by another worker meanwhile; its record is kept",
+                    job.part)
+        return record
+    head = records.head(key)
+    ours = expected_etag(sink.chunk_md5s, multipart=sink.multipart)
+    if head is not None and head["ContentLength"] == sink.total and head.get("ETag", "").strip('"') == ours:
+        log.info("the object of part %s is already there with these very bytes (an earlier attempt)", job.part)
+        sink.etag = ours
+        return None
+    log.warning("part %s: replacing an object without a record at %s, left by an earlier attempt",
+                job.part, key)
+    if head is not None:
+        try:
+            records.delete(key, IfMatch=head["ETag"])
+        except RecordExists:
+            raise MigrationError(f"s3 key {key!r} changed while it was being cleared; another worker "
+                                 "writes this part") from None
+    sink.commit()
+    return None
 
 
 # Large files
@@ -616,6 +700,7 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                   "mtime": row["mtime"],
                   "checked_by": matched[0] if matched else "size", "created_at": utc_now(),
                   "worker": cfg.worker_id}
+        runtime.confirm_claim()
         records.put_json_once(layout.large_record(stem, file_id), record)
         log.info("large file %r copied and checked (%s) in %.1fs", rel, record["checked_by"],
                  time.monotonic() - started)
@@ -626,13 +711,19 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
 
 def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
-               stale: dict, stats: dict) -> Iterator[tuple[Any, Any]]:
-    """Yield one task per unit still to do, loading each folder's manifest only when reached."""
-    etags = EtagStyle()
+               stale: dict, stats: dict, claims: Claims, etags: EtagStyle,
+               tried: set) -> Iterator[tuple[Any, Any]]:
+    """Yield one task per unit still to do, loading each folder's manifest only when reached.
+
+    Each task holds its unit's claim where claims are in use (it returns a Skipped when another
+    worker holds or finished the unit). Units in ``tried`` failed earlier in this run and are
+    not tried again.
+    """
     for folder in folders:
         name, stem = folder["name"], folder["stem"]
         want_parts = [p["name"] for p in folder.get("part_table") or []]
-        missing_parts = [p for p in want_parts if p not in done_parts.get(stem, set())]
+        missing_parts = [p for p in want_parts if p not in done_parts.get(stem, set())
+                         and ("part", name, p) not in tried]
         if not missing_parts and not folder.get("large"):
             continue
         index_path = os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite"))
@@ -644,17 +735,23 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             continue
         try:
             larges = [r for r in index.rows("l")
-                      if large_file_id(r["path"], r["size"], r["mtime"]) not in done_large.get(stem, set())]
+                      if large_file_id(r["path"], r["size"], r["mtime"]) not in done_large.get(stem, set())
+                      and ("large", name, r["path"]) not in tried]
             for row in larges:
-                yield (("large", name, row["path"]),
-                       lambda row=row: copy_large(cfg, records, layout, rclone, runtime, name, stem, row))
+                file_id = large_file_id(row["path"], row["size"], row["mtime"])
+                yield (("large", name, row["path"]), lambda row=row, file_id=file_id: claims.run(
+                    stem, f"large-{file_id}",
+                    lambda: copy_large(cfg, records, layout, rclone, runtime, name, stem, row),
+                    done=lambda: records.head(layout.large_record(stem, file_id)) is not None))
             for part in missing_parts:
                 files = list(index.rows("f", part))
                 job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,
                               bytes=sum(f["size"] for f in files),
                               stale_uploads=stale.get(layout.part_object(stem, part), []))
-                yield (("part", name, part),
-                       lambda job=job: zip_part(cfg, records, layout, rclone, runtime, gate, job, etags))
+                yield (("part", name, part), lambda job=job: claims.run(
+                    job.stem, job.part,
+                    lambda: zip_part(cfg, records, layout, rclone, runtime, gate, job, etags),
+                    done=lambda: records.head(layout.part_record(job.stem, job.part)) is not None))
         finally:
             index.close()
 
@@ -684,7 +781,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     if index.get("source") != cfg.source:
         raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                           "the zipper must read the SOURCE that was mapped")
-    folders = index["folders"]
+    folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
+    if records.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+                 len(folders), len(index["folders"]))
     done_parts = records.record_names(layout.parts_root)
     done_large = records.record_names(layout.large_root)
     total_parts = sum(len(f.get("part_table") or []) for f in folders)
@@ -717,9 +817,29 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     gate = DiskGate(cfg, runtime)
     stats: dict = {"failed": []}
     stale = list_stale_uploads(records, cfg.prefix) if todo_parts else {}
-    results = WorkerPool(cfg.max_parallel_workers, runtime).run(
-        iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large, stale,
-                   stats))
+    claims = Claims(records, layout, runtime, SCRIPT)
+    etags = EtagStyle()
+    results: list[tuple[Any, Any]] = []
+    tried: set = set()  # units that failed in this run: reported, not tried again
+    while True:
+        held: list[Skipped] = []
+        for label, result in WorkerPool(cfg.max_parallel_workers, runtime).run(
+                iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large,
+                           stale, stats, claims, etags, tried)):
+            if isinstance(result, Skipped):
+                if result.why != "done":
+                    held.append(result)
+                continue
+            results.append((label, result))
+            if isinstance(result, Exception) and label:
+                tried.add(label)
+        runtime.check()
+        if not held:
+            break
+        claims.pause(len(held), held[0])  # then look again: finished, or stale and ours to take
+        done_parts = records.record_names(layout.parts_root)
+        done_large = records.record_names(layout.large_root)
+        stats["failed"] = []
     made = skipped_files = 0
     touched: set[str] = set()
     failed = list(stats["failed"])

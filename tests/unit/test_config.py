@@ -201,13 +201,18 @@ def test_worker_index_defaults_from_the_job_engine(base, var):
     assert f"{var}=1" in str(err)
 
 
+def test_several_workers_are_accepted_with_their_index(base):
+    cfg = from_env({**base, **REQUIRED["zipper"], "WORKER_COUNT": "3", "JOB_COMPLETION_INDEX": "2",
+                    "LEASE_SECONDS": "5"})
+    assert (cfg.worker_count, cfg.worker_index, cfg.lease_seconds) == (3, 2, 5)
+
+
 def test_explicit_worker_index_wins_over_job_engine(base):
     cfg = from_env({**base, **REQUIRED["zipper"], "WORKER_INDEX": "0", "JOB_COMPLETION_INDEX": "7"})
     assert cfg.worker_index == 0
 
 
-@pytest.mark.parametrize("name, value", [("PROPAGATE_DELETES", "yes"),
-                                         ("WORKER_COUNT", "2")])
+@pytest.mark.parametrize("name, value", [("PROPAGATE_DELETES", "yes")])
 def test_unsupported_features_are_refused_not_ignored(base, name, value):
     err = config_error({**base, **REQUIRED["zipper"], name: value})
     assert name in str(err)

@@ -14,7 +14,8 @@ from botocore.stub import ANY, Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 
-from common_s3 import (Capabilities, RecordError, RecordExists, Records, S3AuthError, S3Error,
+import common_s3
+from common_s3 import (Capabilities, MigrationError, RecordError, RecordExists, Records, S3AuthError, S3Error,
                        S3NotFoundError)
 
 BUCKET = "unit-bucket"
@@ -206,15 +207,44 @@ def test_create_only_is_not_sent_before_the_server_is_known_to_enforce_it(stubbe
     records.put_bytes("k", b"x", create_only=True)
 
 
-@pytest.mark.parametrize("code, status", [("PreconditionFailed", 412), ("ConditionalRequestConflict", 409)])
-def test_refused_create_only_write_is_record_exists(stubbed, code, status):
+def test_refused_create_only_write_is_record_exists(stubbed):
     records, stubber = stubbed
     records.caps = Capabilities(True, True, True)
-    stubber.add_client_error("put_object", service_error_code=code, http_status_code=status,
+    stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412,
                              expected_params={"Bucket": BUCKET, "Key": "k", "Body": b"x",
                                               "ContentMD5": ANY, "ContentType": ANY, "IfNoneMatch": "*"})
     with pytest.raises(RecordExists):
         records.put_bytes("k", b"x", create_only=True)
+
+
+PUT_ONCE = {"Bucket": BUCKET, "Key": "k", "Body": b"x", "ContentMD5": ANY, "ContentType": ANY,
+            "IfNoneMatch": "*"}
+
+
+def test_a_conflicting_conditional_write_is_tried_again(stubbed, monkeypatch):
+    """409 ConditionalRequestConflict (AWS: another conditional write on the key is in flight)
+    is not a refusal: the write is sent again, and here it succeeds."""
+    monkeypatch.setattr(common_s3.time, "sleep", lambda s: None)
+    records, stubber = stubbed
+    records.caps = Capabilities(True, True, True)
+    stubber.add_client_error("put_object", service_error_code="ConditionalRequestConflict",
+                             http_status_code=409, expected_params=PUT_ONCE)
+    stubber.add_response("put_object", {"ETag": '"e"'}, PUT_ONCE)
+    assert records.put_once("k", b"x") is True
+    stubber.assert_no_pending_responses()
+
+
+def test_conflicts_that_never_end_leave_no_false_record(stubbed, monkeypatch):
+    """Four 409s, then nothing at the key: neither "written" nor "another worker's record"."""
+    monkeypatch.setattr(common_s3.time, "sleep", lambda s: None)
+    records, stubber = stubbed
+    records.caps = Capabilities(True, True, True)
+    for _ in range(4):
+        stubber.add_client_error("put_object", service_error_code="ConditionalRequestConflict",
+                                 http_status_code=409, expected_params=PUT_ONCE)
+    stubber.add_client_error("get_object", service_error_code="NoSuchKey", http_status_code=404)
+    with pytest.raises(MigrationError, match="conflicting writes"):
+        records.put_once("k", b"x")
 
 
 def test_put_errors_are_typed(stubbed):

@@ -70,7 +70,7 @@ Exit codes:
   2    invalid configuration or usage
   3    partial: some items failed after retries, the rest is done; run again to resume
   4    waiting: an earlier stage has not finished some folders; run again later
-  75   another instance holds the lock
+  75   another instance holds the lock, or DESTINATION is paused for a provider quota (run again later)
   130  stopped by SIGINT, progress is saved
   143  stopped by SIGTERM, progress is saved
 """
@@ -169,10 +169,45 @@ class RcloneError(MigrationError):
         tail_lower = stderr_tail.lower()
         self.disk_full = ("no space left on device" in tail_lower
                           or "too big for remaining disk space" in tail_lower)
-        self.retryable = (timed_out or returncode in (1, 5, 6)) and not self.disk_full
+        self.quota = quota_hit(returncode, stderr_tail)
+        self.retryable = (timed_out or returncode in (1, 5, 6)) and not self.disk_full and not self.quota
         reason = "timed out" if timed_out else f"exited {returncode}"
         tail = stderr_tail.strip().splitlines()[-3:]
         super().__init__(f"rclone {what} {reason}" + (f": {' | '.join(tail)}" if tail else ""))
+
+
+# What rclone says when a provider refuses uploads for a quota that only time lifts: Google
+# Drive's daily upload limit (about 750 GB a day per account), which rclone's
+# --drive-stop-on-upload-limit turns into a fatal error (exit 7), and Drive's per-shared-drive
+# file limit. Retrying these only hammers the provider.
+QUOTA_MARKERS = ("received upload limit error", "uploadlimitexceeded", "user rate limit exceeded",
+                 "userratelimitexceeded", "received shared drive file limit error",
+                 "teamdrivefilelimitexceeded")
+QUOTA_PAUSE_S = 24 * 3600  # Drive's upload limit is a rolling 24 hours
+
+
+def quota_hit(returncode: int | None, stderr_tail: str) -> str | None:
+    """The line of rclone's output that names a provider quota, when its exit was fatal (7)."""
+    if returncode != 7:
+        return None
+    for line in stderr_tail.splitlines():
+        if any(m in line.lower() for m in QUOTA_MARKERS):
+            return line.strip()[:500]
+    return None
+
+
+class QuotaPaused(MigrationError):
+    """DESTINATION refuses uploads for a quota; every worker of the migration pauses."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, pause: Mapping[str, Any]):
+        self.pause = dict(pause)
+        super().__init__(
+            f"DESTINATION refused uploads for a provider quota (detected {pause.get('detected_at')} by "
+            f"worker {pause.get('worker')}: {pause.get('message')}); every worker of this migration "
+            f"pauses until {pause.get('retry_after')}. Run again after that (or delete "
+            f"{pause.get('key')!r} once the quota is lifted); restored parts are kept")
 
 
 class RcloneMissingError(MigrationError):
@@ -1023,6 +1058,8 @@ class Runtime:
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self.local = threading.local()  # .claim: the claim of the unit this thread works on
+        self.paused: dict | None = None  # the provider-quota pause that stopped this run
+        self.on_quota: Callable[[RcloneError], dict] | None = None  # records a pause on S3
 
     def _save(self) -> None:
         if self.children_file:
@@ -1073,6 +1110,16 @@ class Runtime:
         claim = getattr(self.local, "claim", None)
         if claim is not None:
             claim.owner.confirm(claim)
+
+    def pause(self, pause: dict) -> None:
+        """Stop every unit (as cleanly as for a signal) because DESTINATION is paused."""
+        if self.paused is None:
+            self.paused = dict(pause)
+        self.stop.set()
+        with self._lock:
+            children = list(self._children)
+        for proc in children:
+            _terminate_group(proc)
 
     def unit_lost(self) -> threading.Event | None:
         """The event set when this thread's unit loses its claim (None: no claim)."""
@@ -1458,7 +1505,7 @@ def in_shard(cfg: Config, mode: str, folder: str) -> bool:
     return mode != "shards" or shard_of(folder, cfg.worker_count) == cfg.worker_index
 
 
-__all__ += ["ClaimLost", "Claim", "Claims", "Skipped", "lease_clock", "shard_of", "choose_mode", "in_shard"]
+__all__ += ["QuotaPaused", "DestinationPause", "ClaimLost", "Claim", "Claims", "Skipped", "lease_clock", "shard_of", "choose_mode", "in_shard"]
 
 
 # rclone runner
@@ -1572,10 +1619,14 @@ class Rclone:
             if proc.poll() is None:
                 _terminate_group(proc, signal.SIGKILL)
                 proc.wait()
-        self.runtime.check()
+        if self.runtime.paused is None:
+            self.runtime.check()
         if proc.returncode != 0 or state["timed_out"]:
-            raise RcloneError(what, proc.returncode, self._argv(args), "\n".join(tail),
-                              timed_out=state["timed_out"])
+            error = RcloneError(what, proc.returncode, self._argv(args), "\n".join(tail),
+                                timed_out=state["timed_out"])
+            if error.quota and self.runtime.on_quota is not None:
+                raise QuotaPaused(self.runtime.on_quota(error))
+            raise error
         return RcloneResult(proc.returncode, out_file.getvalue().decode("utf-8", "replace"), "\n".join(tail))
 
     def lsjson(self, path: str, flags: Sequence[str], *, what: str,
@@ -2230,6 +2281,8 @@ class Heartbeat:
     def _loop(self) -> None:
         while not self._done.wait(self.interval_s):
             self.write("running")
+            if self.runtime.on_quota is not None and not self.cfg.dry_run:
+                DestinationPause(self.records, Layout(self.cfg.prefix), self.runtime).watch()
 
     def __enter__(self) -> "Heartbeat":
         self.write("running")
@@ -2238,7 +2291,10 @@ class Heartbeat:
 
     def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
         self._done.set()
-        if self.runtime.signum is not None or isinstance(exc, (Interrupted, StopRequested)):
+        if self.runtime.paused is not None or isinstance(exc, QuotaPaused):
+            state = "paused"
+            self.progress.last_error = f"paused for DESTINATION's quota until {(self.runtime.paused or {}).get('retry_after')}"
+        elif self.runtime.signum is not None or isinstance(exc, (Interrupted, StopRequested)):
             state = "stopped"
         elif exc is not None or self.progress.exit_code not in (EXIT_OK, None):
             state = "unfinished"
@@ -2265,7 +2321,63 @@ def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilitie
                     "%s against this migration at the same time (to use several, set WORKER_COUNT "
                     "and a distinct WORKER_INDEX on each: static shards)", cfg.script)
     runtime.progress.mode = f"{caps.describe()}; {records.mode}"
+    if cfg.script in ("zipper", "unzipper"):  # the two that write to DESTINATION
+        pause = DestinationPause(records, layout, runtime)
+        current = pause.current()
+        if current is not None:
+            runtime.paused = current
+            raise QuotaPaused(current)
+        runtime.on_quota = pause.record
     return caps
+
+
+class DestinationPause:
+    """``P_pause/destination.json``: DESTINATION refused uploads for a provider quota.
+
+    Written by the worker whose rclone met the quota; read by every zipper and unzipper at
+    start and by their heartbeats while they run, so all workers of the migration stop
+    instead of hammering the provider. It names when to try again; a start after that time
+    deletes it and goes on.
+    """
+
+    def __init__(self, records: "Records", layout: "Layout", runtime: Runtime):
+        self.records = records
+        self.key = layout.pause
+        self.runtime = runtime
+
+    def current(self) -> dict | None:
+        pause = self.records.get_json(self.key)
+        if pause is None:
+            return None
+        if not isinstance(pause, dict) or not isinstance(pause.get("retry_after"), str):
+            raise RecordError(self.key, "not a pause record; delete it to go on")
+        if parse_mtime(pause["retry_after"]) > time.time():
+            return {**pause, "key": self.key}
+        log.info("the pause for DESTINATION's quota ended at %s; going on", pause["retry_after"])
+        with contextlib.suppress(MigrationError):
+            self.records.delete(self.key)
+        return None
+
+    def record(self, error: RcloneError) -> dict:
+        now = time.time()
+        pause = {"detected_at": format_mtime(now), "retry_after": format_mtime(now + QUOTA_PAUSE_S),
+                 "worker": self.records.cfg.worker_id, "script": self.records.cfg.script,
+                 "message": error.quota or str(error)[:500], "key": self.key}
+        try:
+            self.records.put_json(self.key, pause)
+        except (MigrationError, OSError) as exc:
+            log.error("could not record the pause on S3 (%s); other workers will meet the quota themselves", exc)
+        self.runtime.pause(pause)
+        return pause
+
+    def watch(self) -> None:
+        """From the heartbeat: another worker recorded a pause, so this one stops too."""
+        if self.runtime.paused is None:
+            with contextlib.suppress(MigrationError, OSError):
+                current = self.current()
+                if current is not None:
+                    log.error("another worker recorded a pause for DESTINATION's quota; stopping")
+                    self.runtime.pause(current)
 
 
 class ProgressPrinter:
@@ -2334,9 +2446,12 @@ _NEXT = {"mapper": "python python_zipper.py", "zipper": "python python_unzipper.
 _BEFORE = {"mapper": "", "zipper": "python master_mapper.py", "unzipper": "python python_zipper.py"}
 
 
-def final_line(script: str, code: int) -> str:
+def final_line(script: str, code: int, paused: Mapping[str, Any] | None = None) -> str:
     """One plain line for the end of every run: what happened and what to do next."""
     me = {"mapper": "master_mapper.py", "zipper": "python_zipper.py", "unzipper": "python_unzipper.py"}[script]
+    if code == EXIT_LOCKED and paused:
+        return (f"paused: DESTINATION refused uploads for a provider quota; run python {me} again after "
+                f"{paused.get('retry_after')} (every worker of this migration waits too)")
     return {
         EXIT_OK: f"done. Next: {_NEXT[script]}",
         EXIT_FAILED: f"failed with a fatal error (above); fix it and run python {me} again; completed work is kept",
@@ -2381,7 +2496,11 @@ def collect_status(records: Records, layout: Layout) -> dict:
     for group in beats.values():
         group.sort(key=lambda b: b.get("updated_at") or "", reverse=True)
     status: dict[str, Any] = {"generation": None, "folders": [], "heartbeats": beats,
-                              "generations": all_generations(records, layout)}
+                              "generations": all_generations(records, layout),
+                              "claims": collect_claims(records, layout),
+                              "pause": records.get_json(layout.pause)}
+    modes = [b.get("mode") for group in beats.values() for b in group[:1] if b.get("mode")]
+    status["mode"] = modes[0] if modes else None
     if latest is None:
         return status
     gen, index = latest
@@ -2419,6 +2538,45 @@ def collect_status(records: Records, layout: Layout) -> dict:
     return status
 
 
+def collect_claims(records: Records, layout: Layout) -> list[dict]:
+    """Live claims, their ages from the S3 server's own clock (its Date header against the
+    object's LastModified) and from the holder's (taken_at to renewed_at): no two machines'
+    clocks are ever compared."""
+    claims = []
+    for item in records.list_keys(layout.claims_root):
+        key = item["Key"]
+        try:
+            resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
+            body = json.loads(resp["Body"].read())
+        except S3Error as exc:
+            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+                continue  # released meanwhile
+            raise
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = {}
+        server_now = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            import email.utils
+            since_renewal = (email.utils.parsedate_to_datetime(server_now) - resp["LastModified"]).total_seconds()
+        except (TypeError, ValueError, KeyError):
+            since_renewal = None
+        try:
+            held = parse_mtime(body["renewed_at"]) - parse_mtime(body["taken_at"]) + (since_renewal or 0)
+        except (KeyError, TypeError, ValueError):
+            held = None
+        stage, stem, unit = (key[len(layout.claims_root):].rsplit(".json", 1)[0].split("/", 2) + ["", ""])[:3]
+        lease = body.get("lease_seconds")
+        claims.append({"stage": stage, "stem": stem, "unit": unit, "worker": body.get("worker", "?"),
+                       "held_for_s": held, "since_renewal_s": since_renewal, "lease_seconds": lease,
+                       "stale": bool(since_renewal is not None and isinstance(lease, (int, float))
+                                     and since_renewal > lease)})
+    return claims
+
+
+def _fmt_age(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{max(0.0, seconds):.0f}s"
+
+
 def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     """``--status``: one table across all stages, from S3 only; no lock; exit 0."""
     status = collect_status(records, layout)
@@ -2450,6 +2608,22 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
             rate = beat.get("bytes_per_s") if beat and beat.get("state") == "running" else None
             eta = left / rate if rate else None
             out.info(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
+    out.info(f"mode: {status['mode'] or 'not known yet (no worker has run)'}\n")
+    pause = status.get("pause")
+    if isinstance(pause, dict):
+        out.info(f"PAUSED: DESTINATION refused uploads for a provider quota at {pause.get('detected_at')} "
+                 f"(worker {pause.get('worker')}: {pause.get('message')}); workers wait until "
+                 f"{pause.get('retry_after')}\n")
+    if status["claims"]:
+        rows = [("claim", "unit", "worker", "held for", "last renewal", "stale")]
+        for c in status["claims"]:
+            rows.append((f"{c['stage']} {c['stem']}"[:50], c["unit"], c["worker"], _fmt_age(c["held_for_s"]),
+                         _fmt_age(c["since_renewal_s"]) + " ago",
+                         "yes" if c["stale"] else "no"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out.info(f"{len(status['claims'])} live claims:\n")
+        for r in rows:
+            out.info("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
     for script in ("mapper", "zipper", "unzipper"):
         for beat in (status["heartbeats"].get(script) or [])[:3]:
             out.info(f"{script} worker {beat.get('worker')}: {beat.get('state')}, updated {beat.get('updated_at')}, "
@@ -2549,7 +2723,8 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
                         signal.Signals(exc.signum).name)
         except StopRequested:
             code = 128 + (runtime.signum or signal.SIGTERM)
-            log.warning("stopped; completed parts are kept, run again to continue")
+            if runtime.paused is None:
+                log.warning("stopped; completed parts are kept, run again to continue")
         except LockHeldError as exc:
             code = exc.exit_code
             log.error("%s", exc)
@@ -2570,6 +2745,9 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
             log.exception("unexpected error; completed parts are kept, run again to continue")
             code = EXIT_FAILED
         finally:
+            if runtime.paused is not None and runtime.signum is None and code != EXIT_LOCKED:
+                code = EXIT_LOCKED
+                log.error("%s", QuotaPaused(runtime.paused))
             if runtime.signum is not None and code not in (130, 143, 129):
                 code = 128 + runtime.signum
             runtime.kill_children()
@@ -2581,5 +2759,5 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
         if cfg.dry_run and code == EXIT_OK:
             log.info("dry run done: nothing was changed; run again without DRY_RUN to do it")
         else:
-            (log.info if code == EXIT_OK else log.error)("%s", final_line(script, code))
+            (log.info if code == EXIT_OK else log.error)("%s", final_line(script, code, runtime.paused))
     return code

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, Env, base_env
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 
@@ -202,8 +202,6 @@ def test_a_killed_and_a_frozen_worker_are_taken_over(env):
 def test_static_shards_on_a_server_without_conditional_writes(tmp_path, rclone_s3):
     """rclone serve s3 ignores If-None-Match and If-Match: two workers per stage with
     WORKER_COUNT=2 each do only their own folders; nothing is done twice."""
-    from conftest import Env, base_env
-    import boto3
     endpoint, _data = rclone_s3
     bucket = f"shards-{os.getpid()}-{random.randrange(10**6)}"
     env = Env(endpoint=endpoint, bucket=bucket, tmp=str(tmp_path), vars=base_env(str(tmp_path), endpoint, bucket))
@@ -227,4 +225,3 @@ def test_static_shards_on_a_server_without_conditional_writes(tmp_path, rclone_s
         assert not (per_worker[0] & per_worker[1])
     assert_same_tree(env.source, env.destination)
     assert not any("/_claims/" in k for k in env.objects())
-    del boto3

@@ -168,6 +168,10 @@ def test_a_killed_and_a_frozen_worker_are_taken_over(env):
     frozen_key = wait_for_claim(env, "zipper", "w1")
     signal_worker(env, frozen, 1, "zipper", signal.SIGSTOP)
     frozen_at = time.monotonic()
+    time.sleep(float(LEASE) + 1)
+    status = env.run("python_zipper.py", "--status")
+    rows = [line.split() for line in status.stdout.splitlines() if line.startswith("  zipper ")]
+    assert {r[3] for r in rows} == {"w0", "w1"} and all(r[-1] == "yes" for r in rows), status.stdout
     survivor = finish({2: start(env, "python_zipper.py", 2)})
     assert_all_exit_0(survivor, "zipper")
     took = [e for e in survivor[2][1] if e.get("message", "").startswith("took over zipper unit")]

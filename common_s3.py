@@ -1477,7 +1477,7 @@ class Claims:
 
     def pause(self, held: int, first: Skipped | None) -> None:
         """Between two passes over the units, while ``held`` are claimed by other workers."""
-        wait = max(0.5, min(30.0, self.lease / 4))
+        wait = max(0.5, min(5.0, self.lease / 6))
         log.info("%d units are claimed by other workers (first held by %s); looking again in %.0fs, "
                  "taking over any claim unchanged for %gs", held, first.holder if first else "?", wait,
                  self.lease)

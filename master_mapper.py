@@ -36,6 +36,10 @@ Environment variables (default in brackets):
   DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
   LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
   WORKER_ID                name of this worker in records and logs [host-pid-random]
+  WORKER_COUNT             workers of this stage at once; only for static shards, where the S3
+                           server ignores conditional writes (else claims need no count) [1]
+  WORKER_INDEX             this worker's shard [JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, 0]
+  LEASE_SECONDS            a claim unchanged this long is taken over by another worker [600]
 
 Example:
   SOURCE=onedrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\
@@ -465,7 +469,7 @@ def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan:
     missing = [f for f in plan["folders"] if f["stem"] not in mapped()]
     if not missing or records.mode != "shards":
         return missing
-    wait = max(0.5, min(30.0, cfg.lease_seconds / 4))
+    wait = max(0.5, min(5.0, cfg.lease_seconds / 6))
     last_change = time.monotonic()
     while missing:
         if time.monotonic() - last_change > cfg.lease_seconds:

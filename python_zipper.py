@@ -38,6 +38,10 @@ Environment variables (default in brackets):
   DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
   LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
   WORKER_ID                name of this worker in records and logs [host-pid-random]
+  WORKER_COUNT             workers of this stage at once; only for static shards, where the S3
+                           server ignores conditional writes (else claims need no count) [1]
+  WORKER_INDEX             this worker's shard [JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, 0]
+  LEASE_SECONDS            a claim unchanged this long is taken over by another worker [600]
 
 Example:
   SOURCE=onedrive:"Work Files" DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub \\

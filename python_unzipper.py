@@ -131,15 +131,22 @@ def local_destination(cfg: Config, folders: Sequence[dict] = ()) -> str | None:
     return root
 
 
-def remove_local_tmp(root: str, *, everything: bool) -> None:
-    """The staging folder beside a local DESTINATION: removed when empty, and with what killed
-    runs left in it once every folder is verified (nothing there is needed any more)."""
+def remove_local_tmp(root: str, *, everything: bool, worker_id: str = "") -> None:
+    """The staging folder beside a local DESTINATION. ``everything`` (every folder of the map
+    verified, by any worker): removed with what killed runs left in it. Otherwise only this
+    worker's own staging folders go (other workers on this machine may be using theirs), and
+    the folder itself when empty."""
     path = os.path.join(root, LOCAL_TMP)
     if everything:
         shutil.rmtree(path, ignore_errors=True)
-    else:
+        return
+    if worker_id:
         with contextlib.suppress(OSError):
-            os.rmdir(path)
+            for name in os.listdir(path):
+                if name.endswith("." + worker_id):
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def place_files(staging: str, target: str, names: Sequence[str]) -> None:
@@ -353,7 +360,8 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
         what = f"part {job.part} of {job.folder or '(root)'}"
         local = job.local
         if local is not None:  # staged beside DESTINATION, then renamed into place
-            staging = os.path.join(local, LOCAL_TMP, local_name(job.stem, job.part))
+            # Named by worker too: workers on one machine may share a local DESTINATION.
+            staging = os.path.join(local, LOCAL_TMP, local_name(job.stem, job.part, cfg.worker_id))
             reserve: Any = contextlib.nullcontext()
         else:
             staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
@@ -1219,8 +1227,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             state["failed"].append((f"verification of {name!r}", str(result)))
             entry.update(state="failed", error=str(result))
     if local is not None:
+        # Every folder of the map, not only this worker's shard: others may still be staging.
         remove_local_tmp(local, everything=not state["failed"] and all(
-            e["state"] == "verified" for e in entries.values()))
+            e["state"] == "verified" for e in entries.values())
+            and all(f["stem"] in verified for f in index["folders"]), worker_id=cfg.worker_id)
     report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
     path = write_report(cfg, records, layout, report)
     print_report(report)

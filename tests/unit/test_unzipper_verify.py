@@ -359,3 +359,16 @@ def test_finisher_returns_a_verification_error_instead_of_raising():
     finisher = python_unzipper.Finisher(broken)
     finisher.expect("A", 1)
     assert isinstance(finisher.part_done({"stem": "A"}, True), RecordError)
+
+
+def test_a_worker_removes_only_its_own_staging_beside_a_shared_destination(tmp_path):
+    """Workers on one machine may share a local DESTINATION: until every folder of the map is
+    verified, one worker's end must not remove another's staging folders."""
+    tmp = tmp_path / python_unzipper.LOCAL_TMP
+    for name in ("Photos-abc.Part1.w1", "Photos-abc.Part2.w2", "Docs-def.Full"):
+        (tmp / name).mkdir(parents=True)
+        (tmp / name / "f").write_bytes(b"x")
+    python_unzipper.remove_local_tmp(str(tmp_path), everything=False, worker_id="w1")
+    assert sorted(os.listdir(tmp)) == ["Docs-def.Full", "Photos-abc.Part2.w2"]
+    python_unzipper.remove_local_tmp(str(tmp_path), everything=True, worker_id="w1")
+    assert not tmp.exists()

@@ -1476,8 +1476,13 @@ class Claims:
             self.confirm(claim)
 
     def pause(self, held: int, first: Skipped | None) -> None:
-        """Between two passes over the units, while ``held`` are claimed by other workers."""
-        wait = max(0.5, min(5.0, self.lease / 6))
+        """Between two passes over the units, while ``held`` are claimed by other workers: half
+        a second at first (units usually finish soon), doubling while the count does not fall,
+        up to min(LEASE_SECONDS/6, 10) s, so an idle worker costs a few requests a minute."""
+        longest = max(0.5, min(10.0, self.lease / 6))
+        last = getattr(self, "_last_pause", None)
+        wait = min(longest, last[1] * 2) if last and held >= last[0] else 0.5
+        self._last_pause = (held, wait)
         log.info("%d units are claimed by other workers (first held by %s); looking again in %.0fs, "
                  "taking over any claim unchanged for %gs", held, first.holder if first else "?", wait,
                  self.lease)

@@ -469,7 +469,7 @@ def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan:
     missing = [f for f in plan["folders"] if f["stem"] not in mapped()]
     if not missing or records.mode != "shards":
         return missing
-    wait = max(0.5, min(5.0, cfg.lease_seconds / 6))
+    wait, longest = 0.5, max(0.5, min(10.0, cfg.lease_seconds / 6))
     last_change = time.monotonic()
     while missing:
         if time.monotonic() - last_change > cfg.lease_seconds:
@@ -481,6 +481,7 @@ def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan:
         log.info("waiting for %d folders of other shards (first: %r)", len(missing), missing[0]["name"])
         runtime.stop.wait(wait)
         runtime.check()
+        wait = min(longest, wait * 2)
         now = [f for f in plan["folders"] if f["stem"] not in mapped()]
         if len(now) < len(missing):
             last_change = time.monotonic()

@@ -177,8 +177,9 @@ def test_a_killed_and_a_frozen_worker_are_taken_over(env):
     took = [e for e in survivor[2][1] if e.get("message", "").startswith("took over zipper unit")]
     assert {m["message"].split()[4] for m in took} >= {killed_key.rsplit("/", 1)[1][:-5],
                                                         frozen_key.rsplit("/", 1)[1][:-5]}, took
-    print(f"takeover: {len(took)} units, last {time.monotonic() - killed_at:.1f}s after the kill, "
-          f"{time.monotonic() - frozen_at:.1f}s after the freeze (lease {LEASE}s)")
+    print(f"{parts} parts; takeover: {len(took)} units ({', '.join(m['message'] for m in took)}); survivor "
+          f"ended {time.monotonic() - killed_at:.1f}s after the kill, {time.monotonic() - frozen_at:.1f}s "
+          f"after the freeze (lease {LEASE}s)")
 
     before = {k: v for k, v in env.objects().items() if "/_parts/" in k or k.endswith(".zip")}
     signal_worker(env, frozen, 1, "zipper", signal.SIGCONT)
@@ -201,6 +202,8 @@ def test_a_killed_and_a_frozen_worker_are_taken_over(env):
     assert any(e.get("message", "").startswith("took over unzipper unit")
                for _c, ev in results.values() for e in ev)
     assert_same_tree(env.source, env.destination)
+    print(f"zipper: {len(uploaded)} parts uploaded once each; unzipper: "
+          f"{len(events_per_part(results, 'part restored'))} parts restored by the two survivors")
 
 
 def test_static_shards_on_a_server_without_conditional_writes(tmp_path, rclone_s3):

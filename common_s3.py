@@ -989,6 +989,11 @@ class InstanceLock:
         self.sleep = sleep
         self.clock = clock
         self.fd: int | None = None
+        # A token per run: claims on S3 carry it, and every later holder of this lock knows the
+        # earlier runs' tokens, so a run's claims left by kill -9 are taken over at once by the
+        # next run on this WORK_DIR instead of after LEASE_SECONDS (that run is provably dead).
+        self.run = f"{random.randrange(16**16):016x}"
+        self.earlier: list[str] = []
 
     def _holder(self) -> dict:
         try:
@@ -1019,7 +1024,11 @@ class InstanceLock:
                              holder.get("pid"), holder.get("host"), self.path)
                     announced = True
                 self.sleep(min(1.0, max(0.05, deadline - self.clock())))
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+        old = self._holder()
+        earlier = [t for t in (old.get("earlier_runs") or []) + [old.get("run")] if isinstance(t, str) and t]
+        self.earlier = earlier[-50:]
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "run": self.run,
+                  "earlier_runs": self.earlier,
                   "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -1027,8 +1036,9 @@ class InstanceLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # no holder now; the runs that held it stay known
                 os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, json.dumps({"earlier_runs": (self.earlier + [self.run])[-50:]}).encode(), 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
@@ -1059,6 +1069,8 @@ class Runtime:
         self._lock = threading.Lock()
         self.local = threading.local()  # .claim: the claim of the unit this thread works on
         self.paused: dict | None = None  # the provider-quota pause that stopped this run
+        self.run_token = ""  # this run's token, from the instance lock (claims carry it)
+        self.dead_runs: set[str] = set()  # tokens of earlier runs on this WORK_DIR: all ended
         self.on_quota: Callable[[RcloneError], dict] | None = None  # records a pause on S3
 
     def _save(self) -> None:
@@ -1313,7 +1325,7 @@ class Claims:
     # S3
     def _body(self, unit: str, taken_at: str) -> dict:
         return {"worker": self.cfg.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "stage": self.stage, "unit": unit, "lease_seconds": self.lease, "taken_at": taken_at,
+                "run": self.runtime.run_token, "stage": self.stage, "unit": unit, "lease_seconds": self.lease, "taken_at": taken_at,
                 "renewed_at": utc_now(), "nonce": f"{random.randrange(16**16):016x}"}
 
     def _put(self, key: str, body: dict, **condition: str) -> str | None:
@@ -1357,20 +1369,26 @@ class Claims:
             if holder == self.cfg.worker_id and key not in self._held:
                 holder += " (this worker's name, left by an earlier run)"
             now = lease_clock()
+            dead = other.get("run") in self.runtime.dead_runs  # a killed earlier run of this WORK_DIR
             seen = self._seen.get(key)
-            if seen is None or seen[0] != etag:
-                self._seen[key] = (etag, now)
-                return Skipped("held", holder)
-            if now - seen[1] < self.lease:
-                return Skipped("held", holder)
+            if not dead:
+                if seen is None or seen[0] != etag:
+                    self._seen[key] = (etag, now)
+                    return Skipped("held", holder)
+                if now - seen[1] < self.lease:
+                    return Skipped("held", holder)
             body = self._body(unit, utc_now())
             new = self._put(key, body, IfMatch=f'"{etag}"')
             if new is None:
                 return Skipped("held", holder)
             self._seen.pop(key, None)
             self.taken_over += 1
-            log.warning("took over %s unit %s from worker %s: its claim did not change for %.0fs "
-                        "(LEASE_SECONDS=%g)", self.stage, unit, holder, now - seen[1], self.lease)
+            if dead:
+                log.warning("took over %s unit %s from worker %s, an earlier run on this WORK_DIR that "
+                            "ended without releasing it", self.stage, unit, holder)
+            else:
+                log.warning("took over %s unit %s from worker %s: its claim did not change for %.0fs "
+                            "(LEASE_SECONDS=%g)", self.stage, unit, holder, now - seen[1], self.lease)
             return self._hold(Claim(key, unit, new, body, started))
         return Skipped("held", "?")
 
@@ -2704,6 +2722,7 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
                 held = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
                 held.acquire()
                 lock = held  # only now is the temporary folder ours to clean
+                runtime.run_token, runtime.dead_runs = held.run, set(held.earlier)
                 ended = end_orphans(children_file)
                 if ended:
                     log.warning("ended %d rclone processes left running by a killed run", ended)

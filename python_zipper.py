@@ -743,10 +743,11 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                       and ("large", name, r["path"]) not in tried]
             for row in larges:
                 file_id = large_file_id(row["path"], row["size"], row["mtime"])
-                yield (("large", name, row["path"]), lambda row=row, file_id=file_id: claims.run(
-                    stem, f"large-{file_id}",
-                    lambda: copy_large(cfg, records, layout, rclone, runtime, name, stem, row),
-                    done=lambda: records.head(layout.large_record(stem, file_id)) is not None))
+                # Every name is bound now: the generator moves on to other folders before it runs.
+                yield (("large", name, row["path"]), lambda row=row, file_id=file_id, name=name, stem=stem:
+                       claims.run(stem, f"large-{file_id}",
+                                  lambda: copy_large(cfg, records, layout, rclone, runtime, name, stem, row),
+                                  done=lambda: records.head(layout.large_record(stem, file_id)) is not None))
             for part in missing_parts:
                 files = list(index.rows("f", part))
                 job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,

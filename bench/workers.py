@@ -94,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         for hub_name in hubs:
             hub = (bench.S3Server("hub", os.path.join(work, "hub"), rclone, logs) if hub_name == "rclone"
                    else MotoHub(logs))
+            proxy = bench.Proxy(hub_name, hub.url, logs)  # counts every S3 request of the workers
             for n in [int(c) for c in args.counts.split(",")]:
                 label = f"{hub_name}-{n}"
                 bucket = f"hub-{hub_name}-{n}"
                 hub.boto3().create_bucket(Bucket=bucket)
                 dest = os.path.join(work, f"dest-{label}")
                 env = {**bench.clean_env(), "PATH": os.path.dirname(rclone) + os.pathsep + os.environ["PATH"],
-                       "SOURCE": source, "DESTINATION": dest, "S3_BUCKET": bucket, "S3_ENDPOINT": hub.url,
+                       "SOURCE": source, "DESTINATION": dest, "S3_BUCKET": bucket, "S3_ENDPOINT": proxy.url,
                        "AWS_ACCESS_KEY_ID": hub.key, "AWS_SECRET_ACCESS_KEY": hub.secret,
                        "AWS_REGION": "us-east-1", "RCLONE_CONFIG": os.devnull,
                        "MAX_PARALLEL_WORKERS": args.parallel, "LEASE_SECONDS": "60",
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"hub": hub_name, "workers": n, "mode": "shards" if hub_name == "rclone" else "claims"}
                 total = 0.0
                 for stage, script in bench.SCRIPTS:
+                    before = proxy.stats()
                     r = run_stage(script, n, env, work, logs, label)
+                    r["requests"] = bench.stats_diff(before, proxy.stats())["total"]
                     row[stage] = r
                     total += r["wall_s"]
                     bench.log(f"{label}: {stage} {r['wall_s']:.1f}s exit codes {r['codes']}")
@@ -122,20 +125,23 @@ def main(argv: list[str] | None = None) -> int:
                 row["tree"] = bench.check_tree(snap, dest)["summary"]
                 results.append(row)
                 shutil.rmtree(dest, ignore_errors=True)
+            proxy.stop()
             hub.stop() if hasattr(hub, "stop") else bench.REG.stop_service(hub.proc)
     finally:
         bench.REG.cleanup()
     print(f"\n== {info['files']} files, {info['bytes'] / bench.MIB:.1f} MiB, {args.folders} folders; "
           f"MAX_PARALLEL_WORKERS={args.parallel} per worker; {os.cpu_count()} CPUs")
     print(f"{'hub (mode)':<18}{'workers':>8}{'mapper s':>10}{'zipper s':>10}{'unzipper s':>11}{'total s':>9}"
-          f"{'parts':>7}{'worker-s/part':>15}  tree")
+          f"{'parts':>7}{'worker-s/part':>15}{'S3 req':>8}{'req/part':>9}  tree")
     for r in results:
         per_part = sum(r[s]["wall_s"] * r["workers"] for s in ("zipper", "unzipper")) / max(1, r["parts"])
         r["worker_s_per_part"] = per_part
+        requests = sum(r[s]["requests"] for s in ("mapper", "zipper", "unzipper"))
+        r["requests"] = requests
         ok = all(c == 0 for s in ("mapper", "zipper", "unzipper") for c in r[s]["codes"])
         print(f"{r['hub'] + ' (' + r['mode'] + ')':<18}{r['workers']:>8}{r['mapper']['wall_s']:>10.1f}"
               f"{r['zipper']['wall_s']:>10.1f}{r['unzipper']['wall_s']:>11.1f}{r['total_s']:>9.1f}{r['parts']:>7}"
-              f"{per_part:>15.2f}  {r['tree']}{'' if ok else ' (a worker exited non-zero; logs: ' + logs + ')'}")
+              f"{per_part:>15.2f}{requests:>8}{requests / max(1, r['parts']):>9.1f}  {r['tree']}{'' if ok else ' (a worker exited non-zero; logs: ' + logs + ')'}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"set": info, "results": results, "cpus": os.cpu_count()}, fh, indent=1)

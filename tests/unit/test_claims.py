@@ -291,3 +291,18 @@ def test_shards_are_stable_everywhere_and_cover_every_folder():
     names = [f"folder {i}" for i in range(300)]
     counts = [sum(1 for n in names if shard_of(n, 3) == k) for k in range(3)]
     assert sum(counts) == 300 and min(counts) > 70
+
+
+def test_claims_of_a_killed_earlier_run_on_this_work_dir_are_taken_at_once(workers, clock):
+    """The instance lock hands each run the tokens of the runs before it on this WORK_DIR; they
+    have all ended, so their claims need not wait for the lease."""
+    dead, later, stranger = workers(3)
+    dead.runtime.run_token, later.runtime.run_token = "run-a", "run-b"
+    later.runtime.dead_runs = {"run-a"}
+    dead.take("Photos", "Part1")
+    dead.take("Photos", "Part2")
+    stranger.runtime.run_token = "run-c"
+    stranger.take("Photos", "Part3")
+    got = later.take("Photos", "Part1")
+    assert not isinstance(got, Skipped) and claim_body(later, got.key)["run"] == "run-b"
+    assert isinstance(later.take("Photos", "Part3"), Skipped)  # another machine's: the lease applies

@@ -126,7 +126,7 @@ def test_release_lets_another_acquire_and_keeps_the_file(work):
     first.acquire()
     first.release()
     assert os.path.exists(first.path)
-    assert holder_of(first.path) == {}  # no stale holder left behind
+    assert "pid" not in holder_of(first.path)  # no stale holder left behind, only earlier runs' tokens
     second = InstanceLock(work, "zipper")
     second.acquire()
     assert holder_of(second.path)["pid"] == os.getpid()
@@ -241,3 +241,19 @@ def test_orphaned_rclone_of_a_killed_run_is_ended(tmp_path):
 
 def test_no_children_file_means_nothing_to_end(tmp_path):
     assert end_orphans(str(tmp_path / ".zipper.children")) == 0
+
+
+def test_each_holder_knows_the_runs_before_it_on_this_work_dir(work):
+    """Killed (lock dropped by the kernel, file left as it was) or ended cleanly, an earlier
+    run's token is handed to every later holder: its claims on S3 can be taken at once."""
+    first = InstanceLock(work, "zipper")
+    first.acquire()
+    os.close(first.fd)  # as kill -9 does: the flock goes, the holder's JSON stays
+    second = InstanceLock(work, "zipper")
+    second.acquire()
+    assert second.earlier == [first.run] and holder_of(second.path)["run"] == second.run
+    second.release()
+    third = InstanceLock(work, "zipper")
+    third.acquire()
+    assert third.earlier == [first.run, second.run]
+    third.release()

@@ -1338,14 +1338,24 @@ class Claims:
         return resp["ETag"].strip('"')
 
     def _read(self, key: str) -> tuple[str, dict] | None:
-        try:
-            resp = self.records._wrap("GetObject", key, lambda: self.records.s3.get_object(
-                Bucket=self.records.bucket, Key=key))
-            raw = resp["Body"].read()
-        except S3Error as exc:
-            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
+        def once() -> tuple[dict, bytes] | None:
+            try:
+                resp = self.records._wrap("GetObject", key, lambda: self.records.s3.get_object(
+                    Bucket=self.records.bucket, Key=key))
+                return resp, resp["Body"].read()
+            except S3Error as exc:
+                if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+            except Exception as exc:  # the body cut off (BotoCoreError, OSError)
+                from botocore.exceptions import BotoCoreError
+                if isinstance(exc, (BotoCoreError, OSError)):
+                    raise S3Error("GetObject (body)", self.records.bucket, key, exc) from exc
+                raise
+        got = self.records.retry(f"GET {key}", once)
+        if got is None:
+            return None
+        resp, raw = got
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -1365,11 +1375,17 @@ class Claims:
             if found is None:
                 continue
             etag, other = found
+            if other.get("nonce") == body["nonce"]:  # our create landed, its answer was lost: retried, 412
+                return self._hold(Claim(key, unit, etag, body, started))
             holder = str(other.get("worker", "?"))
             if holder == self.cfg.worker_id and key not in self._held:
                 holder += " (this worker's name, left by an earlier run)"
             now = lease_clock()
-            dead = other.get("run") in self.runtime.dead_runs  # a killed earlier run of this WORK_DIR
+            # A killed earlier run of this WORK_DIR, or this very run (a claim whose release failed):
+            # nobody is working on it.
+            dead = other.get("run") in self.runtime.dead_runs or (
+                bool(self.runtime.run_token) and other.get("run") == self.runtime.run_token
+                and key not in self._held)
             seen = self._seen.get(key)
             if not dead:
                 if seen is None or seen[0] != etag:

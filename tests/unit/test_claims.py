@@ -306,3 +306,20 @@ def test_claims_of_a_killed_earlier_run_on_this_work_dir_are_taken_at_once(worke
     got = later.take("Photos", "Part1")
     assert not isinstance(got, Skipped) and claim_body(later, got.key)["run"] == "run-b"
     assert isinstance(later.take("Photos", "Part3"), Skipped)  # another machine's: the lease applies
+
+
+def test_a_create_whose_answer_was_lost_is_still_ours(stubbed_claims):
+    """Through a flaky network the create lands, its answer is lost, botocore sends it again
+    and meets 412: the claim holds our own nonce, so it is ours, not another worker's."""
+    claims, stubber = stubbed_claims
+    sent = {}
+
+    def remember(params, **_kw):
+        import json
+        sent.update(json.loads(params["Body"]))
+
+    stubber.client.meta.events.register("before-parameter-build.s3.PutObject", remember)
+    stubber.add_client_error("put_object", service_error_code="PreconditionFailed", http_status_code=412)
+    stubber.add_response("get_object", {"ETag": '"e7"', "Body": _lazy(sent)})
+    got = claims.take("S", "Part1")
+    assert not isinstance(got, Skipped) and got.etag == "e7"

@@ -4,7 +4,8 @@
 #
 #   sudo sh deploy/systemd/install.sh
 #
-# - copies the units and the timer to /etc/systemd/system;
+# - copies the units, the worker templates (python_zipper@.service, ...) and the timers to
+#   /etc/systemd/system;
 # - installs the shared settings (cloud-migration-common.conf) once, as
 #   /etc/cloud-migration/units.conf, and links it into each unit's drop-in directory as
 #   <unit>.d/10-cloud-migration.conf (a later unit, e.g. a template, needs only one more link);
@@ -19,13 +20,15 @@ set -eu
 src=$(cd "$(dirname "$0")" && pwd)
 dest=${DESTDIR:-}
 units="master_mapper.service python_zipper.service python_unzipper.service cloud-migration.service"
+# The worker templates (README, "Many machines"): instance = WORKER_INDEX.
+templates="master_mapper@.service python_zipper@.service python_unzipper@.service cloud-migration@.service"
 
 install -d -m 0755 "$dest/etc/systemd/system" "$dest/etc/cloud-migration"
-for unit in $units cloud-migration.timer; do
+for unit in $units $templates cloud-migration.timer cloud-migration@.timer; do
     install -m 0644 "$src/$unit" "$dest/etc/systemd/system/$unit"
 done
 install -m 0644 "$src/cloud-migration-common.conf" "$dest/etc/cloud-migration/units.conf"
-for unit in $units; do
+for unit in $units $templates; do
     install -d -m 0755 "$dest/etc/systemd/system/$unit.d"
     # Relative, so the link also works inside DESTDIR.
     ln -sfn ../../../cloud-migration/units.conf "$dest/etc/systemd/system/$unit.d/10-cloud-migration.conf"
@@ -44,5 +47,6 @@ if [ -z "$dest" ]; then
     install -d -m 0700 -o cloud-migration -g cloud-migration /var/lib/cloud-migration
     systemctl daemon-reload
     echo "installed; next: edit /etc/cloud-migration/migration.env, put rclone.conf in" \
-         "/var/lib/cloud-migration, then: systemctl enable --now cloud-migration.timer"
+         "/var/lib/cloud-migration, then: systemctl enable --now cloud-migration.timer" \
+         "(one worker) or cloud-migration@<index>.timer for each worker (WORKER_COUNT in migration.env)"
 fi

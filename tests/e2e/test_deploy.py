@@ -32,6 +32,9 @@ STAGES = ("master_mapper", "python_zipper", "python_unzipper")
 CHAIN = "cloud-migration.service"
 TIMER = "cloud-migration.timer"
 UNITS = tuple(f"{s}.service" for s in STAGES) + (CHAIN,)
+# The worker templates (README, "Many machines"): the instance is WORKER_INDEX.
+TEMPLATES = tuple(f"{s}@.service" for s in STAGES) + ("cloud-migration@.service",)
+TIMER_TEMPLATE = "cloud-migration@.timer"
 SCRIPTS = ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "common_s3.py")
 
 # systemd settings whose assignments add up (an empty assignment resets the list); every other
@@ -82,12 +85,16 @@ def parse_unit_file(path: str) -> list[tuple[str, str, str]]:
 
 
 class Unit:
-    """A unit's effective settings: the unit file, then its drop-ins in lexical order."""
+    """A unit's effective settings: the unit file, then its drop-ins in lexical order. An
+    instance of a template (``python_zipper@1.service``) reads the template's file and drop-ins."""
 
     def __init__(self, units_dir: str, name: str):
         self.name = name
-        self.files = [os.path.join(units_dir, name)]
-        dropins = os.path.join(units_dir, name + ".d")
+        prefix, at, rest = name.partition("@")
+        self.instance, _, suffix = rest.rpartition(".")
+        source = f"{prefix}@.{suffix}" if at else name
+        self.files = [os.path.join(units_dir, source)]
+        dropins = os.path.join(units_dir, source + ".d")
         if os.path.isdir(dropins):
             self.files += [os.path.join(dropins, f) for f in sorted(os.listdir(dropins)) if f.endswith(".conf")]
         self.assignments = [a for f in self.files for a in parse_unit_file(f)]
@@ -120,15 +127,18 @@ def timespan_seconds(value: str) -> float:
     return total
 
 
-def command_argv(unit: Unit, command: str) -> tuple[str, list[str]]:
-    """An Exec*= line as systemd runs it: prefixes off, specifiers and $$ expanded."""
+def command_argv(unit: Unit, command: str, environ: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """An Exec*= line as systemd runs it: prefixes off, specifiers and $$ expanded, and ${VAR}
+    replaced from ``environ`` when it is given."""
     prefixes = re.match(r"[-+@:!]*", command).group(0)
     command = command[len(prefixes):]
-    command = (command.replace("%%", "\0").replace("%n", unit.name)
+    command = (command.replace("%%", "\0").replace("%n", unit.name).replace("%i", unit.instance)
                .replace("%N", unit.name.rsplit(".", 1)[0]).replace("\0", "%"))
     assert "%" not in command, f"{unit.name}: a specifier this test does not know in {command!r}"
-    argv = [w.replace("$$", "$") for w in shlex.split(command)]
-    return prefixes, argv
+    argv = shlex.split(command.replace("$$", "\0"))
+    if environ is not None:
+        argv = [re.sub(r"\$\{(\w+)\}", lambda m: environ.get(m.group(1), ""), w) for w in argv]
+    return prefixes, [w.replace("\0", "$") for w in argv]
 
 
 def run_stop_hooks(unit: Unit, code: int, tmp: str) -> list[str]:
@@ -155,20 +165,25 @@ def run_stop_hooks(unit: Unit, code: int, tmp: str) -> list[str]:
         return fh.read().splitlines()
 
 
-def exit_code_table(units_dir: str, tmp: str) -> dict[int, tuple[tuple, tuple]]:
-    """What systemd does with each exit code of the contract, per CONTRACT's layout."""
+def exit_code_table(units_dir: str, tmp: str, instance: str | None = None) -> dict[int, tuple[tuple, tuple]]:
+    """What systemd does with each exit code of the contract, per CONTRACT's layout; for the
+    worker templates' ``instance`` when it is given (its timer is cloud-migration@<instance>.timer,
+    or all of them)."""
+    at = "" if instance is None else f"@{instance}"
+    timer = TIMER if instance is None else rf"cloud-migration@({re.escape(instance)}|\*)\.timer"
     table = {}
     for code in CONTRACT:
         row = []
         for stage in ("python_zipper", "python_unzipper"):  # the mapper is checked equal to the zipper
-            unit = Unit(units_dir, f"{stage}.service")
+            unit = Unit(units_dir, f"{stage}{at}.service")
             success = code in {0} | exit_statuses(unit.words("Service", "SuccessExitStatus"))
             restart_mode = unit.get("Service", "Restart", "no")
             prevented = code in exit_statuses(unit.words("Service", "RestartPreventExitStatus"))
             restarts = ((restart_mode == "always" or (restart_mode == "on-failure" and not success))
                         and not prevented)
             calls = run_stop_hooks(unit, code, tmp)
-            stops_timer = any(re.search(r"\b(stop|disable)\b.*\b" + re.escape(TIMER), c) for c in calls)
+            pattern = re.escape(TIMER) if instance is None else timer
+            stops_timer = any(re.search(r"\b(stop|disable)\b.*" + pattern, c) for c in calls)
             row.append((success, restarts, stops_timer))
         table[code] = tuple(row)
     return table
@@ -194,7 +209,7 @@ def verifiable_copy(dest: str) -> str:
     for script in SCRIPTS:
         os.symlink(os.path.join(ROOT, script), os.path.join(opt, script))
     shared = os.path.join(dest + CONFIG_DIR, "units.conf")
-    for path in [shared] + [os.path.join(units_dir, u) for u in (*UNITS, TIMER)]:
+    for path in [shared] + [os.path.join(units_dir, u) for u in (*UNITS, TIMER, *TEMPLATES, TIMER_TEMPLATE)]:
         with open(path) as fh:
             text = fh.read()
         with open(path, "w") as fh:
@@ -213,12 +228,16 @@ def systemd_analyze() -> str:
 
 
 def verify(units_dir: str, dest: str) -> tuple[int, list[str], list[str]]:
-    """systemd-analyze verify on every unit; returns (exit code, problems in our units, other lines)."""
-    paths = [os.path.join(units_dir, u) for u in (*UNITS, TIMER)]
+    """systemd-analyze verify on every unit and on instances of the worker templates (which load
+    the template, its drop-ins and the instances it depends on); returns (exit code, problems in
+    our units, other lines)."""
+    instances = [t.replace("@.", f"@{i}.") for i, t in enumerate((*TEMPLATES, TIMER_TEMPLATE))]
+    paths = [os.path.join(units_dir, u) for u in (*UNITS, TIMER, *instances)]
     proc = subprocess.run([systemd_analyze(), "verify", *paths], capture_output=True, text=True,
                           timeout=120, cwd=units_dir)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    ours = [line for line in lines if dest in line or any(u in line for u in (*UNITS, TIMER))]
+    names = (*UNITS, TIMER, *(t.split("@")[0] + "@" for t in (*TEMPLATES, TIMER_TEMPLATE)))
+    ours = [line for line in lines if dest in line or any(u in line for u in names)]
     return proc.returncode, ours, [line for line in lines if line not in ours]
 
 
@@ -249,18 +268,23 @@ def test_verify_catches_a_misspelt_directive_and_a_bad_exit_status(tmp_path):
         text = fh.read()
     with open(shared, "w") as fh:
         fh.write(text.replace("SuccessExitStatus=3 4", "SuccessExitStatus=3x 4"))
+    with open(os.path.join(units_dir, "python_unzipper@.service")) as fh:
+        text = fh.read()
+    with open(os.path.join(units_dir, "python_unzipper@.service"), "w") as fh:
+        fh.write(text.replace("Requires=python_zipper@%i.service", "Requires=python_zipr@%i.service"))
     code, ours, _ = verify(units_dir, dest)
     assert any("RestartPreventExitStatuss" in line for line in ours), ours
     assert any("3x" in line for line in ours), ours
+    assert any("python_zipr@" in line for line in ours), ours
 
 
 def test_install_links_the_shared_settings_into_every_unit(installed):
     dest = os.path.dirname(os.path.dirname(os.path.dirname(installed)))
     shared = os.path.join(dest + CONFIG_DIR, "units.conf")
-    for unit in UNITS:
+    for unit in UNITS + TEMPLATES:
         link = os.path.join(installed, unit + ".d", "10-cloud-migration.conf")
         assert os.path.islink(link) and os.path.samefile(link, shared), unit
-    assert os.path.isfile(os.path.join(installed, TIMER))
+    assert os.path.isfile(os.path.join(installed, TIMER)) and os.path.isfile(os.path.join(installed, TIMER_TEMPLATE))
     env_file = os.path.join(dest + CONFIG_DIR, "migration.env")
     assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
     # A second run keeps the edited migration.env.
@@ -356,6 +380,49 @@ def test_timer_reruns_the_chain_until_the_unzipper_reports_done(installed):
         for command in unit.all("Service", "ExecStopPost"):
             if TIMER in command:
                 assert command.startswith(("-+", "+-")) and "--no-block" in command, command
+
+
+def test_worker_templates_run_each_stage_as_worker_index_with_its_own_work_dir(installed, tmp_path):
+    """python_zipper@1.service etc.: the same script, settings and exit-code mapping as the single
+    units, with WORKER_INDEX = the instance and WORK_DIR = ${WORK_DIR}/worker-<instance>, which
+    migration.env (EnvironmentFile=, read after Environment=) cannot override."""
+    previous = None
+    for stage in STAGES:
+        single, worker = Unit(installed, f"{stage}.service"), Unit(installed, f"{stage}@1.service")
+        assert worker.get("Service", "Type") == "oneshot"
+        for key in ("SuccessExitStatus", "RestartPreventExitStatus", "EnvironmentFile"):
+            assert worker.all("Service", key) == single.all("Service", key), (stage, key)
+        for key in ("User", "KillMode", "TimeoutStopSec", "TimeoutStartSec", "Restart"):
+            assert worker.get("Service", key) == single.get("Service", key), (stage, key)
+        # As systemd would run it, with migration.env trying to set both variables itself.
+        environ = {"WORK_DIR": "/srv/migration", "WORKER_INDEX": "7", "PATH": os.environ["PATH"]}
+        _, argv = command_argv(worker, worker.get("Service", "ExecStart"), environ)
+        assert argv[0] == "/usr/bin/env" and argv[-2:] == [f"{PREFIX}/.venv/bin/python", f"{PREFIX}/{stage}.py"]
+        probe = [sys.executable, "-c", "import os; print(os.environ['WORKER_INDEX'], os.environ['WORK_DIR'])"]
+        proc = subprocess.run(argv[:-2] + probe, env=environ, capture_output=True, text=True, timeout=30)
+        assert proc.stdout.split() == ["1", "/srv/migration/worker-1"], (stage, proc.stdout, proc.stderr)
+        # Each worker's stages run in order: its zipper after its own mapper, and so on.
+        if previous:
+            assert f"{previous}@%i.service" in worker.words("Unit", "Requires")
+            assert f"{previous}@%i.service" in worker.words("Unit", "After")
+        previous = stage
+    assert exit_code_table(installed, str(tmp_path), instance="1") == CONTRACT
+    # The unzipper's exit 0 stops this worker's timer; exit 2 stops every timer of the machine.
+    unzipper = Unit(installed, "python_unzipper@1.service")
+    assert any("stop cloud-migration@1.timer" in c for c in run_stop_hooks(unzipper, 0, str(tmp_path)))
+    calls = run_stop_hooks(unzipper, 2, str(tmp_path))
+    assert any("cloud-migration.timer" in c and "cloud-migration@*.timer" in c for c in calls), calls
+
+
+def test_worker_timer_reruns_the_workers_chain(installed):
+    timer = Unit(installed, "cloud-migration@2.timer")
+    assert timer.get("Timer", "Unit") == "cloud-migration@%i.service"
+    assert timespan_seconds(timer.get("Timer", "OnUnitInactiveSec", "0")) > 0
+    assert "timers.target" in timer.words("Install", "WantedBy")
+    chain = Unit(installed, "cloud-migration@2.service")
+    stages = [f"{s}@%i.service" for s in STAGES]
+    assert set(stages) <= set(chain.words("Unit", "Wants")) and set(stages) <= set(chain.words("Unit", "After"))
+    assert chain.get("Service", "ExecStart") == Unit(installed, CHAIN).get("Service", "ExecStart")
 
 
 def test_environment_file_example_has_placeholders_only():

@@ -415,11 +415,6 @@ class Config:
         checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
         if checksums not in ("auto", "off"):
             raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
-        for name, wanted in (("PROPAGATE_DELETES", env_bool(environ, "PROPAGATE_DELETES")),):
-            if wanted:
-                # Refuse rather than ignore: a user who asks for these must not get a normal run.
-                raise ConfigError(f"{name}={environ.get(name)!r} is not supported by this version yet; "
-                                  "unset it")
         worker_id = env_str(environ, "WORKER_ID") or (
             f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", worker_id):
@@ -1937,6 +1932,22 @@ class Layout:
     def manifest(self, gen: int, stem: str) -> str:
         return self.generation(gen) + f"folders/{stem}.jsonl.gz"
 
+    def changes(self, gen: int, stem: str, digest: str) -> str:
+        """A folder's difference from the previous generation (named by its manifest or its
+        removed-folder record, keyed by the SHA-256 of its body like a part's entries)."""
+        return self.generation(gen) + f"changes/{stem}.{digest[:16]}.jsonl.gz"
+
+    def removed(self, gen: int, stem: str) -> str:
+        """Completion record of a folder that generation ``gen`` no longer finds at SOURCE."""
+        return self.generation(gen) + f"removed/{stem}.json"
+
+    def deletions(self, gen: int, stem: str) -> str:
+        """PROPAGATE_DELETES: what the unzipper deleted at DESTINATION for this folder."""
+        return f"{self.prefix}_deleted/g{gen:06d}/{stem}.json"
+
+    def deletions_of(self, gen: int) -> str:
+        return f"{self.prefix}_deleted/g{gen:06d}/"
+
     def part_record(self, stem: str, part: str) -> str:
         return f"{self.prefix}_parts/{stem}/{part}.json"
 
@@ -2557,6 +2568,8 @@ def collect_status(records: Records, layout: Layout) -> dict:
                 errors[folder] = f"{script}: {err}"
     status["generation"] = gen
     status["mapped_at"] = index.get("completed_at")
+    status["history"] = generation_history(records, layout, status["generations"], zipped, restored,
+                                           names(f"{layout.prefix}_verified/"), names(f"{layout.prefix}_deleted/"))
     for f in index["folders"]:
         stem = f["stem"]
         parts = [p["name"] for p in f.get("part_table") or []]
@@ -2575,6 +2588,54 @@ def collect_status(records: Records, layout: Layout) -> dict:
             "last_error": errors.get(f["name"], ""),
         })
     return status
+
+
+def generation_history(records: Records, layout: Layout, gens: list[int], zipped: dict, restored: dict,
+                       verified: dict, deleted: dict) -> list[dict]:
+    """Each map generation: when it was mapped, what it found (its difference from the one
+    before), and how far its new parts and its verification got."""
+    history = []
+    for g in gens:
+        index = records.get_json(layout.index(g))
+        if not isinstance(index, dict):
+            plan = records.get_json(layout.plan(g))
+            history.append({"generation": g, "state": "mapping",
+                            "started_at": plan.get("created_at") if isinstance(plan, dict) else None})
+            continue
+        folders = index.get("folders") or []
+        new_parts = [(f["stem"], p["name"]) for f in folders for p in f.get("parts") or []]
+        history.append({
+            "generation": g, "state": "mapped", "mapped_at": index.get("completed_at"),
+            "previous": index.get("previous"), "changes": index.get("changes"),
+            "files": (index.get("totals") or {}).get("files", 0) + (index.get("totals") or {}).get("large", 0),
+            "folders": len(folders), "new_parts": len(new_parts),
+            "uploaded": sum(1 for stem, p in new_parts if p in zipped.get(stem, set())),
+            "restored": sum(1 for stem, p in new_parts if p in restored.get(stem, set())),
+            "verified": len(verified.get(f"g{g:06d}", set())),
+            "deletions_handled": len(deleted.get(f"g{g:06d}", set())),
+        })
+    return history
+
+
+def describe_generation(h: dict) -> str:
+    """One line of ``--status`` for a map generation."""
+    if h["state"] != "mapped":
+        return f"generation {h['generation']}: being mapped (started {h.get('started_at')})"
+    line = f"generation {h['generation']}: mapped {h['mapped_at']}, {h['files']} files in {h['folders']} folders"
+    c = h.get("changes")
+    if isinstance(c, dict):
+        line += (f"; since generation {h['previous']}: {c.get('added', 0)} added, {c.get('changed', 0)} changed, "
+                 f"{c.get('deleted', 0)} deleted, {c.get('unchanged', 0)} unchanged")
+        if c.get("folders_added") or c.get("folders_removed"):
+            line += f" (folders: {len(c.get('folders_added') or [])} new, {len(c.get('folders_removed') or [])} removed)"
+        if c.get("dirs_added") or c.get("dirs_removed"):
+            line += f" (empty directories: {c.get('dirs_added', 0)} new, {c.get('dirs_removed', 0)} removed)"
+    line += (f"; new parts {h['new_parts']}: uploaded {h['uploaded']}, restored {h['restored']}; "
+             f"folders verified {h['verified']}/{h['folders']}")
+    if isinstance(c, dict) and c.get("deleted"):
+        line += (f"; deletions at DESTINATION: handled in {h['deletions_handled']} folders (PROPAGATE_DELETES=1)"
+                 if h["deletions_handled"] else "; deleted files kept at DESTINATION (PROPAGATE_DELETES=0)")
+    return line
 
 
 def collect_claims(records: Records, layout: Layout) -> list[dict]:
@@ -2647,6 +2708,10 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
             rate = beat.get("bytes_per_s") if beat and beat.get("state") == "running" else None
             eta = left / rate if rate else None
             out.info(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
+        if len(status.get("history") or []) > 1:
+            out.info("map generations:\n")
+            for h in status["history"]:
+                out.info(f"  {describe_generation(h)}\n")
     out.info(f"mode: {status['mode'] or 'not known yet (no worker has run)'}\n")
     pause = status.get("pause")
     if isinstance(pause, dict):

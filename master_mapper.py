@@ -48,6 +48,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -149,16 +152,24 @@ def _hashes_differ(old: str, new: str) -> int:
     return int(any(a[k] != b[k] for k in set(a) & set(b) if a[k] and b[k]))
 
 
+CHANGE_COUNTS = ("added", "changed", "unchanged", "deleted", "dirs_added", "dirs_removed")
+
+
 def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int, next_part: int,
-                     cfg: Config) -> tuple[list[dict], int, dict]:
+                     cfg: Config, changes_path: str | None = None) -> tuple[list[dict], int, dict]:
     """Keep the part of every unchanged file; pack added and changed files into new parts.
 
+    With a previous generation of the folder, its difference (files added, changed, deleted;
+    empty directories added and removed) is written to ``changes_path`` as gzip JSON lines.
     Works in SQL on the two SQLite files, so memory does not grow with the folder.
     Returns (new parts [{name, files, bytes}], next free part number, change counts).
     """
     db = index.db
-    total_files = index.count("f")[0]
-    changes = {"added": total_files, "changed": 0, "unchanged": 0, "deleted": 0}
+    total, total_bytes = (a + b for a, b in zip(index.count("f"), index.count("l")))
+    dirs = index.count("d")[0]
+    changes = {"new_folder": True, "added": total, "added_bytes": total_bytes, "changed": 0,
+               "changed_bytes": 0, "unchanged": 0, "deleted": 0, "deleted_bytes": 0,
+               "dirs_added": dirs, "dirs_removed": 0}
     if previous is not None:
         db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
         db.execute("COMMIT")
@@ -168,16 +179,10 @@ def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int,
                 "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0")
         db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
                    f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
-        unchanged = db.execute("SELECT COUNT(*) FROM e WHERE kind = 'f' AND part IS NOT NULL").fetchone()[0]
-        known = db.execute("SELECT COUNT(*) FROM e WHERE kind = 'f' AND path IN "
-                           "(SELECT path FROM prev.e WHERE kind IN ('f', 'l'))").fetchone()[0]
-        deleted = db.execute("SELECT COUNT(*) FROM prev.e o WHERE o.kind IN ('f', 'l') AND NOT EXISTS "
-                             "(SELECT 1 FROM e WHERE e.path = o.path)").fetchone()[0]
+        changes = write_changes(db, changes_path)
         db.execute("COMMIT")
         db.execute("DETACH DATABASE prev")
         db.execute("BEGIN")
-        changes = {"added": total_files - known, "changed": known - unchanged, "unchanged": unchanged,
-                   "deleted": deleted}
     # Where each new part starts (memory grows with parts, not files).
     starts = plan_parts(_pending(db), max_files=cfg.split_threshold, max_bytes=cfg.max_zip_bytes)
     names = part_names(len(starts), next_part)
@@ -193,6 +198,76 @@ def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int,
         parts.append({"name": name, "files": n, "bytes": nbytes})
     index.commit()
     return parts, next_part + len(starts), changes
+
+
+# The difference between two listings of a folder, in SQL over ``e`` (now) and ``prev.e``.
+_FILE = "kind IN ('f', 'l')"
+_DIFF = {
+    "added": f"SELECT e.path, e.kind, e.size, e.mtime, e.hashes, NULL, NULL, NULL, NULL, NULL FROM e "
+             f"WHERE e.{_FILE} AND NOT EXISTS (SELECT 1 FROM prev.e o WHERE o.path = e.path AND o.{_FILE})",
+    "changed": f"SELECT e.path, e.kind, e.size, e.mtime, e.hashes, o.kind, o.size, o.mtime, o.hashes, o.part "
+               f"FROM e JOIN prev.e o ON o.path = e.path WHERE e.{_FILE} AND o.{_FILE} AND (o.kind != e.kind "
+               f"OR o.size != e.size OR o.mtime != e.mtime OR hashes_differ(o.hashes, e.hashes) = 1)",
+    "deleted": f"SELECT o.path, NULL, NULL, NULL, NULL, o.kind, o.size, o.mtime, o.hashes, o.part FROM prev.e o "
+               f"WHERE o.{_FILE} AND NOT EXISTS (SELECT 1 FROM e WHERE e.path = o.path AND e.{_FILE})",
+    "dir_added": "SELECT e.path, 'd', 0, '', '{}', NULL, NULL, NULL, NULL, NULL FROM e WHERE e.kind = 'd' "
+                 "AND NOT EXISTS (SELECT 1 FROM prev.e o WHERE o.path = e.path AND o.kind = 'd')",
+    "dir_removed": "SELECT o.path, NULL, NULL, NULL, NULL, 'd', 0, '', '{}', NULL FROM prev.e o WHERE o.kind = 'd' "
+                   "AND NOT EXISTS (SELECT 1 FROM e WHERE e.path = o.path AND e.kind = 'd')",
+}
+
+
+def change_line(op: str, row: Sequence) -> dict:
+    """One line of a changes file: the entry now and, for a change or a deletion, what it was
+    (with the part that holds the old bytes: what a DESTINATION copy is checked against)."""
+    path, kind, size, mtime, hashes, okind, osize, omtime, ohashes, opart = row
+    line: dict[str, Any] = {"op": op, "p": path}
+    if kind is not None:
+        line["t"] = kind
+        if kind != "d":
+            line.update(s=size, m=mtime)
+            if hashes and hashes != "{}":
+                line["h"] = json.loads(hashes)
+    if okind is not None and op != "dir_added":
+        was: dict[str, Any] = {"t": okind}
+        if okind != "d":
+            was.update(s=osize, m=omtime)
+            if ohashes and ohashes != "{}":
+                was["h"] = json.loads(ohashes)
+            if opart:
+                was["part"] = opart
+        line["was"] = was
+    return line
+
+
+def write_changes(db, path: str | None) -> dict:
+    """Count (and, given ``path``, write) the folder's difference; ``prev`` must be attached."""
+    counts = {"new_folder": False, "added": 0, "added_bytes": 0, "changed": 0, "changed_bytes": 0,
+              "unchanged": 0, "deleted": 0, "deleted_bytes": 0, "dirs_added": 0, "dirs_removed": 0}
+    out_fh = gzip.open(path, "wb", compresslevel=6) if path else None
+    try:
+        for op, sql in _DIFF.items():
+            key = {"dir_added": "dirs_added", "dir_removed": "dirs_removed"}.get(op, op)
+            cur = db.execute(sql)
+            while True:
+                rows = cur.fetchmany(2000)
+                if not rows:
+                    break
+                for row in rows:
+                    counts[key] += 1
+                    if op in ("added", "changed"):
+                        counts[op + "_bytes"] += row[2]
+                    elif op == "deleted":
+                        counts["deleted_bytes"] += row[6]
+                    if out_fh is not None:
+                        out_fh.write(json.dumps(change_line(op, row), ensure_ascii=False, sort_keys=True)
+                                     .encode("utf-8", "surrogateescape") + b"\n")
+    finally:
+        if out_fh is not None:
+            out_fh.close()
+    total = db.execute(f"SELECT COUNT(*) FROM e WHERE {_FILE}").fetchone()[0]
+    counts["unchanged"] = total - counts["added"] - counts["changed"]
+    return counts
 
 
 def _pending(db) -> Iterable[tuple[str, int]]:
@@ -279,26 +354,36 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                         threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
         prev_index = None
         next_part = 1
+        changes_path = os.path.join(tmp, local_name(stem, f"g{gen}", "changes.gz"))
         try:
             if previous is not None:
                 next_part = int(previous["next_part"])
                 header, prev_index = load_manifest(records, previous["manifest"],
                                                    os.path.join(tmp, local_name(stem, "prev.sqlite")))
-            parts, next_part, changes = assign_new_parts(index, prev_index, gen, next_part, cfg)
+            parts, next_part, changes = assign_new_parts(index, prev_index, gen, next_part, cfg,
+                                                         changes_path if previous is not None else None)
         finally:
             if prev_index is not None:
                 prev_index.close()
         part_table = [{"name": p, "files": n, "bytes": b} for p, n, b in index.db.execute(
             "SELECT part, COUNT(*), SUM(size) FROM e WHERE kind = 'f' GROUP BY part ORDER BY part")]
-        if cfg.dry_run:
-            (files, nbytes), (large, large_bytes) = index.count("f"), index.count("l")
-            return {"name": name, "stem": stem, "files": files, "bytes": nbytes, "large": large,
-                    "large_bytes": large_bytes, "dirs": index.count("d")[0], "parts": parts,
-                    "large_files": [(r["path"], r["size"]) for r in index.rows("l")]}
-        runtime.confirm_claim()
-        summary = write_manifest(records, layout, cfg, gen, name, stem, index,
-                                 {"parts": parts, "part_table": part_table, "next_part": next_part,
-                                  "changes": changes}, tmp)
+        try:
+            if cfg.dry_run:
+                return {"name": name, "stem": stem, **_dry_summary(index), "parts": parts, "changes": changes}
+            runtime.confirm_claim()
+            extra = {"parts": parts, "part_table": part_table, "next_part": next_part, "changes": changes}
+            if previous is not None:
+                extra["changes_key"] = upload_changes(records, layout, gen, stem, changes_path)
+                extra["previous_generation"] = previous["generation"]
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(changes_path)
+        summary = write_manifest(records, layout, cfg, gen, name, stem, index, extra, tmp)
+        if previous is not None:
+            log.info("since generation %d: %d files added, %d changed, %d deleted, %d unchanged; "
+                     "%d empty directories added, %d removed", previous["generation"], changes["added"],
+                     changes["changed"], changes["deleted"], changes["unchanged"], changes["dirs_added"],
+                     changes["dirs_removed"])
         log.info("mapped %d files (%.1f MiB) in %d new parts, %d large files, %d empty directories "
                  "in %.1fs", summary["files"], summary["bytes"] / (1 << 20), len(parts),
                  summary["large"], summary["dirs"], time.monotonic() - started)
@@ -306,6 +391,64 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             log.info("large file %s (%.2f GiB) goes SOURCE to DESTINATION directly", row["path"],
                      row["size"] / GIB)
         return summary
+
+
+def _dry_summary(index: FolderIndex) -> dict:
+    (files, nbytes), (large, large_bytes) = index.count("f"), index.count("l")
+    return {"files": files, "bytes": nbytes, "large": large, "large_bytes": large_bytes,
+            "dirs": index.count("d")[0], "large_files": [(r["path"], r["size"]) for r in index.rows("l")]}
+
+
+def upload_changes(records: Records, layout: Layout, gen: int, stem: str, path: str) -> str:
+    """Store a changes file create-only under a key named by its SHA-256 (the manifest or the
+    removed-folder record names that key, so nobody can swap the file it names); return the key."""
+    with open(path, "rb") as fh:
+        body = fh.read()
+    key = layout.changes(gen, stem, hashlib.sha256(body).hexdigest())
+    records.put_once(key, body, content_type="application/gzip")
+    return key
+
+
+def record_removed_folder(cfg: Config, records: Records, layout: Layout, runtime: Runtime, *, gen: int,
+                          name: str, stem: str, previous: dict) -> dict:
+    """A folder of the previous generation that SOURCE no longer has: everything it held is
+    deleted at SOURCE. Write that as its changes file, then the folder's removed record."""
+    tmp = cfg.tmp_dir
+    runtime.check()
+    with log_context(folder=name):
+        header, prev_index = load_manifest(records, previous["manifest"],
+                                           os.path.join(tmp, local_name(stem, f"g{gen}", "removed.sqlite")))
+        path = os.path.join(tmp, local_name(stem, f"g{gen}", "removed.gz"))
+        try:
+            empty = FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "empty.sqlite")))
+            try:
+                db = empty.db
+                db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
+                db.execute("COMMIT")
+                db.execute("ATTACH DATABASE ? AS prev", (prev_index.path,))
+                db.execute("BEGIN")
+                counts = write_changes(db, path)
+                db.execute("COMMIT")
+                db.execute("DETACH DATABASE prev")
+                db.execute("BEGIN")
+            finally:
+                empty.close()
+            if cfg.dry_run:
+                return {"name": name, "stem": stem, "removed": True, "changes": counts}
+            runtime.confirm_claim()
+            key = upload_changes(records, layout, gen, stem, path)
+        finally:
+            prev_index.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        record = {"name": name, "stem": stem, "generation": gen, "previous_generation": previous["generation"],
+                  "changes": counts, "changes_key": key, "recorded_at": utc_now()}
+        if not records.put_json_once(layout.removed(gen, stem), record):
+            log.info("removed folder already recorded by another worker; kept")
+        log.warning("folder %r is no longer at SOURCE: %d files (%s) and %d empty directories of it are "
+                    "deleted at SOURCE", name, counts["deleted"], human_bytes(counts["deleted_bytes"]),
+                    counts["dirs_removed"])
+        return record
 
 
 def discover(rclone: Rclone, source: str) -> list[str]:
@@ -341,7 +484,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         for f in latest[1]["folders"]:
             previous_stems[f["name"]] = f["stem"]
             prev_folders[f["name"]] = {"manifest": layout.manifest(latest[0], f["stem"]),
-                                       "next_part": f.get("next_part", 1)}
+                                       "next_part": f.get("next_part", 1), "generation": latest[0]}
         previous_stems.update(latest[1].get("retired_stems", {}))
 
     if unfinished:
@@ -358,10 +501,14 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         names = discover(rclone, cfg.source)
         stems = assign_stems(names, previous_stems)
         retired = {n: s for n, s in previous_stems.items() if n not in stems}
+        # Folders of the previous generation that SOURCE no longer has: their files are deleted
+        # at SOURCE, recorded as units of their own (a removed record and its changes file).
+        removed = [{"name": n, "stem": previous_stems[n]} for n in sorted(prev_folders)
+                   if n and n not in stems]
         plan = {"generation": gen, "created_at": utc_now(), "source": cfg.source,
                 "previous": latest[0] if latest else None,
                 "folders": [{"name": n, "stem": stems[n]} for n in [""] + names],
-                "retired_stems": retired,
+                "removed": removed, "retired_stems": retired,
                 "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
                 "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
         if cfg.dry_run:
@@ -382,31 +529,44 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              ", ".join(features["Hashes"]) if hashes else "not recorded (computed by the zipper)")
 
     def mapped() -> set[str]:
-        return {item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
-                for item in records.list_keys(layout.generation(gen) + "folders/")}
+        """Stems of the units of this generation that are done: folder manifests and removed records."""
+        return ({item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
+                 for item in records.list_keys(layout.generation(gen) + "folders/")}
+                | {"removed:" + item["Key"].rsplit("/", 1)[1][:-len(".json")]
+                   for item in records.list_keys(layout.generation(gen) + "removed/")})
 
     claims = Claims(records, layout, runtime, SCRIPT)
-    mine = [f for f in plan["folders"] if in_shard(cfg, records.mode, f["name"])]
+    units = plan["folders"] + [{**r, "removed": True} for r in plan.get("removed", [])]
+    mine = [f for f in units if in_shard(cfg, records.mode, f["name"])]
     if records.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
                  len(mine), len(plan["folders"]))
     done = mapped()
-    runtime.progress.plan(sum(1 for f in mine if f["stem"] not in done), 0,
-                          skipped=sum(1 for f in mine if f["stem"] in done))
+    def unit_key(folder: dict) -> str:
+        return ("removed:" if folder.get("removed") else "") + folder["stem"]
+
+    runtime.progress.plan(sum(1 for f in mine if unit_key(f) not in done), 0,
+                          skipped=sum(1 for f in mine if unit_key(f) in done))
     failed: list[str] = []
     planned = []
     while True:
         tasks = []
         for folder in mine:
             name, stem = folder["name"], folder["stem"]
-            if stem in done or name in failed:
+            if unit_key(folder) in done or name in failed:
                 continue
-
-            def task(name: str = name, stem: str = stem) -> dict:
-                return claims.run(stem, "folder", lambda: map_folder(
-                    cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem, hashes=hashes,
-                    previous=prev_folders.get(name)),
-                    done=lambda: records.head(layout.manifest(gen, stem)) is not None)
+            if folder.get("removed"):
+                def task(name: str = name, stem: str = stem) -> dict:
+                    return claims.run(stem, "removed", lambda: record_removed_folder(
+                        cfg, records, layout, runtime, gen=gen, name=name, stem=stem,
+                        previous=prev_folders[name]),
+                        done=lambda: records.head(layout.removed(gen, stem)) is not None)
+            else:
+                def task(name: str = name, stem: str = stem) -> dict:
+                    return claims.run(stem, "folder", lambda: map_folder(
+                        cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem, hashes=hashes,
+                        previous=prev_folders.get(name)),
+                        done=lambda: records.head(layout.manifest(gen, stem)) is not None)
             tasks.append((name, task))
         held: list[Skipped] = []
         for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
@@ -418,7 +578,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             elif isinstance(result, Exception):
                 failed.append(name)
                 log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
-            else:
+            elif "files" in result:  # a folder (not a removed one): for the DRY_RUN plan
                 planned.append(result)
         runtime.check()
         if not held:
@@ -432,7 +592,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
                   "(the folders already mapped are kept)", len(failed))
         return EXIT_PARTIAL
-    missing = wait_for_other_shards(cfg, records, runtime, plan, mapped)
+    missing = wait_for_other_shards(cfg, records, runtime, units, mapped, unit_key)
     if missing:
         return EXIT_WAITING
 
@@ -443,12 +603,20 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         header = read_manifest_header(records, key)
         folders.append({k: header.get(k) for k in ("name", "stem", "files", "bytes", "large",
                                                    "large_bytes", "dirs", "parts", "part_table",
-                                                   "next_part", "changes")})
+                                                   "next_part", "changes", "changes_key")})
+    removed = []
+    for folder in plan.get("removed", []):
+        record = records.get_json(layout.removed(gen, folder["stem"]))
+        if not isinstance(record, dict) or not isinstance(record.get("changes"), dict):
+            raise RecordError(layout.removed(gen, folder["stem"]), "not a removed-folder record")
+        removed.append({k: record.get(k) for k in ("name", "stem", "changes", "changes_key")})
     index = {"generation": gen, "created_at": plan["created_at"], "completed_at": utc_now(),
              "source": cfg.source, "previous": plan.get("previous"), "folders": folders,
-             "retired_stems": plan.get("retired_stems", {}),
+             "removed": removed, "retired_stems": plan.get("retired_stems", {}),
              "totals": {k: sum(f[k] or 0 for f in folders) for k in ("files", "bytes", "large",
                                                                       "large_bytes", "dirs")}}
+    if plan.get("previous") is not None:
+        index["changes"] = change_totals(folders, removed)
     if not records.put_json_once(layout.index(gen), index):
         log.info("generation %d was completed by another worker; its index is kept", gen)
         index = records.get_json(layout.index(gen))
@@ -457,16 +625,37 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "
              "%d empty directories, %d new parts", gen, len(folders), t["files"], t["bytes"] / (1 << 20),
              t["large"], t["dirs"], sum(len(f["parts"] or []) for f in folders))
+    if index.get("changes"):
+        c = index["changes"]
+        log.info("since generation %d: %d files added (%s), %d changed (%s), %d deleted (%s), %d unchanged; "
+                 "%d folders added, %d removed; %d empty directories added, %d removed", index["previous"],
+                 c["added"], human_bytes(c["added_bytes"]), c["changed"], human_bytes(c["changed_bytes"]),
+                 c["deleted"], human_bytes(c["deleted_bytes"]), c["unchanged"], len(c["folders_added"]),
+                 len(c["folders_removed"]), c["dirs_added"], c["dirs_removed"])
+        if c["deleted"] or c["dirs_removed"]:
+            log.warning("files deleted at SOURCE stay at DESTINATION unless python_unzipper.py runs with "
+                        "PROPAGATE_DELETES=1 (it then deletes only copies that still match what was restored)")
     log.info("next: run python_zipper.py")
     return EXIT_OK
 
 
-def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan: dict,
-                          mapped: Any) -> list[dict]:
+def change_totals(folders: list[dict], removed: list[dict]) -> dict:
+    """The generation's difference from the previous one, summed over its folders."""
+    keys = ("added", "added_bytes", "changed", "changed_bytes", "unchanged", "deleted", "deleted_bytes",
+            "dirs_added", "dirs_removed")
+    every = [f.get("changes") or {} for f in folders] + [r["changes"] for r in removed]
+    totals: dict[str, Any] = {k: sum(int(c.get(k, 0)) for c in every) for k in keys}
+    totals["folders_added"] = [f["name"] for f in folders if f["name"] and (f.get("changes") or {}).get("new_folder")]
+    totals["folders_removed"] = [r["name"] for r in removed]
+    return totals
+
+
+def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, units: list[dict],
+                          mapped: Any, unit_key: Any) -> list[dict]:
     """Static shards: the index needs every folder's manifest, and the other workers map theirs.
     Wait while they make progress (a new manifest at least every LEASE_SECONDS); return the
     folders still unmapped when they stop making any (exit 4: run the missing shards)."""
-    missing = [f for f in plan["folders"] if f["stem"] not in mapped()]
+    missing = [f for f in units if unit_key(f) not in mapped()]
     if not missing or records.mode != "shards":
         return missing
     wait, longest = 0.5, max(0.5, min(10.0, cfg.lease_seconds / 6))
@@ -482,7 +671,7 @@ def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, plan:
         runtime.stop.wait(wait)
         runtime.check()
         wait = min(longest, wait * 2)
-        now = [f for f in plan["folders"] if f["stem"] not in mapped()]
+        now = [f for f in units if unit_key(f) not in mapped()]
         if len(now) < len(missing):
             last_change = time.monotonic()
         missing = now

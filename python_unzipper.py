@@ -33,6 +33,8 @@ Environment variables (default in brackets):
   SKIP_UPLOAD              1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION [0]
   LOCAL_OUTPUT_DIR         see SKIP_UPLOAD [WORK_DIR/merged_output]
   MAX_ZIP_BOMB_RATIO       refuse a part whose entries claim more than this times its size [100]
+  PROPAGATE_DELETES        1: delete at DESTINATION the files deleted at SOURCE (since a
+                           FORCE_RESCAN map), only where the copy is still what was restored [0]
   DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
   DISK_BACKPRESSURE_PERCENT  above this, wait before starting more parts [70]
   S3_MAX_RETRIES           attempts per S3 request [3]
@@ -71,10 +73,10 @@ import time
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
-                       Layout, MigrationError, Rclone, RecordError, Records, Runtime, Skipped, StopRequested,
+                       Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
                        parse_mtime, plain_local_name, read_jsonl_gz, remote_join, run_script, sanitize_name,
@@ -474,44 +476,59 @@ def load_part_md5s(cfg: Config, records: Records, layout: Layout, stem: str, par
     index.commit()
 
 
-def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str, stem: str,
-                  index: FolderIndex, dest_features: dict) -> dict:
-    """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared."""
+def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: dict, source_kinds: set[str],
+                     *, missing_ok: bool = False) -> tuple[str | None, Iterator[dict], bool]:
+    """DESTINATION/<folder>'s files: (hash kind listed, listing, whether mtimes are comparable).
+    A local DESTINATION is read back in place (every file's CRC-32); a remote is listed with
+    ``lsjson`` and MD5 where it offers it, else a kind SOURCE recorded. ``missing_ok``: a folder
+    that does not exist lists as empty (a folder removed at SOURCE may never have arrived)."""
     dest_root = destination_root(cfg)
     dest = remote_join(dest_root, folder) if folder else dest_root
-    parts = {r["part"] for r in index.rows("f")}
-    load_part_md5s(cfg, records, layout, stem, parts, index)
     local = local_destination(cfg)
-    if local is not None:  # read back in place: every file's CRC-32 against the zipper's
-        kind: str | None = "crc32"
+    if local is not None:
         listing: Iterator[dict] = list_local(os.path.join(local, folder) if folder else local,
                                              recursive=bool(folder), skip=() if folder else (LOCAL_TMP,))
-        dest_features = {"Precision": 1}
-    else:
-        offered = set(dest_features.get("Hashes") or [])
-        kind = "md5" if "md5" in offered else None
-        if kind is None:
-            source_kinds = set()
-            for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' "
-                                        "LIMIT 1"):
-                source_kinds = set(json.loads(row[0]))
-            shared = sorted(offered & source_kinds)
-            kind = shared[0] if shared else None
-        flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
-        if kind:
-            flags += ["--hash", "--hash-type", kind]
-        listing = rclone.lsjson(dest, flags, what=f"listing of {dest!r} for verification")
+        return "crc32", listing, True
+    offered = set(dest_features.get("Hashes") or [])
+    kind = "md5" if "md5" in offered else None
+    if kind is None:
+        shared = sorted(offered & source_kinds)
+        kind = shared[0] if shared else None
+    flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
+    if kind:
+        flags += ["--hash", "--hash-type", kind]
+    precision = dest_features.get("Precision")
+    check_mtime = isinstance(precision, (int, float)) and 0 < precision <= 1_000_000_000
+
+    def listing_or_nothing() -> Iterator[dict]:
+        try:
+            yield from rclone.lsjson(dest, flags, what=f"listing of {dest!r}")
+        except RcloneError as exc:
+            if not (missing_ok and "directory not found" in str(exc)):
+                raise
+    return kind, listing_or_nothing(), check_mtime
+
+
+def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str, stem: str,
+                  index: FolderIndex, dest_features: dict,
+                  deletions: "Deletions | None" = None) -> dict:
+    """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared.
+    With ``deletions`` (files deleted at SOURCE in this or an earlier generation), copies of
+    those are set apart from the extra files and, when the folder matches and
+    PROPAGATE_DELETES=1, deleted where they still match what was restored."""
+    parts = {r["part"] for r in index.rows("f")}
+    load_part_md5s(cfg, records, layout, stem, parts, index)
+    source_kinds: set[str] = set()
+    for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' LIMIT 1"):
+        source_kinds = set(json.loads(row[0]))
+    kind, listing, check_mtime = list_destination(cfg, rclone, folder, dest_features, source_kinds)
     db = index.db
     db.execute("CREATE TABLE IF NOT EXISTS dest (path TEXT PRIMARY KEY, size INTEGER, mtime TEXT, hash TEXT)")
-    n = 0
     for entry in listing:
         db.execute("INSERT OR REPLACE INTO dest VALUES (?,?,?,?)",
                    (entry["Path"], int(entry.get("Size", -1)), entry.get("ModTime", ""),
                     (entry.get("Hashes") or {}).get(kind) if kind else None))
-        n += 1
     index.commit()
-    precision = dest_features.get("Precision")
-    check_mtime = isinstance(precision, (int, float)) and 0 < precision <= 1_000_000_000
     report = {"folder": folder, "stem": stem, "hash_kind": kind, "files": 0, "bytes": 0,
               "matched_by_hash": 0, "matched_by_size": 0, "missing": [], "differing": [], "extra": []}
     rows = db.execute(
@@ -545,9 +562,181 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
             report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
     for (path,) in db.execute("SELECT path FROM dest WHERE path NOT IN (SELECT path FROM e) ORDER BY path"):
-        report["extra"].append(path)
+        if deletions is None or path not in deletions.files:
+            report["extra"].append(path)
     report["ok"] = not report["missing"] and not report["differing"]
+    if deletions is not None:
+        present = {p: (size, mtime, h) for p, size, mtime, h in db.execute(
+            "SELECT path, size, mtime, hash FROM dest WHERE path NOT IN (SELECT path FROM e)")}
+        keep_dirs = needed_dirs(r["path"] for r in index.rows())
+        report["deleted_at_source"] = deletions.apply(cfg, records, layout, rclone, folder, present, kind,
+                                                      check_mtime, keep_dirs, act=report["ok"])
     return report
+
+
+def needed_dirs(paths: Iterable[str]) -> set[str]:
+    """Every directory the map needs: empty directories and the parents of every entry."""
+    out: set[str] = set()
+    for path in paths:
+        out.add(path)
+        while "/" in path:
+            path = path.rpartition("/")[0]
+            if path in out:
+                break
+            out.add(path)
+    return out
+
+
+class Deletions:
+    """Files and empty directories deleted at SOURCE for one folder stem, over every generation
+    up to the latest (the latest deletion of a path wins; a path at SOURCE again is dropped)."""
+
+    def __init__(self, stem: str, sources: list[dict]):
+        self.stem = stem
+        self.sources = sorted(sources, key=lambda s: s["generation"])
+        self.files: dict[str, dict] = {}
+        self.dirs: set[str] = set()
+
+    def load(self, records: Records, index: FolderIndex | None) -> "Deletions":
+        for source in self.sources:
+            key = source["changes_key"]
+            body = records.get_bytes(key)
+            if body is None:
+                raise RecordError(key, "missing, although the map's index names it")
+            for line in read_jsonl_gz(body, key):
+                op, path = line.get("op"), line.get("p")
+                if not isinstance(path, str) or unsafe_reason(path):
+                    raise RecordError(key, f"a change without a safe path: {line!r:.200}")
+                if op == "deleted":
+                    was = line.get("was")
+                    if not isinstance(was, dict) or not isinstance(was.get("s"), int):
+                        raise RecordError(key, f"a deletion without what it was: {line!r:.200}")
+                    self.files[path] = {**was, "generation": source["generation"]}
+                elif op == "dir_removed":
+                    self.dirs.add(path)
+                elif op in ("added", "changed"):
+                    self.files.pop(path, None)
+                elif op == "dir_added":
+                    self.dirs.discard(path)
+        if index is not None:  # at SOURCE again (re-added): not a deletion any more
+            self.files = {p: w for p, w in self.files.items() if index.get(p) is None}
+            self.dirs = {d for d in self.dirs if index.get(d) is None}
+        return self
+
+    def _restored_sums(self, cfg: Config, records: Records, layout: Layout, paths: Iterable[str]) -> dict:
+        """(md5, crc32) the zipper recorded for each path, from the parts that held the old bytes."""
+        by_part: dict[str, set[str]] = {}
+        for path in paths:
+            part = self.files[path].get("part")
+            if part:
+                by_part.setdefault(part, set()).add(path)
+        sums: dict[str, tuple] = {}
+        for part, wanted in by_part.items():
+            try:
+                for path, md5, crc in part_sums(cfg, records, layout, self.stem, part):
+                    if path in wanted:
+                        sums[path] = (md5, crc)
+            except RecordError as exc:
+                log.warning("the record of part %s is unreadable (%s); its deleted files are compared by "
+                            "size and time only", part, exc)
+        return sums
+
+    def differs(self, path: str, size: int, mtime: str, dhash: str | None, kind: str | None,
+                check_mtime: bool, sums: dict) -> str | None:
+        """Why DESTINATION's copy is not what was restored there (None when it is)."""
+        was = self.files[path]
+        if size != was["s"]:
+            return f"size {size} != restored {was['s']}"
+        if check_mtime and was.get("m") and mtime and abs(parse_mtime(mtime) - parse_mtime(was["m"])) > 1.0:
+            return f"modification time {mtime} != restored {was['m']}"
+        md5, crc = sums.get(path, (None, None))
+        hashes = was.get("h") or {}
+        want = (crc if kind == "crc32" else (md5 or hashes.get("md5")) if kind == "md5"
+                else hashes.get(kind) if kind else None)
+        if want and dhash and dhash.lower() != want.lower():
+            return f"{kind} {dhash} != restored {want}"
+        return None
+
+    def apply(self, cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str,
+              present: dict[str, tuple], kind: str | None, check_mtime: bool, keep_dirs: set[str],
+              *, act: bool) -> dict:
+        """Sort DESTINATION's copies of deleted files: kept (PROPAGATE_DELETES is off), deleted,
+        or kept because they changed at DESTINATION since they were restored. Deletes with
+        PROPAGATE_DELETES=1 and ``act`` (the folder verified), then removes the directories left
+        empty that SOURCE no longer has. Returns the summary for the report."""
+        here = sorted(p for p in self.files if p in present)
+        out: dict[str, Any] = {"files": len(self.files), "absent": len(self.files) - len(here),
+                               "kept": [], "deleted": [], "changed_at_destination": [], "dirs_removed": []}
+        if not cfg.propagate_deletes or not act:
+            out["kept"] = here
+            if here:
+                log.warning("%d files deleted at SOURCE are kept at DESTINATION (first: %r); PROPAGATE_DELETES=1 "
+                            "deletes them", len(here), here[0])
+            return out
+        sums = self._restored_sums(cfg, records, layout, here) if kind in ("crc32", "md5") else {}
+        doomed = []
+        for path in here:
+            why = self.differs(path, *present[path], kind, check_mtime, sums)
+            if why:
+                out["changed_at_destination"].append({"path": path, "why": why})
+                log.warning("deleted at SOURCE but changed at DESTINATION since it was restored, so kept: %r (%s)",
+                            path, why)
+            else:
+                doomed.append(path)
+        delete_at_destination(cfg, rclone, folder, doomed)
+        out["deleted"] = doomed
+        parents = needed_dirs(doomed) - set(doomed)
+        candidates = sorted((self.dirs | parents) - keep_dirs, key=lambda d: (-d.count("/"), d))
+        out["dirs_removed"] = remove_empty_dirs(cfg, rclone, folder, candidates)
+        if doomed or out["dirs_removed"]:
+            log.info("PROPAGATE_DELETES: deleted %d files and %d directories that SOURCE no longer has",
+                     len(doomed), len(out["dirs_removed"]))
+        return out
+
+
+def delete_at_destination(cfg: Config, rclone: Rclone, folder: str, paths: Sequence[str]) -> None:
+    if not paths:
+        return
+    local = local_destination(cfg)
+    if local is not None and all(plain_local_name(p) for p in paths):
+        top = os.path.join(local, folder) if folder else local
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(top, path))
+        return
+    dest_root = destination_root(cfg)
+    dest = remote_join(dest_root, folder) if folder else dest_root
+    list_path = os.path.join(cfg.tmp_dir, local_name(folder or "~root", "delete", cfg.worker_id))
+    with open(list_path, "wb") as fh:
+        fh.write(b"\0".join(p.encode("utf-8", "surrogateescape") for p in paths))
+    try:
+        rclone.run_retried(["delete", "--files-from0", list_path, "--", dest],
+                           what=f"deletion of {len(paths)} files deleted at SOURCE")
+    finally:
+        os.remove(list_path)
+
+
+def remove_empty_dirs(cfg: Config, rclone: Rclone, folder: str, dirs: Sequence[str]) -> list[str]:
+    """Remove these directories where they are empty, deepest first; a directory that holds
+    anything stays. Returns the ones removed."""
+    removed = []
+    local = local_destination(cfg)
+    dest_root = destination_root(cfg)
+    for d in dirs:
+        if local is not None and plain_local_name(d):
+            try:
+                os.rmdir(os.path.join(local, folder, d) if folder else os.path.join(local, d))
+                removed.append(d)
+            except OSError:
+                pass
+            continue
+        target = remote_join(dest_root, f"{folder}/{d}" if folder else d)
+        try:
+            rclone.run(["rmdir", "--", target], what=f"removal of empty directory {d!r}", timeout_s=120, quiet=True)
+            removed.append(d)
+        except RcloneError:
+            pass  # not empty, or already gone
+    return removed
 
 
 def list_local(top: str, *, recursive: bool, skip: Sequence[str] = ()) -> Iterator[dict]:
@@ -580,9 +769,79 @@ def list_local(top: str, *, recursive: bool, skip: Sequence[str] = ()) -> Iterat
                    "ModTime": format_mtime(st.st_mtime), "Hashes": {"crc32": f"{crc:08x}"}}
 
 
+def unchanged_since(folder: dict, index: dict) -> int | None:
+    """The previous generation when this folder is exactly as it was there (nothing added,
+    changed or deleted, no empty directory added or removed), else None."""
+    c = folder.get("changes")
+    previous = index.get("previous")
+    if not isinstance(c, dict) or previous is None or c.get("new_folder") or "dirs_added" not in c:
+        return None  # (a map made before directories and large files were counted: verify in full)
+    if any(c.get(k) for k in ("added", "changed", "deleted", "dirs_added", "dirs_removed")):
+        return None
+    return int(previous)
+
+
+def carry_verification(records: Records, layout: Layout, gen: int, folder: dict, previous: int) -> dict | None:
+    """A folder unchanged since a generation in which it was verified stays verified: its files,
+    parts and DESTINATION copies are the ones checked then (``--verify`` reads DESTINATION again).
+    Returns the report entry, or None when the previous generation was not verified."""
+    before = records.get_json(layout.verified_record(previous, folder["stem"]))
+    if not isinstance(before, dict):
+        return None
+    record = {**{k: before.get(k) for k in ("files", "bytes", "matched_by_hash", "matched_by_size",
+                                           "hash_kind", "extra")},
+              "folder": folder["name"], "generation": gen, "verified_at": utc_now(),
+              "carried_from": before.get("carried_from", previous)}
+    records.put_json_once(layout.verified_record(gen, folder["stem"]), record)
+    log.info("folder %r is unchanged since generation %d, verified then; kept as verified", folder["name"], previous)
+    return {"folder": folder["name"], "stem": folder["stem"], "state": "verified", "ok": True,
+            "files": record["files"] or 0, "carried_from": record["carried_from"], "missing": [],
+            "differing": [], "extra": []}
+
+
+def record_deletions(records: Records, layout: Layout, cfg: Config, gen: int, name: str, stem: str,
+                     summary: dict) -> None:
+    """PROPAGATE_DELETES did its work for this folder at generation ``gen``: what it deleted
+    and what it kept (a rerun of the same generation does not look again)."""
+    records.put_json(layout.deletions(gen, stem), {
+        "folder": name, "generation": gen, "at": utc_now(), "worker": cfg.worker_id,
+        **{k: summary.get(k) for k in ("files", "absent", "deleted", "changed_at_destination", "dirs_removed")}})
+
+
+def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, name: str,
+                   stem: str, deletions: Deletions, dest_features: dict) -> dict:
+    """A folder SOURCE no longer has: its copies at DESTINATION are reported, or with
+    PROPAGATE_DELETES=1 deleted where they still match what was restored, and the folder
+    removed once empty."""
+    with log_context(folder=name):
+        if not cfg.propagate_deletes:
+            kept = sorted(deletions.files)
+            log.warning("folder %r is no longer at SOURCE; its %d files stay at DESTINATION (PROPAGATE_DELETES=1 "
+                        "deletes them)", name, len(kept))
+            return {"folder": name, "stem": stem, "destination": "kept",
+                    "deleted_at_source": {"files": len(kept), "kept": kept, "deleted": [],
+                                          "changed_at_destination": [], "dirs_removed": []}}
+        kinds = {k for w in deletions.files.values() for k in (w.get("h") or {})}
+        kind, listing, check_mtime = list_destination(cfg, rclone, name, dest_features, kinds, missing_ok=True)
+        present = {e["Path"]: (int(e.get("Size", -1)), e.get("ModTime", ""),
+                               (e.get("Hashes") or {}).get(kind) if kind else None) for e in listing}
+        summary = deletions.apply(cfg, records, layout, rclone, name, present, kind, check_mtime, set(), act=True)
+        others = sorted(p for p in present if p not in deletions.files)
+        if not others and not summary["changed_at_destination"]:
+            summary["dirs_removed"] += remove_empty_dirs(cfg, rclone, "", [name])
+        record_deletions(records, layout, cfg, gen, name, stem, summary)
+        if others:
+            log.warning("folder %r is no longer at SOURCE; %d files in it at DESTINATION were never ours and "
+                        "stay (first: %r)", name, len(others), others[0])
+        return {"folder": name, "stem": stem, "destination": "removed" if name in summary["dirs_removed"] else "kept",
+                "extra": others, "deleted_at_source": summary}
+
+
 def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, folder: dict,
-                  larges_done: set[str], dest_features: dict, *, repaired: bool = False) -> dict:
-    """Recreate empty directories and verify a folder whose parts are all restored."""
+                  larges_done: set[str], dest_features: dict, *, repaired: bool = False,
+                  deletions: Deletions | None = None) -> dict:
+    """Recreate empty directories and verify a folder whose parts are all restored; with
+    ``deletions``, handle the copies of files deleted at SOURCE too."""
     name, stem = folder["name"], folder["stem"]
     with log_context(folder=name):
         _header, index = load_manifest(records, layout.manifest(gen, stem),
@@ -594,7 +853,9 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                 log.info("%d large files are not copied yet (first: %r)", len(waiting), waiting[0])
                 return {"state": "waiting", "large_waiting": waiting}
             create_dirs(cfg, rclone, name, stem, index)
-            report = verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features)
+            if deletions is not None:
+                deletions.load(records, index)
+            report = verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features, deletions)
         finally:
             index.close()
         report["state"] = "verified" if report["ok"] else "failed"
@@ -602,6 +863,8 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             if repaired:
                 records.delete(layout.repair(gen, stem))
                 log.info("repaired: every damaged file restored and verified")
+            if deletions is not None and cfg.propagate_deletes:
+                record_deletions(records, layout, cfg, gen, name, stem, report["deleted_at_source"])
             records.put_json_once(layout.verified_record(gen, stem),
                                   {"folder": name, "generation": gen, "verified_at": utc_now(),
                                    **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
@@ -1124,10 +1387,24 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
                 for k in records.list_keys(layout.verified_of(gen))}
     repairs = list_repairs(records, layout, gen)
-    pending = [f for f in folders if f["stem"] not in verified or f["stem"] in repairs]
+    # Files deleted at SOURCE, per folder stem, over every generation; with PROPAGATE_DELETES=1 a
+    # folder with deletions is pending until they are handled for this generation.
+    sources = deletion_sources(records, layout, gen)
+    deleted_done = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.deletions_of(gen))}
+
+    def to_delete(stem: str) -> bool:
+        return cfg.propagate_deletes and stem in sources and stem not in deleted_done
+
+    pending = [f for f in folders if f["stem"] not in verified or f["stem"] in repairs or to_delete(f["stem"])]
     pending_stems = {f["stem"] for f in pending}
-    log.info("map generation %d: %d folders, %d verified, %d to repair", gen, len(folders),
-             len(folders) - len(pending), len(repairs))
+    latest_stems = {f["stem"] for f in index["folders"]}
+    removed = sorted({(src[-1]["name"], stem) for stem, src in sources.items() if stem not in latest_stems
+                      and in_shard(cfg, records.mode, src[-1]["name"])})
+    log.info("map generation %d: %d folders, %d verified, %d to repair%s", gen, len(folders),
+             len(folders) - len(pending), len(repairs),
+             f"; deletions at SOURCE in {len(sources)} folders ({len(removed)} removed folders), "
+             + ("PROPAGATE_DELETES=1: copies still as restored are deleted" if cfg.propagate_deletes
+                else "kept at DESTINATION (PROPAGATE_DELETES=0)") if sources else "")
     to_restore = [(f, p) for f in pending for p in f.get("part_table") or []
                   if p["name"] in zipped.get(f["stem"], set()) and p["name"] not in restored.get(f["stem"], set())]
     runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
@@ -1153,12 +1430,22 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         stem = folder["stem"]
 
         def check() -> dict:
+            previous = unchanged_since(folder, index)
+            if previous is not None and stem not in repairs and not to_delete(stem):
+                carried = carry_verification(records, layout, gen, folder, previous)
+                if carried is not None:
+                    return carried
             # A repair deletes the copy records of damaged large files before its restores start.
             done = records.record_names(layout.large_root) if stem in repairs else larges
             return finish_folder(cfg, records, layout, rclone, gen, folder, done.get(stem, set()),
-                                 dest_features, repaired=stem in repairs)
-        return verifier.run(stem, "folder", check, done=lambda: stem not in repairs and records.head(
-            layout.verified_record(gen, stem)) is not None)
+                                 dest_features, repaired=stem in repairs,
+                                 deletions=Deletions(stem, sources[stem]) if stem in sources else None)
+
+        def finished() -> bool:
+            if stem in repairs or records.head(layout.verified_record(gen, stem)) is None:
+                return False
+            return not to_delete(stem) or records.head(layout.deletions(gen, stem)) is not None
+        return verifier.run(stem, "folder", check, done=finished)
 
     failed_parts: dict[str, list] = {}
     verified_now: dict[str, Any] = {}
@@ -1203,6 +1490,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         state["failed"] = [f for f in state["failed"] if not f[0].startswith("folder ")]
     verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.verified_of(gen))}
     restored = records.record_names(layout.restored_root)
+    removed_report = handle_removed(cfg, records, layout, rclone, runtime, gen, removed, sources, deleted_done,
+                                    dest_features, verifier, state)
 
     entries: dict[str, dict] = {}
     for folder in folders:
@@ -1232,6 +1521,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             e["state"] == "verified" for e in entries.values())
             and all(f["stem"] in verified for f in index["folders"]), worker_id=cfg.worker_id)
     report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
+    report["removed_folders"] = removed_report
     path = write_report(cfg, records, layout, report)
     print_report(report)
     log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
@@ -1244,6 +1534,60 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         return EXIT_WAITING
     log.info("all %d folders restored and verified", t["verified"])
     return EXIT_OK
+
+
+def deletion_sources(records: Records, layout: Layout, gen: int) -> dict[str, list[dict]]:
+    """{stem: [{generation, changes_key, name}]}: every generation up to ``gen`` whose map found
+    files or empty directories of that folder deleted at SOURCE (or the whole folder removed)."""
+    out: dict[str, list[dict]] = {}
+    for g in all_generations(records, layout):
+        if g > gen:
+            continue
+        index = records.get_json(layout.index(g))
+        if not isinstance(index, dict):
+            continue  # an unfinished generation
+        for f in list(index.get("folders") or []) + list(index.get("removed") or []):
+            c = f.get("changes") or {}
+            if f.get("changes_key") and (c.get("deleted") or c.get("dirs_removed")):
+                out.setdefault(f["stem"], []).append({"generation": g, "changes_key": f["changes_key"],
+                                                      "name": f["name"]})
+    return out
+
+
+def handle_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime, gen: int,
+                   removed: list[tuple[str, str]], sources: dict, deleted_done: set[str], dest_features: dict,
+                   verifier: Claims, state: dict) -> list[dict]:
+    """Folders SOURCE no longer has: reported; with PROPAGATE_DELETES=1 their copies deleted (each
+    under a claim, once per generation)."""
+    if removed and cfg.propagate_deletes and not dest_features and local_destination(cfg) is None:
+        dest_features = rclone.features(destination_root(cfg))
+    results = []
+
+    def handle(name: str, stem: str) -> dict | Skipped:
+        def work() -> dict:
+            return finish_removed(cfg, records, layout, rclone, gen, name, stem,
+                                  Deletions(stem, sources[stem]).load(records, None), dest_features)
+        if not cfg.propagate_deletes:
+            return work()
+        if stem in deleted_done:
+            record = records.get_json(layout.deletions(gen, stem)) or {}
+            return {"folder": name, "stem": stem, "destination": "removed earlier",
+                    "deleted_at_source": {k: record.get(k) for k in ("files", "absent", "deleted",
+                                                                     "changed_at_destination", "dirs_removed")}}
+        return verifier.run(stem, "removed", work, done=lambda: records.head(layout.deletions(gen, stem)) is not None)
+
+    for (name, stem), result in WorkerPool(cfg.max_parallel_workers, runtime).run(
+            [((n, st), lambda n=n, st=st: handle(n, st)) for n, st in removed]):
+        if isinstance(result, Skipped):
+            results.append({"folder": name, "stem": stem, "destination": f"handled by another worker ({result.why})"})
+        elif isinstance(result, BaseException):
+            log.error("removed folder %r: %s", name, result)
+            state["failed"].append((f"removed folder {name!r}", str(result)))
+            results.append({"folder": name, "stem": stem, "destination": "failed", "error": str(result)})
+        else:
+            results.append(result)
+    runtime.check()
+    return results
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:

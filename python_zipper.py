@@ -531,6 +531,12 @@ def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set
                     md5.update(view[:n])
                     dst.write(view[:n])
                     written += n
+                if not isinstance(where, str):  # read in place at SOURCE, where it may change meanwhile
+                    st = os.fstat(src.fileno())
+                    if st.st_size != f["size"] or (f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > 1.0):
+                        raise MigrationError(f"{f['path']!r} changed at SOURCE while it was zipped; the part is "
+                                             "not published (a rerun leaves the file out and reports it; the "
+                                             "next FORCE_RESCAN=1 pass takes its new bytes)")
             if written != f["size"]:
                 raise MigrationError(f"{f['path']!r} changed while it was zipped ({written} bytes, "
                                      f"mapped {f['size']})")

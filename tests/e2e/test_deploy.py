@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SECRET_KEY
+from e2ekit import ROOT, SECRET_KEY
 
 pytestmark = pytest.mark.e2e
 

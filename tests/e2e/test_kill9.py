@@ -10,13 +10,11 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from e2ekit import kill_at
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 
@@ -34,19 +32,6 @@ def observe(env, seen: dict[str, set]) -> None:
             seen.setdefault(key, set()).add(meta["ETag"])
         elif key.endswith(".json") and "/_probe/" not in key:
             json.loads(env.get(key))
-
-
-def kill_at(env, script: str, delay: float, **extra) -> int:
-    """Start the script in its own process group and SIGKILL the whole group after ``delay``."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)], env={**env.vars, **extra},
-                            cwd=env.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        proc.wait(delay)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    return proc.returncode
 
 
 @pytest.mark.parametrize("form", ["local paths", "rclone remotes"])

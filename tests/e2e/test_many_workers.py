@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Env, base_env
+from e2ekit import ROOT, Env, base_env
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 

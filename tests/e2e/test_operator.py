@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from e2ekit import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import base_env, Env
+from e2ekit import base_env, Env
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 

@@ -212,10 +212,9 @@ def test_explicit_worker_index_wins_over_job_engine(base):
     assert cfg.worker_index == 0
 
 
-@pytest.mark.parametrize("name, value", [("PROPAGATE_DELETES", "yes")])
-def test_unsupported_features_are_refused_not_ignored(base, name, value):
-    err = config_error({**base, **REQUIRED["zipper"], name: value})
-    assert name in str(err)
+def test_propagate_deletes_is_off_unless_asked(base):
+    assert from_env({**base, **REQUIRED["zipper"]}).propagate_deletes is False
+    assert from_env({**base, **REQUIRED["zipper"], "PROPAGATE_DELETES": "1"}).propagate_deletes is True
 
 
 @pytest.mark.parametrize("name, value", [("DRY_RUN", "0"), ("PROPAGATE_DELETES", "off"),

@@ -54,7 +54,8 @@ def test_help(capsys, script, flag):
 @pytest.mark.parametrize("script, variables", [
     ("mapper", ["SOURCE", "LARGE_FILE_THRESHOLD_GB", "SPLIT_THRESHOLD", "MAX_ZIP_SIZE_GB", "FORCE_RESCAN"]),
     ("zipper", ["SOURCE", "DESTINATION", "DOWNLOAD_THREADS", "S3_CHECKSUMS", "DISK_LIMIT_PERCENT"]),
-    ("unzipper", ["DESTINATION", "SKIP_UPLOAD", "LOCAL_OUTPUT_DIR", "MAX_ZIP_BOMB_RATIO", "UPLOAD_THREADS"]),
+    ("unzipper", ["DESTINATION", "SKIP_UPLOAD", "LOCAL_OUTPUT_DIR", "MAX_ZIP_BOMB_RATIO", "UPLOAD_THREADS",
+                  "PROPAGATE_DELETES"]),
 ])
 def test_help_lists_the_scripts_own_variables(capsys, script, variables):
     SCRIPTS[script].main(argv=["--help"], environ={})

@@ -218,6 +218,21 @@ def test_file_that_changed_size_while_zipped_is_refused(records, tmp_path):
     assert "'a'" in str(info.value)
 
 
+def test_file_read_in_place_that_changed_while_zipped_is_refused(records, tmp_path):
+    """A local SOURCE is read in place; a file written during the read (same size, new mtime)
+    fails the part instead of giving it bytes that are half old, half new."""
+    staging = str(tmp_path / "staging")
+    rows = stage(staging, [("a", b"12345", "2001-09-09T01:46:40Z"), ("b", b"678", "2001-09-09T01:46:40Z")])
+    os.utime(os.path.join(staging, "a"), (1_000_000_000, 1_000_000_000))  # as mapped
+    os.utime(os.path.join(staging, "b"), (1_000_000_100, 1_000_000_100))  # written after it was mapped
+    job = python_zipper.PartJob(folder="F", stem="F", part="Full", gen=1, files=rows)
+    in_place = {r["path"]: os.path.join(staging, r["path"]) for r in rows}
+    sink = python_zipper.S3Sink(records, "changed-in-place", CHUNK, Runtime())
+    with pytest.raises(MigrationError) as info:
+        python_zipper.write_zip(sink, job, in_place, set(), Runtime())
+    assert "'b'" in str(info.value) and "changed at SOURCE" in str(info.value)
+
+
 def test_skipped_files_are_left_out(records, tmp_path):
     staging = str(tmp_path / "staging")
     rows = stage(staging, SMALL_FILES[:3])

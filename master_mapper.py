@@ -112,7 +112,20 @@ def entry_changed(old: dict, new: dict) -> bool:
 
 # I/O
 
-def list_into_index(rclone: Rclone, path: str, index: FolderIndex, *, recursive: bool, hashes: bool,
+def listing_hash_kinds(source: dict, destination: dict | None, local_source: bool) -> list[str]:
+    """The hash kinds worth listing at SOURCE: none where each costs a read of every file (a
+    local disk, SFTP's md5sum over ssh: rclone's SlowHash), else those DESTINATION offers too
+    (a large file's copy is checked by one), or one kind to tell a changed file in a delta pass."""
+    if local_source or source.get("Name") == "local" or source.get("SlowHash"):
+        return []
+    kinds = list(source.get("Hashes") or [])
+    if destination is not None:
+        shared = [k for k in kinds if k in (destination.get("Hashes") or [])]
+        return shared or kinds[:1]
+    return kinds
+
+
+def list_into_index(rclone: Rclone, path: str, index: FolderIndex, *, recursive: bool, hashes: Sequence[str],
                     threshold: int, what: str) -> None:
     """Stream one listing of SOURCE into ``index``; a failed listing raises, never yields 'empty'."""
     flags = ["--no-mimetype"]
@@ -120,8 +133,8 @@ def list_into_index(rclone: Rclone, path: str, index: FolderIndex, *, recursive:
         flags.append("-R")
     else:
         flags.append("--files-only")
-    if hashes:
-        flags.append("--hash")
+    for kind in hashes:
+        flags += ["--hash", "--hash-type", kind]
     n = 0
     for entry in rclone.lsjson(path, flags, what=what):
         rel = entry.get("Path")
@@ -343,7 +356,7 @@ def write_original_objects(records: Records, layout: Layout, stem: str, name: st
 
 
 def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime, *,
-               gen: int, name: str, stem: str, hashes: bool, previous: dict | None) -> dict:
+               gen: int, name: str, stem: str, hashes: Sequence[str], previous: dict | None) -> dict:
     """List one folder (or the root unit) into a manifest; return its summary for the index."""
     runtime.check()
     tmp = cfg.tmp_dir
@@ -524,9 +537,17 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
 
     features = rclone.features(cfg.source)
-    hashes = bool(features["Hashes"]) and features["Name"] != "local" and not is_local_path(cfg.source)
+    dest_features = None
+    if cfg.destination and not is_local_path(cfg.destination):
+        try:
+            dest_features = rclone.features(cfg.destination)
+        except RcloneError as exc:  # the zipper and unzipper report DESTINATION's own trouble
+            log.warning("DESTINATION's features could not be read (%s); every cheap SOURCE hash is listed", exc)
+    hashes = listing_hash_kinds(features, dest_features, is_local_path(cfg.source))
     log.info("SOURCE backend %s; hashes %s", features["Name"] or "?",
-             ", ".join(features["Hashes"]) if hashes else "not recorded (computed by the zipper)")
+             ", ".join(hashes) if hashes else "not listed (%s)" % (
+                 "SOURCE computes them by reading every file; the zipper's MD5s are the proof"
+                 if features["Hashes"] else "SOURCE offers none; the zipper's MD5s are the proof"))
 
     def mapped() -> set[str]:
         """Stems of the units of this generation that are done: folder manifests and removed records."""

@@ -33,6 +33,9 @@ Environment variables (default in brackets):
   SKIP_UPLOAD              1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION [0]
   LOCAL_OUTPUT_DIR         see SKIP_UPLOAD [WORK_DIR/merged_output]
   MAX_ZIP_BOMB_RATIO       refuse a part whose entries claim more than this times its size [100]
+  VERIFY_DOWNLOAD          1: the final check and --verify read every file at a remote DESTINATION
+                           back and compare its MD5 with the zipper's (for DESTINATIONs without
+                           a hash of their own: WebDAV, FTP; costs one download of everything) [0]
   PROPAGATE_DELETES        1: delete at DESTINATION the files deleted at SOURCE (since a
                            FORCE_RESCAN map), only where the copy is still what was restored [0]
   DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
@@ -72,14 +75,14 @@ import threading
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
-                       parse_mtime, plain_local_name, read_jsonl_gz, remote_join, run_script, sanitize_name,
+                       parse_mtime, plain_local_name, proof_warnings, read_jsonl_gz, remote_join, run_script, sanitize_name,
                        staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_unzipper")
@@ -101,6 +104,10 @@ class PartDamaged(MigrationError):
 
 
 # Pure checks
+
+class PartNotMade(MigrationError):
+    """A part of the map has no part record yet: the zipper is what to run, nothing is damaged."""
+
 
 def unsafe_reason(path: str) -> str | None:
     """Why an entry name must not be written, or None when it stays inside its folder."""
@@ -324,6 +331,9 @@ def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> 
     """The zipper's record and entries of a part, checked against each other."""
     rkey = layout.part_record(stem, part)
     record = records.get_json(rkey)
+    if record is None:
+        raise PartNotMade(f"part {part} of this folder has not been made yet (no {rkey!r}): "
+                             "run python_zipper.py, then python_unzipper.py")
     if not isinstance(record, dict) or not all(k in record for k in ("key", "size", "sha256", "entries_key")):
         raise RecordError(rkey, "not a part record")
     body = records.get_bytes(record["entries_key"])
@@ -476,42 +486,86 @@ def load_part_md5s(cfg: Config, records: Records, layout: Layout, stem: str, par
     index.commit()
 
 
+@dataclass
+class DestListing:
+    """One folder of DESTINATION as listed for a check: its files (an iterator, read once), and
+    once they are read, its directories and whether the folder exists at all; with what each
+    file is compared besides its size."""
+
+    kind: str | None          # hash kind listed: crc32 (local, read back), md5, a kind SOURCE recorded, or None
+    entries: Iterator[dict]
+    check_mtime: bool         # DESTINATION keeps mtimes (to 1 s or better), so they are compared
+    read_back: bool           # every file was read back (a local DESTINATION, or VERIFY_DOWNLOAD=1)
+    dirs: set[str] = field(default_factory=set)
+    exists: bool = True
+
+    @property
+    def compared(self) -> list[str]:
+        return ["size"] + ([self.kind] if self.kind else []) + (["mtime"] if self.check_mtime else [])
+
+
 def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: dict, source_kinds: set[str],
-                     *, missing_ok: bool = False) -> tuple[str | None, Iterator[dict], bool]:
-    """DESTINATION/<folder>'s files: (hash kind listed, listing, whether mtimes are comparable).
-    A local DESTINATION is read back in place (every file's CRC-32); a remote is listed with
-    ``lsjson`` and MD5 where it offers it, else a kind SOURCE recorded. ``missing_ok``: a folder
-    that does not exist lists as empty (a folder removed at SOURCE may never have arrived)."""
+                     *, missing_ok: bool = False, thorough: bool = False) -> DestListing:
+    """DESTINATION/<folder> as a DestListing. A local DESTINATION is read back in place (every
+    file's CRC-32); a remote is listed with ``lsjson`` and MD5 where it offers it, else a kind
+    SOURCE recorded; with VERIFY_DOWNLOAD=1 every file is read back for its MD5 instead. A
+    folder that does not exist lists as empty with ``exists`` False; a listing that fails
+    otherwise raises (``missing_ok`` is kept for callers that expect the folder may be gone).
+    Hashes that DESTINATION computes by reading each file (SFTP's md5sum: rclone's SlowHash) are
+    asked for only when ``thorough`` (``--verify``); the final check after a restore then
+    compares size and mtime, rclone's upload having checked the hash already."""
     dest_root = destination_root(cfg)
     dest = remote_join(dest_root, folder) if folder else dest_root
     local = local_destination(cfg)
     if local is not None:
-        listing: Iterator[dict] = list_local(os.path.join(local, folder) if folder else local,
-                                             recursive=bool(folder), skip=() if folder else (LOCAL_TMP,))
-        return "crc32", listing, True
+        top = os.path.join(local, folder) if folder else local
+        result = DestListing("crc32", iter(()), True, True)
+        result.exists = os.path.isdir(top)
+        result.entries = list_local(top, recursive=bool(folder), skip=() if folder else (LOCAL_TMP,),
+                                    dirs=result.dirs)
+        return result
     offered = set(dest_features.get("Hashes") or [])
-    kind = "md5" if "md5" in offered else None
+    if dest_features.get("SlowHash") and not thorough:
+        offered = set()
+    kind = "md5" if "md5" in offered or cfg.verify_download else None
     if kind is None:
         shared = sorted(offered & source_kinds)
         kind = shared[0] if shared else None
-    flags = ["--files-only", "--no-mimetype"] + (["-R"] if folder else [])
-    if kind:
+    flags = ["--no-mimetype"] + (["-R"] if folder else ["--files-only"])
+    if kind and not cfg.verify_download:
         flags += ["--hash", "--hash-type", kind]
     precision = dest_features.get("Precision")
     check_mtime = isinstance(precision, (int, float)) and 0 < precision <= 1_000_000_000
+    result = DestListing(kind, iter(()), check_mtime, cfg.verify_download)
 
-    def listing_or_nothing() -> Iterator[dict]:
+    def listing() -> Iterator[dict]:
+        files = []
         try:
-            yield from rclone.lsjson(dest, flags, what=f"listing of {dest!r}")
+            for entry in rclone.lsjson(dest, flags, what=f"listing of {dest!r}"):
+                if entry.get("IsDir"):
+                    result.dirs.add(entry["Path"])
+                elif cfg.verify_download:
+                    files.append(entry)
+                else:
+                    yield entry
         except RcloneError as exc:
-            if not (missing_ok and "directory not found" in str(exc)):
+            if "directory not found" not in str(exc):
                 raise
-    return kind, listing_or_nothing(), check_mtime
+            result.exists = False
+            return
+        if cfg.verify_download and files:
+            sums = rclone.md5_by_download(dest, what=f"read-back of {dest!r} (VERIFY_DOWNLOAD=1)",
+                                          flags=() if folder else ("--max-depth", "1"))
+            for entry in files:
+                entry["Hashes"] = {"md5": sums.get(entry["Path"])}
+                yield entry
+    result.entries = listing()
+    return result
 
 
 def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str, stem: str,
                   index: FolderIndex, dest_features: dict,
-                  deletions: "Deletions | None" = None) -> dict:
+                  deletions: "Deletions | None" = None, *, thorough: bool = False) -> dict:
     """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared.
     With ``deletions`` (files deleted at SOURCE in this or an earlier generation), copies of
     those are set apart from the extra files and, when the folder matches and
@@ -521,16 +575,19 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     source_kinds: set[str] = set()
     for row in index.db.execute("SELECT hashes FROM e WHERE kind IN ('f','l') AND hashes != '{}' LIMIT 1"):
         source_kinds = set(json.loads(row[0]))
-    kind, listing, check_mtime = list_destination(cfg, rclone, folder, dest_features, source_kinds)
+    listed = list_destination(cfg, rclone, folder, dest_features, source_kinds, thorough=thorough)
+    kind, check_mtime = listed.kind, listed.check_mtime
     db = index.db
     db.execute("CREATE TABLE IF NOT EXISTS dest (path TEXT PRIMARY KEY, size INTEGER, mtime TEXT, hash TEXT)")
-    for entry in listing:
+    for entry in listed.entries:
         db.execute("INSERT OR REPLACE INTO dest VALUES (?,?,?,?)",
                    (entry["Path"], int(entry.get("Size", -1)), entry.get("ModTime", ""),
                     (entry.get("Hashes") or {}).get(kind) if kind else None))
     index.commit()
-    report = {"folder": folder, "stem": stem, "hash_kind": kind, "files": 0, "bytes": 0,
-              "matched_by_hash": 0, "matched_by_size": 0, "missing": [], "differing": [], "extra": []}
+    report = {"folder": folder, "stem": stem, "hash_kind": kind, "compared": listed.compared,
+              "read_back": listed.read_back, "not_kept": [] if check_mtime else ["mtime"],
+              "files": 0, "bytes": 0, "dirs": 0, "matched_by_hash": 0, "matched_by_size": 0,
+              "missing": [], "differing": [], "extra": [], "large_damaged": []}
     rows = db.execute(
         "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
         "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
@@ -538,15 +595,18 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
         report["files"] += 1
         report["bytes"] += size
-        if dsize is None:
-            report["missing"].append(path)
-            continue
-        if dsize != size:
-            report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
+        if dsize is None or dsize != size:
+            if k == "l":
+                report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
+            if dsize is None:
+                report["missing"].append(path)
+            else:
+                report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
             continue
         want = None
-        if kind == "md5" and md5:
-            want = md5
+        if kind == "md5":
+            want = md5 or json.loads(hashes or "{}").get("md5") or (large_md5(records, layout, stem, path, size, mtime)
+                                                                  if k == "l" else None)
         elif kind == "crc32":
             want = crc32
         elif kind:
@@ -554,13 +614,25 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         if want and dhash:
             if dhash.lower() != want.lower():
                 report["differing"].append({"path": path, "why": f"{kind} {dhash} != {want}"})
+                if k == "l":
+                    report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
                 continue
             report["matched_by_hash"] += 1
         else:
             report["matched_by_size"] += 1
         if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
             report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
+            if k == "l":
+                report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
             report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
+    # Empty directories are part of the proof, and so is the folder itself.
+    if folder and not listed.exists:
+        report["missing"].append("")
+    else:
+        for row in index.rows("d"):
+            report["dirs"] += 1
+            if row["path"] not in listed.dirs:
+                report["missing"].append(row["path"] + "/")
     for (path,) in db.execute("SELECT path FROM dest WHERE path NOT IN (SELECT path FROM e) ORDER BY path"):
         if deletions is None or path not in deletions.files:
             report["extra"].append(path)
@@ -572,6 +644,12 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         report["deleted_at_source"] = deletions.apply(cfg, records, layout, rclone, folder, present, kind,
                                                       check_mtime, keep_dirs, act=report["ok"])
     return report
+
+
+def large_md5(records: Records, layout: Layout, stem: str, path: str, size: int, mtime: str) -> str | None:
+    """The MD5 the zipper took of a large file when it read both ends back after its copy."""
+    record = records.get_json(layout.large_record(stem, large_file_id(path, size, mtime)))
+    return record.get("md5") if isinstance(record, dict) else None
 
 
 def needed_dirs(paths: Iterable[str]) -> set[str]:
@@ -739,9 +817,11 @@ def remove_empty_dirs(cfg: Config, rclone: Rclone, folder: str, dirs: Sequence[s
     return removed
 
 
-def list_local(top: str, *, recursive: bool, skip: Sequence[str] = ()) -> Iterator[dict]:
+def list_local(top: str, *, recursive: bool, skip: Sequence[str] = (), dirs: set[str] | None = None
+               ) -> Iterator[dict]:
     """Plain files under a local folder as rclone lsjson would list them (symlinks are not
-    followed), each with the CRC-32 of its bytes as read back from the disk."""
+    followed), each with the CRC-32 of its bytes as read back from the disk. With ``dirs``,
+    every directory below ``top`` is added to it as it is walked."""
     if not os.path.isdir(top):
         return
     block = bytearray(MIB)
@@ -753,6 +833,8 @@ def list_local(top: str, *, recursive: bool, skip: Sequence[str] = ()) -> Iterat
             dirnames[:] = [d for d in dirnames if d not in skip]
         if not recursive:
             dirnames[:] = []
+        if dirs is not None:
+            dirs.update(f"{rel_dir}/{d}" if rel_dir else d for d in dirnames)
         for name in filenames:
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
@@ -822,9 +904,10 @@ def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone
                     "deleted_at_source": {"files": len(kept), "kept": kept, "deleted": [],
                                           "changed_at_destination": [], "dirs_removed": []}}
         kinds = {k for w in deletions.files.values() for k in (w.get("h") or {})}
-        kind, listing, check_mtime = list_destination(cfg, rclone, name, dest_features, kinds, missing_ok=True)
+        listed = list_destination(cfg, rclone, name, dest_features, kinds, missing_ok=True)
+        kind, check_mtime = listed.kind, listed.check_mtime
         present = {e["Path"]: (int(e.get("Size", -1)), e.get("ModTime", ""),
-                               (e.get("Hashes") or {}).get(kind) if kind else None) for e in listing}
+                               (e.get("Hashes") or {}).get(kind) if kind else None) for e in listed.entries}
         summary = deletions.apply(cfg, records, layout, rclone, name, present, kind, check_mtime, set(), act=True)
         others = sorted(p for p in present if p not in deletions.files)
         if not others and not summary["changed_at_destination"]:
@@ -868,7 +951,8 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             records.put_json_once(layout.verified_record(gen, stem),
                                   {"folder": name, "generation": gen, "verified_at": utc_now(),
                                    **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
-                                                             "matched_by_size", "hash_kind")},
+                                                             "matched_by_size", "hash_kind", "compared",
+                                                             "not_kept", "read_back")},
                                    "extra": len(report["extra"])})
             if name:
                 records.put_json(layout.legacy_progress(stem, "unzipper"), {
@@ -962,10 +1046,14 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                     if row is None:
                         continue
                     if row["kind"] == "l":
+                        # --verify deleted the copy record; one still older than the repair (left
+                        # by a version that deleted it here) goes now. A newer one is the new copy.
                         large_key = layout.large_record(stem, large_file_id(row["path"], row["size"], row["mtime"]))
-                        log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it "
-                                    "again", path)
-                        records.delete(large_key)
+                        head = records.head(large_key)
+                        if head is not None and head["LastModified"] <= repair["listed_at"]:
+                            log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it "
+                                        "again", path)
+                            records.delete(large_key)
                     elif row["kind"] == "f" and row["part"] in zipped.get(stem, set()):
                         damaged.setdefault(row["part"], {})[path] = row
                 todo = sorted(set(todo) | set(damaged))
@@ -1059,7 +1147,7 @@ def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
         marker = records.get_json(item["Key"])
         if not isinstance(marker, dict) or not isinstance(marker.get("paths"), list):
             raise RecordError(item["Key"], "not a repair record")
-        out[stem] = marker
+        out[stem] = {**marker, "listed_at": item["LastModified"]}
     return out
 
 
@@ -1074,19 +1162,21 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
             _header, index = load_manifest(records, layout.manifest(gen, stem),
                                            os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "check.sqlite")))
             try:
-                return verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features)
+                return verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features, thorough=True)
             finally:
                 index.close()
 
     results = WorkerPool(cfg.max_parallel_workers, runtime).run([(f, lambda f=f: check(f)) for f in folders])
     runtime.check()
-    report_folders, problems = [], 0
+    repairs = list_repairs(records, layout, gen)
+    report_folders, problems, unmade = [], 0, 0
     for folder, result in results:
         if isinstance(result, Exception):
             log.error("folder %r could not be checked: %s", folder["name"], result)
             report_folders.append({"folder": folder["name"], "stem": folder["stem"], "state": "failed",
                                    "error": str(result)})
             problems += 1
+            unmade += isinstance(result, PartNotMade)
             continue
         result["state"] = "verified" if result["ok"] else "failed"
         report_folders.append(result)
@@ -1104,22 +1194,64 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
         if damaged and not cfg.dry_run:
             records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
                                       "found_at": utc_now(), "worker": cfg.worker_id})
+            # A damaged large file is copied again by the zipper's next run: its copy record goes.
+            for row in result["large_damaged"]:
+                file_id = large_file_id(row["path"], row["size"], row["mtime"])
+                records.delete(layout.large_record(folder["stem"], file_id))
+                log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it again",
+                            prefix + row["path"])
+        elif not damaged and folder["stem"] in repairs and not cfg.dry_run:
+            records.delete(marker)  # what an earlier --verify found is repaired: nothing is pending
+            log.info("folder %r: the repair found by an earlier --verify is done", folder["name"])
     report = make_report(cfg, gen, report_folders, [], mode="verify")
     path = write_report(cfg, records, layout, report)
     print_report(report)
+    tell_proof(records, layout, report["proof"])
     log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
+    if unmade:
+        log.error("%d folders are not zipped in full yet; run python_zipper.py, then python_unzipper.py", unmade)
+    if problems > unmade:
+        log.error("%d folders do not match the map; run python_zipper.py (for large files) and "
+                  "python_unzipper.py to repair them (only the damaged files are copied again)", problems - unmade)
     if problems:
-        log.error("%d folders do not match the map; run python_unzipper.py to repair them "
-                  "(only the damaged files are restored)", problems)
         return EXIT_PARTIAL
-    log.info("DESTINATION matches the map: %d files in %d folders", report["totals"]["files_verified"],
-             len(folders))
+    log.info("DESTINATION matches the map: %d files in %d folders (compared: %s)",
+             report["totals"]["files_verified"], len(folders),
+             "; ".join(" + ".join(c["by"]) for c in (report["proof"] or {}).get("compared") or []) or "nothing")
     return EXIT_OK
+
+
+def proof_summary(cfg: Config, report_folders: list[dict]) -> dict | None:
+    """What this run's verifications compared, grouped ({by: [size, md5, mtime], folders: n}),
+    what DESTINATION cannot keep and whether files were read back; None when nothing was compared."""
+    checked = [f for f in report_folders if isinstance(f.get("compared"), list)]
+    if not checked:
+        return None
+    groups: dict[tuple, int] = {}
+    for f in checked:
+        groups[tuple(f["compared"])] = groups.get(tuple(f["compared"]), 0) + 1
+    return {"at": utc_now(), "destination": destination_root(cfg),
+            "compared": [{"by": list(k), "folders": n} for k, n in sorted(groups.items())],
+            "not_kept": sorted({k for f in checked for k in f.get("not_kept") or []}),
+            "read_back": all(f.get("read_back") for f in checked)}
+
+
+def tell_proof(records: Records, layout: Layout, proof: dict | None) -> None:
+    """Say once, plainly, what the verification compared and what it could not; keep it for --status."""
+    if proof is None:
+        return
+    out.info("verification compared: " + "; ".join(f"{' + '.join(c['by'])} ({c['folders']} folders)"
+                                                    for c in proof["compared"])
+             + (" (every file read back)" if proof["read_back"] else "") + "\n")
+    for line in proof_warnings(proof):
+        log.warning("%s", line)
+    if not records.cfg.dry_run:
+        records.put_json(layout.proof, proof)
 
 
 def make_report(cfg: Config, gen: int, report_folders: list[dict], errors: list, *, mode: str) -> dict:
     counts = {s: sum(1 for f in report_folders if f["state"] == s) for s in ("verified", "waiting", "failed")}
-    return {"run_id": new_run_id(SCRIPT), "mode": mode, "generation": gen,
+    return {"run_id": new_run_id(SCRIPT), "mode": mode, "generation": gen, "proof": proof_summary(cfg, report_folders),
             "destination": destination_root(cfg), "folders": report_folders,
             "totals": {"folders": len(report_folders), **counts,
                        "files_verified": sum(f.get("files", 0) for f in report_folders
@@ -1524,6 +1656,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     report["removed_folders"] = removed_report
     path = write_report(cfg, records, layout, report)
     print_report(report)
+    tell_proof(records, layout, report["proof"])
     log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
     t = report["totals"]
     if t["failed"] or state["failed"]:

@@ -63,8 +63,9 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
                        Layout, MigrationError, Rclone, RecordExists, Records, Runtime, S3Error, Skipped,
@@ -77,6 +78,9 @@ log = logging.getLogger("python_zipper")
 SCRIPT = "zipper"
 MIN_CHUNK = 16 * MIB  # x2 (one filling, one uploading) x MAX_PARALLEL_WORKERS: the zipper's buffers
 MAX_S3_PARTS = 9000
+# A file up to this size is read once, into memory, before its header; a larger one is
+# read twice (CRC-32 first). Either way the header holds its sizes and CRC: no data descriptor.
+IN_MEMORY_MAX = 16 * MIB
 
 
 # Pure planning
@@ -500,49 +504,146 @@ def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict],
     return skipped
 
 
+def _read_full(src: Any, view: memoryview) -> int:
+    """Fill ``view`` from the raw file ``src`` (a read may come short); the bytes read, fewer
+    than asked only at the file's end."""
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def write_stored(zf: zipfile.ZipFile, info: zipfile.ZipInfo, crc: int, size: int,
+                 pieces: Iterable[Any]) -> None:
+    """Add one store-mode entry whose local header holds its CRC-32 and sizes (flag bit 3 clear,
+    no data descriptor); ``pieces`` are its bytes, exactly ``size`` of them.
+
+    zipfile itself computes the CRC while it writes an entry, and on a stream that cannot seek
+    back (S3Sink) puts it in a data descriptor after the data, which Java's ZipInputStream
+    refuses for stored entries. Here the CRC is known first: the local header is the ZipInfo's
+    own ``FileHeader`` (with the ZIP64 extra field holding the sizes beyond
+    ``zipfile.ZIP64_LIMIT``, the rule zipfile's central directory follows), and the entry joins
+    ``zf.filelist``, so that on close zipfile writes the central directory and the ZIP64 end
+    records from the same ZipInfo, as for any entry of its own. These are the steps of
+    zipfile's own ``ZipFile.mkdir`` (Python 3.11 to 3.13), with data after the header.
+    """
+    info.compress_type = zipfile.ZIP_STORED
+    info.flag_bits = 0  # (zipfile adds the UTF-8 name flag where the name needs it)
+    info.CRC = crc
+    info.file_size = info.compress_size = size
+    info.header_offset = zf.fp.tell()
+    zf.fp.write(info.FileHeader(zip64=size > zipfile.ZIP64_LIMIT))
+    sent = 0
+    for piece in pieces:
+        zf.fp.write(piece)
+        sent += len(piece)
+    if sent != size:
+        raise MigrationError(f"{info.filename!r}: {sent} bytes written after a header that says {size}")
+    zf.filelist.append(info)
+    zf.NameToInfo[info.filename] = info
+    zf.start_dir = zf.fp.tell()  # where the central directory goes, as zipfile's own writers keep it
+
+
 def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set[str],
               runtime: Runtime) -> list[dict]:
     """Stream the part's files into a store-mode zip; return the entries (offset, size, CRC, MD5).
 
-    ``where`` is the folder holding every file, or {path: file to read} for each one.
+    ``where`` is the folder holding every file, or {path: file to read} for each one (read in
+    place at a local SOURCE). Each local header holds its entry's CRC-32 and sizes, and no entry
+    has a data descriptor, so streaming readers (Java's ZipInputStream) read every entry: a file
+    up to IN_MEMORY_MAX is read once into memory before its header, a larger one twice, in MiB
+    blocks (its CRC-32 first; then the bytes sent, whose CRC-32 must be that one again).
     """
     entries = []
-    block = bytearray(MIB)
-    view = memoryview(block)
+    bound = IN_MEMORY_MAX
+    kept = [f for f in job.files if f["path"] not in skip]
+    # One buffer for the part's small files, as large as the largest of them (one byte more: a
+    # file that grew is seen), so memory stays at most IN_MEMORY_MAX + 1 MiB per part.
+    whole = memoryview(bytearray(max([f["size"] for f in kept if f["size"] <= bound], default=0) + 1))
+    block = memoryview(bytearray(MIB))
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for f in job.files:
-            if f["path"] in skip:
-                continue
+        for f in kept:
             runtime.check()
-            full = os.path.join(where, f["path"]) if isinstance(where, str) else where[f["path"]]
+            in_place = not isinstance(where, str)
+            full = where[f["path"]] if in_place else os.path.join(where, f["path"])
             mtime = parse_mtime(f["mtime"]) if f["mtime"] else os.stat(full).st_mtime
             info = zipfile.ZipInfo(f["path"], date_time=dos_time(mtime))
-            info.compress_type = zipfile.ZIP_STORED
             info.external_attr = (0o100644 << 16)
             info.extra = ut_extra(mtime)
-            info.file_size = f["size"]
-            md5 = hashlib.md5()
-            written = 0
-            with open(full, "rb", buffering=0) as src, zf.open(info, "w") as dst:
-                while True:
-                    n = src.readinto(block)
-                    if not n:
-                        break
-                    md5.update(view[:n])
-                    dst.write(view[:n])
-                    written += n
-                if not isinstance(where, str):  # read in place at SOURCE, where it may change meanwhile
-                    st = os.fstat(src.fileno())
-                    if st.st_size != f["size"] or (f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > 1.0):
-                        raise MigrationError(f"{f['path']!r} changed at SOURCE while it was zipped; the part is "
-                                             "not published (a rerun leaves the file out and reports it; the "
-                                             "next FORCE_RESCAN=1 pass takes its new bytes)")
-            if written != f["size"]:
-                raise MigrationError(f"{f['path']!r} changed while it was zipped ({written} bytes, "
-                                     f"mapped {f['size']})")
-            entries.append({"path": f["path"], "offset": info.header_offset, "size": written,
-                            "crc32": f"{info.CRC:08x}", "md5": md5.hexdigest(), "mtime": f["mtime"]})
+            with open(full, "rb", buffering=0) as src:
+                crc, md5 = write_file(zf, info, src, f, in_place=in_place,
+                                      buffer=whole if f["size"] <= bound else None, block=block, runtime=runtime)
+            entries.append({"path": f["path"], "offset": info.header_offset, "size": f["size"],
+                            "crc32": f"{crc:08x}", "md5": md5, "mtime": f["mtime"]})
     return entries
+
+
+def write_file(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Any, f: dict, *, in_place: bool,
+               buffer: memoryview | None, block: memoryview, runtime: Runtime) -> tuple[int, str]:
+    """Write the open file ``src`` (map row ``f``) as the entry ``info``; return the CRC-32 and
+    MD5 of the bytes written, which are exactly the mapped size.
+
+    With a ``buffer`` (of at least size + 1 bytes) the file is read once, into it. Without, it
+    is read twice in ``block``-sized pieces: the CRC-32 for the header, then the bytes sent,
+    whose CRC-32 must be that one again, so the header always describes the bytes after it.
+    A file read in place at SOURCE (``in_place``) must also still have its mapped size and
+    mtime once read.
+    """
+    path, size = f["path"], f["size"]
+
+    def changed(why: str) -> MigrationError:
+        if in_place:
+            return MigrationError(f"{path!r} changed at SOURCE while it was zipped ({why}); the part is "
+                                  "not published (a rerun leaves the file out and reports it; the next "
+                                  "FORCE_RESCAN=1 pass takes its new bytes)")
+        return MigrationError(f"{path!r} changed while it was zipped ({why})")
+
+    def check_unchanged() -> None:
+        if in_place:
+            st = os.fstat(src.fileno())
+            if st.st_size != size or (f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > 1.0):
+                raise changed("its size or modification time is no longer the mapped one")
+
+    md5 = hashlib.md5()
+    if buffer is not None:
+        n = _read_full(src, buffer[:size + 1])
+        if n != size:
+            raise changed(f"{'more than ' if n > size else ''}{min(n, size)} bytes, mapped {size}")
+        check_unchanged()
+        data = buffer[:size]
+        md5.update(data)
+        crc = zlib.crc32(data)
+        write_stored(zf, info, crc, size, [data])
+        return crc, md5.hexdigest()
+
+    crc = n = 0
+    while k := src.readinto(block):
+        runtime.check()
+        crc = zlib.crc32(block[:k], crc)
+        n += k
+    if n != size:
+        raise changed(f"{n} bytes, mapped {size}")
+    src.seek(0)
+
+    def second_read() -> Iterator[memoryview]:
+        again = sent = 0
+        while k := src.readinto(block):
+            again = zlib.crc32(block[:k], again)
+            md5.update(block[:k])
+            sent += k
+            if sent > size:
+                break
+            yield block[:k]
+        if sent != size or again != crc:
+            raise changed(f"{sent} bytes with CRC-32 {again:08x} on the second read, "
+                          f"{size} with {crc:08x} on the first")
+
+    write_stored(zf, info, crc, size, second_read())
+    check_unchanged()
+    return crc, md5.hexdigest()
 
 
 class EtagStyle:
@@ -685,36 +786,63 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
 
 def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                folder: str, stem: str, row: dict) -> dict:
-    """rclone copyto SOURCE -> DESTINATION, then check size (and a shared hash kind) at DESTINATION."""
+    """rclone copyto SOURCE -> DESTINATION, then prove the copy: a hash kind both ends offer,
+    else both files read back and their MD5s compared.
+
+    The copy always transfers (``--ignore-times``): a large file is copied only when no record
+    says it was, so whatever DESTINATION holds under that name is not known to be it, and
+    DESTINATION without hashes or settable mtimes would let rclone skip a changed file of the
+    same size. Size alone is never taken as proof."""
     rel = row["path"]
     src = remote_join(cfg.source, folder, rel) if folder else remote_join(cfg.source, rel)
     dst = remote_join(cfg.destination, folder, rel) if folder else remote_join(cfg.destination, rel)
+    timeout = cfg.rclone_timeout_s + row["size"] / (512 * 1024)
     with runtime.progress.unit(f"{folder or '(root)'}/large {rel}", folder, row["size"]), \
             log_context(folder=folder, part="large"):
         started = time.monotonic()
         log.info("copying large file %r (%s) SOURCE -> DESTINATION", rel, human_bytes(row["size"]))
-        rclone.run_retried(["copyto", "--", src, dst], what=f"copy of large file {rel!r}",
-                           timeout_s=cfg.rclone_timeout_s + row["size"] / (512 * 1024))
-        stat = rclone.stat(dst, ["--hash"] if row["hashes"] else [], what=f"check of {rel!r} at DESTINATION")
+        rclone.run_retried(["copyto", "--ignore-times", "--", src, dst], what=f"copy of large file {rel!r}",
+                           timeout_s=timeout)
+        kinds = sorted(k for k, v in row["hashes"].items() if v)
+        flags = [f for k in kinds for f in ("--hash", "--hash-type", k)]
+        stat = rclone.stat(dst, flags, what=f"check of {rel!r} at DESTINATION")
         if not stat or int(stat.get("Size", -1)) != row["size"]:
             raise MigrationError(f"large file {rel!r} at DESTINATION has size "
                                  f"{stat.get('Size') if stat else 'none'}, mapped {row['size']}")
         dest_hashes = stat.get("Hashes") or {}
-        matched = [k for k, v in row["hashes"].items() if dest_hashes.get(k) and v]
+        matched = [k for k in kinds if dest_hashes.get(k)]
         for kind in matched:
             if dest_hashes[kind] != row["hashes"][kind]:
                 raise MigrationError(f"large file {rel!r} at DESTINATION has {kind} {dest_hashes[kind]}, "
                                      f"mapped {row['hashes'][kind]}")
+        md5 = row["hashes"].get("md5") or None
+        if matched:
+            checked_by = matched[0]
+        else:
+            md5 = read_back_md5(rclone, src, dst, rel, timeout)
+            checked_by = "download"
         file_id = large_file_id(rel, row["size"], row["mtime"])
         record = {"folder": folder, "stem": stem, "id": file_id, "path": rel, "size": row["size"],
-                  "mtime": row["mtime"],
-                  "checked_by": matched[0] if matched else "size", "created_at": utc_now(),
+                  "mtime": row["mtime"], "md5": md5, "checked_by": checked_by, "created_at": utc_now(),
                   "worker": cfg.worker_id}
         runtime.confirm_claim()
         records.put_json_once(layout.large_record(stem, file_id), record)
-        log.info("large file %r copied and checked (%s) in %.1fs", rel, record["checked_by"],
+        log.info("large file %r copied and checked (%s) in %.1fs", rel,
+                 "both ends read back, MD5 equal" if checked_by == "download" else checked_by,
                  time.monotonic() - started)
         return record
+
+
+def read_back_md5(rclone: Rclone, src: str, dst: str, rel: str, timeout_s: float) -> str:
+    """MD5 of the large file read back at both ends (no hash kind is shared): equal, or the copy failed."""
+    name = rel.rpartition("/")[2]
+    a = rclone.md5_by_download(src, what=f"read-back of {rel!r} at SOURCE", timeout_s=timeout_s).get(name)
+    b = rclone.md5_by_download(dst, what=f"read-back of {rel!r} at DESTINATION", timeout_s=timeout_s).get(name)
+    if not a or not b:
+        raise MigrationError(f"large file {rel!r} could not be read back (SOURCE md5 {a}, DESTINATION md5 {b})")
+    if a != b:
+        raise MigrationError(f"large file {rel!r} differs after its copy: SOURCE md5 {a}, DESTINATION md5 {b}")
+    return a
 
 
 # The run

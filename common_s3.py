@@ -1983,6 +1983,14 @@ class Layout:
     def large_record(self, stem: str, file_id: str) -> str:
         return f"{self.prefix}_large/{stem}/{file_id}.json"
 
+    def left_out(self, stem: str, part: str) -> str:
+        """Files of a published part that SOURCE would not give (after retries), with rclone's words."""
+        return f"{self.prefix}_leftout/{stem}/{part}.json"
+
+    @property
+    def left_out_root(self) -> str:
+        return f"{self.prefix}_leftout/"
+
     def larges_of(self, stem: str) -> str:
         return f"{self.prefix}_large/{stem}/"
 

@@ -169,15 +169,20 @@ CHANGE_COUNTS = ("added", "changed", "unchanged", "deleted", "dirs_added", "dirs
 
 
 def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int, next_part: int,
-                     cfg: Config, changes_path: str | None = None) -> tuple[list[dict], int, dict]:
+                     cfg: Config, changes_path: str | None = None,
+                     left_out: Iterable[tuple[str, str]] = ()) -> tuple[list[dict], int, dict]:
     """Keep the part of every unchanged file; pack added and changed files into new parts.
 
     With a previous generation of the folder, its difference (files added, changed, deleted;
     empty directories added and removed) is written to ``changes_path`` as gzip JSON lines.
     Works in SQL on the two SQLite files, so memory does not grow with the folder.
+    Files the zipper left out of their part as unreadable (``left_out``: (path, part)) are
+    packed again, changed or not.
     Returns (new parts [{name, files, bytes}], next free part number, change counts).
     """
     db = index.db
+    db.execute("CREATE TABLE IF NOT EXISTS leftout (path TEXT, part TEXT)")
+    db.executemany("INSERT INTO leftout VALUES (?, ?)", list(left_out))
     total, total_bytes = (a + b for a, b in zip(index.count("f"), index.count("l")))
     dirs = index.count("d")[0]
     changes = {"new_folder": True, "added": total, "added_bytes": total_bytes, "changed": 0,
@@ -189,7 +194,8 @@ def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int,
         db.execute("ATTACH DATABASE ? AS prev", (previous.path,))
         db.execute("BEGIN")
         same = ("FROM prev.e o WHERE o.path = e.path AND o.kind = 'f' AND o.part IS NOT NULL "
-                "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0")
+                "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0 "
+                "AND NOT EXISTS (SELECT 1 FROM main.leftout l WHERE l.path = e.path AND l.part = o.part)")
         db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
                    f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
         changes = write_changes(db, changes_path)
@@ -373,8 +379,13 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                 next_part = int(previous["next_part"])
                 header, prev_index = load_manifest(records, previous["manifest"],
                                                    os.path.join(tmp, local_name(stem, "prev.sqlite")))
+            left_out = read_left_out(records, layout, stem) if previous is not None else []
+            if left_out:
+                log.info("%d files the zipper could not read at SOURCE go into new parts (first: %r)",
+                         len(left_out), left_out[0][0])
             parts, next_part, changes = assign_new_parts(index, prev_index, gen, next_part, cfg,
-                                                         changes_path if previous is not None else None)
+                                                         changes_path if previous is not None else None,
+                                                         left_out)
         finally:
             if prev_index is not None:
                 prev_index.close()
@@ -404,6 +415,17 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             log.info("large file %s (%.2f GiB) goes SOURCE to DESTINATION directly", row["path"],
                      row["size"] / GIB)
         return summary
+
+
+def read_left_out(records: Records, layout: Layout, stem: str) -> list[tuple[str, str]]:
+    """(path, part) of every file the zipper left out of a published part of this folder as unreadable."""
+    found = []
+    for item in records.list_keys(f"{layout.left_out_root}{stem}/"):
+        marker = records.get_json(item["Key"])
+        if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+            raise RecordError(item["Key"], "not a left-out record")
+        found += [(f["path"], marker.get("part")) for f in marker["files"] if isinstance(f, dict) and "path" in f]
+    return found
 
 
 def _dry_summary(index: FolderIndex) -> dict:

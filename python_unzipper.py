@@ -637,6 +637,7 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         if deletions is None or path not in deletions.files:
             report["extra"].append(path)
     report["ok"] = not report["missing"] and not report["differing"]
+    report["left_out"] = left_out_reasons(records, layout, stem) if report["missing"] else {}
     if deletions is not None:
         present = {p: (size, mtime, h) for p, size, mtime, h in db.execute(
             "SELECT path, size, mtime, hash FROM dest WHERE path NOT IN (SELECT path FROM e)")}
@@ -644,6 +645,17 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         report["deleted_at_source"] = deletions.apply(cfg, records, layout, rclone, folder, present, kind,
                                                       check_mtime, keep_dirs, act=report["ok"])
     return report
+
+
+def left_out_reasons(records: Records, layout: Layout, stem: str) -> dict[str, str]:
+    """{path: why} of the files the zipper left out of this folder's parts as unreadable at SOURCE."""
+    found = {}
+    for item in records.list_keys(f"{layout.left_out_root}{stem}/"):
+        marker = records.get_json(item["Key"])
+        for f in (marker.get("files") if isinstance(marker, dict) else None) or []:
+            if isinstance(f, dict) and isinstance(f.get("path"), str):
+                found[f["path"]] = str(f.get("reason", ""))
+    return found
 
 
 def large_md5(records: Records, layout: Layout, stem: str, path: str, size: int, mtime: str) -> str | None:
@@ -963,7 +975,8 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                      f"; {len(report['extra'])} extra files at DESTINATION" if report["extra"] else "")
         else:
             for path in report["missing"][:50]:
-                log.error("missing at DESTINATION: %r", path)
+                why = report["left_out"].get(path)
+                log.error("missing at DESTINATION: %r%s", path, f" (the zipper left it out: {why})" if why else "")
             for d in report["differing"][:50]:
                 log.error("differs at DESTINATION: %r: %s", d["path"], d["why"])
             log.error("verification failed: %d missing, %d differing", len(report["missing"]),
@@ -1182,7 +1195,8 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
         report_folders.append(result)
         prefix = folder["name"] + "/" if folder["name"] else ""
         for path in result["missing"]:
-            out.info(f"missing  {prefix}{path}\n")
+            why = result["left_out"].get(path)
+            out.info(f"missing  {prefix}{path}" + (f"  (the zipper left it out: {why})" if why else "") + "\n")
         for d in result["differing"]:
             out.info(f"differs  {prefix}{d['path']}  ({d['why']})\n")
         for path in result["extra"]:

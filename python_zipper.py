@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
-                       Layout, MigrationError, Rclone, RecordExists, Records, Runtime, S3Error, Skipped,
+                       Layout, MigrationError, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
                        StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
                        load_manifest, local_name, log_context, out, parse_mtime, plain_local_name, remote_join,
                        run_script, staging_dir, start_run, utc_now)
@@ -474,9 +474,12 @@ def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0) 
     return bad
 
 
-def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict], tmp: str) -> list[dict]:
+def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict], tmp: str,
+                     failure: RcloneError | None = None) -> list[dict]:
     """Ask SOURCE again about files that did not stage: gone or changed (skip them, report by path)
-    versus still there as mapped (a transfer failure: the part fails and is retried)."""
+    versus still there as mapped. Those failed to download: after rclone's own retries and ours
+    (``failure``), each is left out as unreadable with rclone's words, so that it does not hold
+    back the rest of its part on every run; without such a failure the part fails and is retried."""
     source = remote_join(cfg.source, job.folder) if job.folder else cfg.source
     list_path = os.path.join(tmp, local_name(job.stem, job.part, "recheck"))
     with open(list_path, "wb") as fh:
@@ -498,10 +501,34 @@ def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict],
             skipped.append({"path": b["path"], "reason": "changed at SOURCE since mapping"})
         else:
             transient.append(b["path"])
-    if transient:
+    if transient and failure is None:
         raise MigrationError(f"{len(transient)} files of part {job.part} are still at SOURCE as mapped "
                              f"but did not download (first: {transient[0]!r}); the part will be retried")
+    for path in transient:
+        words = rclone_words(failure.stderr_tail, path) if failure is not None else ""
+        skipped.append({"path": path, "unreadable": True,
+                        "reason": f"could not be read at SOURCE after retries: {words}"
+                                  + unreadable_hint(cfg, path, words)})
     return skipped
+
+
+def rclone_words(stderr_tail: str, path: str) -> str:
+    """rclone's error line about ``path`` (its last one), without the timestamp, else its last error."""
+    lines = [line for line in stderr_tail.splitlines() if "ERROR" in line or "Failed" in line]
+    about = [line for line in lines if f" {path}: " in line or f"/{path}: " in line]
+    line = (about or lines or [""])[-1]
+    return line.split("ERROR : ", 1)[-1].strip()[:300]
+
+
+def unreadable_hint(cfg: Config, path: str, words: str) -> str:
+    """The rclone setting that reads such a name, where one is known."""
+    name = path.rpartition("/")[2]
+    backend = (cfg.source or "").partition(":")[0]
+    if (name != name.rstrip(" ") or name != name.lstrip(" ")) and ("550" in words or "ftp" in backend.lower()):
+        return ("; on FTP a name ending (or starting) in a space needs the remote's `encoding` without "
+                "RightSpace/LeftSpace (rclone's default is Slash,Del,Ctl,RightSpace,Dot; e.g. "
+                f"RCLONE_CONFIG_{backend.upper().lstrip(':')}_ENCODING=Slash,Del,Ctl,Dot)")
+    return ""
 
 
 def _read_full(src: Any, view: memoryview) -> int:
@@ -685,10 +712,18 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                 if base is not None:
                     log.info("%d of %d files are not plain files as mapped at the local SOURCE; "
                              "rclone fetches them (first: %r)", len(fetch), len(job.files), fetch[0]["path"])
-                stage_files(cfg, rclone, job, fetch, staging, list_path)
+                failure = None
+                try:
+                    stage_files(cfg, rclone, job, fetch, staging, list_path)
+                except RcloneError as exc:
+                    if exc.timed_out or exc.quota or exc.disk_full:
+                        raise
+                    failure = exc  # some files may have failed only: the check below tells
                 bad = check_staged(fetch, staging)
+                if failure is not None and not bad:
+                    raise failure  # every file arrived, yet rclone failed: not a file's trouble
                 if bad:
-                    job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir)
+                    job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir, failure)
                     for s in job.skipped:
                         log.error("left out of the part: %r: %s", s["path"], s["reason"])
                 where.update((f["path"], os.path.join(staging, f["path"])) for f in fetch)
@@ -730,6 +765,12 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                       "entries_sha256": entries_sha256,
                       "files": len(entries), "bytes": sum(e["size"] for e in entries),
                       "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
+            unreadable = [sk for sk in job.skipped if sk.get("unreadable")]
+            if unreadable:  # before the record: a mapper's FORCE_RESCAN=1 pass packs them again
+                runtime.confirm_claim()
+                records.put_json(layout.left_out(job.stem, job.part),
+                                 {"folder": job.folder, "part": job.part, "generation": job.gen,
+                                  "files": unreadable, "at": utc_now(), "worker": cfg.worker_id})
             runtime.confirm_claim()
             if not records.put_json_once(layout.part_record(job.stem, job.part), record):
                 log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
@@ -895,6 +936,10 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             index.close()
 
 
+def label_is_part(label: Any) -> bool:
+    return bool(label) and label[0] == "part"
+
+
 def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: set[str]) -> None:
     """The original ``_progress/<stem>_progress.json`` for a folder whose parts are all uploaded.
 
@@ -1002,13 +1047,21 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     for folder in folders:
         if folder["name"] in touched and folder["name"] not in failed_folders:
             write_legacy_progress(records, layout, folder, done_parts.get(folder["stem"], set()))
-    log.info("zipper finished: %d parts made, %d failed, %d files left out because SOURCE changed",
-             made, len(failed), skipped_files)
+    unreadable = sum(1 for _label, r in results if isinstance(r, dict) and label_is_part(_label)
+                     for sk in r.get("skipped") or [] if sk.get("unreadable"))
+    log.info("zipper finished: %d parts made, %d failed, %d files left out (%d changed or gone at SOURCE, "
+             "%d unreadable there)", made, len(failed), skipped_files, skipped_files - unreadable, unreadable)
     if failed or skipped_files:
         for what, why in failed:
             log.error("unfinished: %s: %s", what, why)
+        if unreadable:
+            log.error("%d files could not be read at SOURCE and were left out of their parts (each is named "
+                      "above, with rclone's words); the rest of each part is uploaded. Once SOURCE gives them "
+                      "(see the hint above, if any), run master_mapper.py with FORCE_RESCAN=1, then "
+                      "python_zipper.py and python_unzipper.py: only what is missing moves", unreadable)
         log.error("run python_zipper.py again to retry what failed%s",
-                  "; files changed at SOURCE need FORCE_RESCAN=1 on the mapper" if skipped_files else "")
+                  "; files changed at SOURCE need FORCE_RESCAN=1 on the mapper" if skipped_files > unreadable
+                  else "")
         return EXIT_PARTIAL
     log.info("next: run python_unzipper.py")
     return EXIT_OK

@@ -1589,7 +1589,7 @@ class Rclone:
         # Names byte for byte: by default rclone normalises names to NFC when it compares them,
         # so of two files spelt NFC and NFD side by side (common in folders synced from macOS)
         # one is dropped as a "duplicate" by copy and --files-from0.
-        return [self.binary, "--no-unicode-normalization", *args]
+        return [self.binary, *args[:1], "--no-unicode-normalization", *args[1:]]
 
     def _start(self, args: Sequence[str], stdout: Any) -> subprocess.Popen:
         self.runtime.check()

@@ -1137,13 +1137,15 @@ def write_report(cfg: Config, records: Records, layout: Layout, report: dict) ->
 
 
 def print_report(report: dict) -> None:
-    rows = [("folder", "state", "files", "by hash", "by size", "missing", "differ", "extra")]
+    rows = [("folder", "state", "files", "by hash", "by size", "missing", "differ", "extra", "compared")]
     for f in report["folders"]:
         rows.append((f["folder"] or "(root)", f["state"], str(f.get("files", "")),
                      str(f.get("matched_by_hash", "")), str(f.get("matched_by_size", "")),
                      str(len(f.get("missing", [])) if isinstance(f.get("missing"), list) else ""),
                      str(len(f.get("differing", [])) if isinstance(f.get("differing"), list) else ""),
-                     str(len(f.get("extra", [])) if isinstance(f.get("extra"), list) else "")))
+                     str(len(f.get("extra", [])) if isinstance(f.get("extra"), list) else ""),
+                     "+".join(f["compared"]) + (" (read back)" if f.get("read_back") and f.get("hash_kind") != "crc32"
+                                                else "") if isinstance(f.get("compared"), list) else ""))
     widths = [min(40, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
     for r in rows:
         out.info("  ".join(c[:40].ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")

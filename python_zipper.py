@@ -78,8 +78,9 @@ log = logging.getLogger("python_zipper")
 SCRIPT = "zipper"
 MIN_CHUNK = 16 * MIB  # x2 (one filling, one uploading) x MAX_PARALLEL_WORKERS: the zipper's buffers
 MAX_S3_PARTS = 9000
-# A file up to this size is read once, into memory, before its header; a larger one is
-# read twice (CRC-32 first). Either way the header holds its sizes and CRC: no data descriptor.
+# A file up to this size is read once, into memory (one buffer per part being zipped, as large
+# as its largest such file), before its header; a larger one is read twice, CRC-32 first. Either
+# way the local header holds the sizes and CRC-32: no data descriptor.
 IN_MEMORY_MAX = 16 * MIB
 
 

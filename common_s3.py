@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import difflib
 import datetime as _dt
 import errno
 import fcntl
@@ -28,6 +29,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
@@ -314,6 +316,71 @@ def env_number(environ: Mapping[str, str], name: str, default: float, *, minimum
     return value
 
 
+# Every variable a script reads (rclone's own RCLONE_* and boto3's AWS_* pass through to them).
+KNOWN_VARIABLES = (
+    "SOURCE", "DESTINATION", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "WORK_DIR", "RCLONE_CONFIG", "RCLONE_BIN", "COMMAND_TIMEOUT", "LARGE_FILE_THRESHOLD_GB", "FORCE_RESCAN",
+    "PROPAGATE_DELETES", "MAX_DELETE", "VERIFY_DOWNLOAD", "SPLIT_THRESHOLD", "MAX_ZIP_SIZE_GB",
+    "MAX_PARALLEL_WORKERS", "DOWNLOAD_THREADS", "UPLOAD_THREADS", "SKIP_UPLOAD", "LOCAL_OUTPUT_DIR",
+    "MAX_ZIP_BOMB_RATIO", "DISK_LIMIT_PERCENT", "DISK_BACKPRESSURE_PERCENT", "S3_MAX_RETRIES",
+    "MAX_RETRY_DURATION", "S3_CHECKSUMS", "INSTANCE_LOCK_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT",
+    "PROGRESS_INTERVAL", "DRY_RUN", "WORKER_COUNT", "WORKER_INDEX", "WORKER_ID", "LEASE_SECONDS",
+    "JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX",
+)
+
+
+def near_misses(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for variables that look like one of ours but are not (``SPLIT_TRESHOLD``), which
+    would otherwise be ignored in silence."""
+    known = set(KNOWN_VARIABLES)
+    found = []
+    for name in sorted(environ):
+        if name in known or not re.fullmatch(r"[A-Z][A-Z0-9_]{3,}", name) or name.startswith(("RCLONE_CONFIG_",)):
+            continue
+        close = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.85)
+        if close:
+            found.append(f"{name} is set but is not a variable of this tool; did you mean {close[0]}? "
+                         f"({close[0]} is {'set too' if close[0] in environ else 'not set, so its default is used'})")
+    return found
+
+
+def plan_drift(environ: Mapping[str, str], plan: Mapping[str, Any]) -> list[str]:
+    """Planning variables set now to other values than the map was planned with: the map keeps its plan."""
+    checks = (("SPLIT_THRESHOLD", "split_threshold", 1), ("MAX_ZIP_SIZE_GB", "max_zip_bytes", GIB),
+              ("LARGE_FILE_THRESHOLD_GB", "large_file_threshold_bytes", GIB))
+    found = []
+    for var, key, unit in checks:
+        if environ.get(var) in (None, "") or not isinstance(plan.get(key), (int, float)):
+            continue
+        try:
+            now = int(float(environ[var]) * unit)
+        except ValueError:
+            continue
+        if now != plan[key]:
+            found.append(f"{var}={environ[var]} differs from the value the map was planned with "
+                         f"({plan[key] / unit:g}); the map keeps its plan (parts and large files as mapped). "
+                         f"A new plan needs a new map: master_mapper.py with FORCE_RESCAN=1 plans only what "
+                         f"changed with the new value")
+    return found
+
+
+def parse_max_delete(text: str) -> tuple[int | None, float | None]:
+    """MAX_DELETE: a count of files (``500``) or a percentage of the files mapped (``10%``)."""
+    value = text.strip()
+    try:
+        if value.endswith("%"):
+            percent = float(value[:-1])
+            if 0 <= percent <= 100:
+                return None, percent
+        elif int(value) >= 0:
+            return int(value), None
+    except ValueError:
+        pass
+    raise ConfigError(f"MAX_DELETE={text!r} must be a count of files (500) or a percentage of the files "
+                      "mapped, 0% to 100% (10%)")
+
+
 def _default_work_dir() -> str:
     return "/content" if os.path.isdir("/content") else os.path.join(os.getcwd(), "migration_work")
 
@@ -366,6 +433,7 @@ class Config:
     rclone_timeout_s: float
     s3_checksums: str
     verify_download: bool
+    max_delete: tuple[int | None, float | None]  # (a count, or a percentage of the files mapped)
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -384,6 +452,10 @@ class Config:
         bucket = env_str(environ, "S3_BUCKET", required=True)
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket or ""):
             raise ConfigError(f"S3_BUCKET={bucket!r} is not a valid bucket name")
+        endpoint = env_str(environ, "S3_ENDPOINT")
+        if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
+            raise ConfigError(f"S3_ENDPOINT={endpoint!r} needs its scheme and host: http://{endpoint} or "
+                              f"https://{endpoint}")
         prefix = environ.get("S3_PREFIX", "work_files_zips/")
         if len(prefix.encode()) > 200:
             raise ConfigError("S3_PREFIX is longer than 200 bytes; S3 keys would not fit")
@@ -426,7 +498,7 @@ class Config:
             destination=_normalise_remote(destination) if destination else None,
             bucket=bucket,
             prefix=prefix,
-            endpoint=env_str(environ, "S3_ENDPOINT"),
+            endpoint=endpoint,
             region=env_str(environ, "AWS_REGION") or env_str(environ, "AWS_DEFAULT_REGION"),
             work_dir=work_dir,
             rclone_bin=env_str(environ, "RCLONE_BIN"),
@@ -462,8 +534,14 @@ class Config:
             rclone_timeout_s=env_number(environ, "COMMAND_TIMEOUT", 3600, minimum=1),
             s3_checksums=checksums,
             verify_download=env_bool(environ, "VERIFY_DOWNLOAD"),
+            max_delete=parse_max_delete(environ.get("MAX_DELETE", "10%")),
             environ=dict(environ),
         )
+
+    def deletions_allowed(self, mapped_files: int) -> int:
+        """How many files one PROPAGATE_DELETES pass may delete (MAX_DELETE)."""
+        count, percent = self.max_delete
+        return count if count is not None else int(mapped_files * (percent or 0) / 100)
 
     @property
     def tmp_dir(self) -> str:
@@ -1720,11 +1798,34 @@ class Rclone:
             raise RcloneError(what, 0, ["lsjson", "--stat", path], f"unparsable output: {exc}") from None
         return data if isinstance(data, dict) else None
 
-    def features(self, path: str) -> dict:
+    @staticmethod
+    def permanent(exc: "RcloneError", var: str, path: str) -> "ConfigError | None":
+        """The ConfigError (exit 2: a person must act) for an rclone failure no rerun can fix: a
+        remote that is not configured, a folder that does not exist; None for any other."""
+        words = [line.split(": ", 1)[-1] for line in exc.stderr_tail.splitlines()
+                 if "didn't find section" in line or "directory not found" in line]
+        remote = path.partition(":")[0] if ":" in path and not path.startswith(":") else ""
+        if any("didn't find section" in w for w in words):
+            return ConfigError(f"{var}={path!r}: rclone has no remote named {remote!r} ({words[-1]}); correct "
+                               f"{var}, or configure the remote (rclone config, RCLONE_CONFIG, or "
+                               f"RCLONE_CONFIG_{remote.upper()}_TYPE and its other variables)")
+        if any("directory not found" in w for w in words) or exc.returncode == 3:
+            return ConfigError(f"{var}={path!r} does not exist (rclone: {words[-1] if words else 'directory not found'}); "
+                               f"correct {var}, or check that the drive is mounted and its token still valid")
+        return None
+
+    def features(self, path: str, var: str = "") -> dict:
         """The backend's name, hash kinds, mtime precision and whether its hashes cost a read of
-        each file (``SlowHash``: local disks, SFTP), from ``rclone backend features``."""
-        out = self.run(["backend", "features", "--", path], what=f"backend features {path}",
-                       timeout_s=120, capture=True, quiet=True).stdout
+        each file (``SlowHash``: local disks, SFTP), from ``rclone backend features``. With ``var``
+        (the variable naming ``path``), a remote that is not configured is a ConfigError."""
+        try:
+            out = self.run(["backend", "features", "--", path], what=f"backend features {path}",
+                           timeout_s=120, capture=True, quiet=True).stdout
+        except RcloneError as exc:
+            error = self.permanent(exc, var, path) if var else None
+            if error is not None and "has no remote" in str(error):
+                raise error from None
+            raise
         try:
             data = json.loads(out)
         except json.JSONDecodeError:
@@ -2480,6 +2581,8 @@ class ProgressPrinter:
                 from tqdm import tqdm
             except ImportError:
                 tqdm = None
+                log.warning("tqdm is not installed, so progress is shown as plain lines instead of a bar "
+                            "(%s -m pip install -r requirements.txt)", sys.executable)
             if tqdm is not None:
                 # A terminal that reports no size (a bare pty) would get a bar of width 0.
                 size = shutil.get_terminal_size((100, 20))
@@ -2797,7 +2900,7 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     return EXIT_OK
 
 
-__all__ += ["Progress", "Heartbeat", "collect_status", "proof_warnings", "show_status"]
+__all__ += ["KNOWN_VARIABLES", "near_misses", "plan_drift", "prepare_work_dir", "Progress", "Heartbeat", "collect_status", "proof_warnings", "show_status"]
 
 
 # Running a script
@@ -2825,6 +2928,30 @@ def bound_malloc() -> None:
         pass
 
 
+def missing_requirement() -> str | None:
+    """The first package of requirements.txt that this Python cannot import, or None."""
+    try:
+        import boto3  # noqa: F401
+        import botocore  # noqa: F401
+    except ImportError:
+        return "boto3"
+    return None
+
+
+def prepare_work_dir(path: str) -> None:
+    """WORK_DIR exists (or is made) as a folder this process can write in, else a ConfigError naming it."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"WORK_DIR={path!r} is a file, not a folder; point WORK_DIR at a folder "
+                          "(it is made if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"WORK_DIR={path!r} cannot be used: {exc.strerror or exc}; point WORK_DIR at a "
+                          "writable folder with room for about one part per worker") from None
+
+
 def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[str] | None = None,
                environ: Mapping[str, str] | None = None, options: Sequence[str] = ()) -> int:
     """The one place that turns outcomes into exit codes, for all three scripts.
@@ -2843,15 +2970,30 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
         return EXIT_USAGE
     read_only = "--status" in argv
     bound_malloc()
+    missing = missing_requirement()
+    if missing:
+        sys.stderr.write(f"{script}: {missing} is not installed for {sys.executable}; install the requirements: "
+                         f"{sys.executable} -m pip install -r requirements.txt\n")
+        return EXIT_FAILED
+    typos = near_misses(environ)
     try:
         cfg = Config.from_env(environ, script, read_only=read_only)
+        if not read_only:
+            prepare_work_dir(cfg.work_dir)
     except ConfigError as exc:
         setup_logging("INFO", (environ.get("LOG_FORMAT") or "text").lower()
                       if (environ.get("LOG_FORMAT") or "text").lower() in ("text", "json") else "text", script)
+        for line in typos:
+            log.warning("%s", line)
         log.error("configuration: %s", exc)
         log.error("%s", final_line(script, EXIT_USAGE) + "; nothing was changed")
         return EXIT_USAGE
     setup_logging(cfg.log_level, cfg.log_format, script)
+    for line in typos:
+        log.warning("%s", line)
+    if cfg.prefix and not cfg.prefix.endswith("/"):
+        log.warning("S3_PREFIX=%r does not end with '/': keys run into it (%sFolder_Full.zip, %s_map/...); "
+                    "%r is probably meant", cfg.prefix, cfg.prefix, cfg.prefix, cfg.prefix + "/")
     children_file = os.path.join(cfg.work_dir, f".{script}.children")
     runtime = Runtime()
     lock = None

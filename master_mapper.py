@@ -488,10 +488,16 @@ def record_removed_folder(cfg: Config, records: Records, layout: Layout, runtime
 
 def discover(rclone: Rclone, source: str) -> list[str]:
     """Top-level folders of SOURCE, by their exact names."""
+    if is_local_path(source) and not os.path.isdir(source):
+        raise ConfigError(f"SOURCE={source!r} does not exist or is not a folder; correct SOURCE, or check "
+                          "that the drive is mounted")
     names = []
-    for entry in rclone.lsjson(source, ["--no-mimetype", "--dirs-only"], what=f"lsjson of {source!r}"):
-        if entry.get("IsDir") and isinstance(entry.get("Path"), str):
-            names.append(entry["Path"])
+    try:
+        for entry in rclone.lsjson(source, ["--no-mimetype", "--dirs-only"], what=f"lsjson of {source!r}"):
+            if entry.get("IsDir") and isinstance(entry.get("Path"), str):
+                names.append(entry["Path"])
+    except RcloneError as exc:
+        raise rclone.permanent(exc, "SOURCE", source) or exc from None
     return sorted(names)
 
 
@@ -558,11 +564,11 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             log.info("another mapper started generation %d at the same moment; joining it", gen)
         log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
 
-    features = rclone.features(cfg.source)
+    features = rclone.features(cfg.source, "SOURCE")
     dest_features = None
     if cfg.destination and not is_local_path(cfg.destination):
         try:
-            dest_features = rclone.features(cfg.destination)
+            dest_features = rclone.features(cfg.destination, "DESTINATION")
         except RcloneError as exc:  # the zipper and unzipper report DESTINATION's own trouble
             log.warning("DESTINATION's features could not be read (%s); every cheap SOURCE hash is listed", exc)
     hashes = listing_hash_kinds(features, dest_features, is_local_path(cfg.source))
@@ -664,6 +670,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         log.info("generation %d was completed by another worker; its index is kept", gen)
         index = records.get_json(layout.index(gen))
     write_folder_list(records, layout, index)
+    warn_if_shrunk(records, layout, index)
     t = index["totals"]
     log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "
              "%d empty directories, %d new parts", gen, len(folders), t["files"], t["bytes"] / (1 << 20),
@@ -680,6 +687,23 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                         "PROPAGATE_DELETES=1 (it then deletes only copies that still match what was restored)")
     log.info("next: run python_zipper.py")
     return EXIT_OK
+
+
+def warn_if_shrunk(records: Records, layout: Layout, index: dict) -> None:
+    """A generation that holds far fewer files than the one before it is more often an expired
+    token or a failed mount than a real cleanup: say so before anyone propagates deletes."""
+    if index.get("previous") is None:
+        return
+    before = records.get_json(layout.index(index["previous"]))
+    if not isinstance(before, dict):
+        return
+    count = lambda i: int(i["totals"].get("files", 0)) + int(i["totals"].get("large", 0))  # noqa: E731
+    now, then = count(index), count(before)
+    if then >= 10 and now < then / 2:
+        log.warning("map generation %d holds %d files, the one before it %d: if SOURCE did not really lose "
+                    "them (an expired token, a failed mount, the wrong SOURCE), do not propagate deletes; "
+                    "python_unzipper.py with PROPAGATE_DELETES=1 deletes no more than MAX_DELETE",
+                    index["generation"], now, then)
 
 
 def change_totals(folders: list[dict], removed: list[dict]) -> dict:

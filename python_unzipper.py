@@ -78,7 +78,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
+from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
@@ -104,6 +104,12 @@ class PartDamaged(MigrationError):
 
 
 # Pure checks
+
+class DeleteLimit(MigrationError):
+    """PROPAGATE_DELETES=1 would delete more than MAX_DELETE allows: nothing is deleted, a person decides."""
+
+    exit_code = EXIT_USAGE
+
 
 class PartNotMade(MigrationError):
     """A part of the map has no part record yet: the zipper is what to run, nothing is damaged."""
@@ -1523,6 +1529,8 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
         return EXIT_WAITING
     gen, index = latest
+    if local_destination(cfg) is None:  # a remote that is not configured: exit 2 now, not 3 per part
+        rclone.features(destination_root(cfg), "DESTINATION")
     folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
     if records.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
@@ -1553,6 +1561,9 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              f"; deletions at SOURCE in {len(sources)} folders ({len(removed)} removed folders), "
              + ("PROPAGATE_DELETES=1: copies still as restored are deleted" if cfg.propagate_deletes
                 else "kept at DESTINATION (PROPAGATE_DELETES=0)") if sources else "")
+    doomed = planned_deletions(records, layout, gen, index, sources, deleted_done, removed) \
+        if cfg.propagate_deletes else {}
+    guard_deletions(cfg, records, layout, index, doomed)
     to_restore = [(f, p) for f in pending for p in f.get("part_table") or []
                   if p["name"] in zipped.get(f["stem"], set()) and p["name"] not in restored.get(f["stem"], set())]
     runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
@@ -1670,6 +1681,16 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             and all(f["stem"] in verified for f in index["folders"]), worker_id=cfg.worker_id)
     report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
     report["removed_folders"] = removed_report
+    summaries = [e.get("deleted_at_source") for e in [*entries.values(), *removed_report]]
+    summaries = [d for d in summaries if isinstance(d, dict)]
+    report["totals"]["deleted_files"] = sum(len(d.get("deleted") or []) for d in summaries)
+    report["totals"]["deleted_dirs"] = sum(len(d.get("dirs_removed") or []) for d in summaries)
+    report["totals"]["kept_deleted_at_source"] = sum(len(d.get("kept") or []) + len(d.get("changed_at_destination") or [])
+                                                     for d in summaries)
+    if cfg.propagate_deletes:
+        log.info("deleted at DESTINATION: %d files and %d folders; %d files deleted at SOURCE kept there",
+                 report["totals"]["deleted_files"], report["totals"]["deleted_dirs"],
+                 report["totals"]["kept_deleted_at_source"])
     path = write_report(cfg, records, layout, report)
     print_report(report)
     tell_proof(records, layout, report["proof"])
@@ -1683,6 +1704,65 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         return EXIT_WAITING
     log.info("all %d folders restored and verified", t["verified"])
     return EXIT_OK
+
+
+def planned_deletions(records: Records, layout: Layout, gen: int, index: dict, sources: dict,
+                      deleted_done: set[str], removed: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """{folder name: paths} of every file PROPAGATE_DELETES=1 would delete in this pass, where
+    DESTINATION still holds what was restored: the files deleted at SOURCE, over every
+    generation, of the folders whose deletions this generation has not handled yet."""
+    names = {f["stem"]: f["name"] for f in index["folders"]}
+    names.update({stem: name for name, stem in removed})
+    doomed: dict[str, list[str]] = {}
+    for stem, name in sorted(names.items(), key=lambda kv: kv[1]):
+        if stem not in sources or stem in deleted_done:
+            continue
+        manifest = None
+        if stem in {f["stem"] for f in index["folders"]}:
+            _header, manifest = load_manifest(records, layout.manifest(gen, stem), os.path.join(
+                records.cfg.tmp_dir, local_name(stem, f"g{gen}", "deletions.sqlite")))
+        try:
+            files = sorted(Deletions(stem, sources[stem]).load(records, manifest).files)
+        finally:
+            if manifest is not None:
+                manifest.close()
+        if files:
+            doomed[name] = files
+    return doomed
+
+
+def guard_deletions(cfg: Config, records: Records, layout: Layout, index: dict, doomed: dict[str, list[str]]) -> None:
+    """MAX_DELETE: a pass that would delete more deletes nothing and exits 2. DRY_RUN lists every
+    deletion by path. The limit is counted against the larger of this map and the one before it,
+    so that a SOURCE that looks empty (an expired token, a failed mount) cannot pass for 10% of 0."""
+    total = sum(len(paths) for paths in doomed.values())
+    if not cfg.propagate_deletes:
+        return
+    mapped = int(index["totals"].get("files", 0)) + int(index["totals"].get("large", 0))
+    if index.get("previous") is not None:
+        before = records.get_json(layout.index(index["previous"]))
+        if isinstance(before, dict):
+            mapped = max(mapped, int(before["totals"].get("files", 0)) + int(before["totals"].get("large", 0)))
+    allowed = cfg.deletions_allowed(mapped)
+    over = total > allowed
+    limit = cfg.environ.get("MAX_DELETE", "10%")
+    if cfg.dry_run:
+        for name, paths in doomed.items():
+            for path in paths:
+                out.info(f"would delete {name + '/' if name else ''}{path}\n")
+        out.info(f"{total} files would be deleted at DESTINATION (PROPAGATE_DELETES=1), in {len(doomed)} folders; "
+                 f"MAX_DELETE={limit} allows {allowed} of the {mapped} files mapped"
+                 + ("; over MAX_DELETE: the real run deletes nothing and exits 2\n" if over else "\n"))
+        return
+    if over:
+        raise DeleteLimit(
+            f"PROPAGATE_DELETES=1 would delete {total} files at DESTINATION, more than MAX_DELETE={limit} "
+            f"allows ({allowed} of the {mapped} files mapped); nothing was deleted. If SOURCE really lost them, "
+            f"check DRY_RUN=1 (it lists every path), then allow it with MAX_DELETE={total} (or MAX_DELETE=100%); "
+            "if not (an expired token, a failed mount), fix SOURCE and map it again with FORCE_RESCAN=1")
+    if total:
+        log.info("PROPAGATE_DELETES=1: up to %d files deleted at SOURCE are deleted at DESTINATION where they are "
+                 "still as restored (MAX_DELETE=%s allows %d)", total, limit, allowed)
 
 
 def deletion_sources(records: Records, layout: Layout, gen: int) -> dict[str, list[dict]]:

@@ -70,7 +70,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
                        Layout, MigrationError, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
                        StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
-                       load_manifest, local_name, log_context, out, parse_mtime, plain_local_name, remote_join,
+                       load_manifest, local_name, log_context, out, parse_mtime, plan_drift, plain_local_name, remote_join,
                        run_script, staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_zipper")
@@ -966,6 +966,11 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     if index.get("source") != cfg.source:
         raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                           "the zipper must read the SOURCE that was mapped")
+    plan = records.get_json(layout.plan(gen))
+    for line in plan_drift(cfg.environ, plan if isinstance(plan, dict) else {}):
+        log.warning("%s", line)
+    if not is_local_path(cfg.destination):  # a remote that is not configured: exit 2 now, not 3 per file
+        rclone.features(cfg.destination, "DESTINATION")
     folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
     if records.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,

@@ -181,7 +181,7 @@ def test_delta_passes_move_only_the_difference_and_delete_only_when_asked(env):
     changed_here = os.path.join(dst, "B/b0.txt")
     with open(changed_here, "ab") as fh:
         fh.write(b" edited at DESTINATION after the restore")
-    proc = env.run("python_unzipper.py", PROPAGATE_DELETES="1")
+    proc = env.run("python_unzipper.py", PROPAGATE_DELETES="1", MAX_DELETE="100%")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert differences(src, dst, ignore={"B/b0.txt"}) == []
     assert os.path.exists(changed_here)  # changed at DESTINATION since: reported, not deleted
@@ -191,7 +191,7 @@ def test_delta_passes_move_only_the_difference_and_delete_only_when_asked(env):
     for gone in ("D", "R", "A/emptydir"):
         assert not os.path.exists(os.path.join(dst, gone)), gone
     # Run again: nothing more to delete, nothing deleted twice.
-    again = env.run("python_unzipper.py", PROPAGATE_DELETES="1")
+    again = env.run("python_unzipper.py", PROPAGATE_DELETES="1", MAX_DELETE="100%")
     assert again.returncode == 0 and os.path.exists(changed_here), again.stderr[-2000:]
 
     # --- third pass, nothing changed: no part, no large copy, folders kept verified -------------
@@ -221,7 +221,7 @@ def test_delta_pass_killed_at_every_stage_then_finished_by_two_workers(env):
     rng = random.Random(7)
     killed = []
     for script in SCRIPTS:
-        extra = {"RCLONE_BWLIMIT": "300k", "PROPAGATE_DELETES": "1"}
+        extra = {"RCLONE_BWLIMIT": "300k", "PROPAGATE_DELETES": "1", "MAX_DELETE": "100%"}
         if script == "master_mapper.py":
             extra["FORCE_RESCAN"] = "1"
         if kill_at(env, script, rng.uniform(0.5, 2.0), **extra) == -signal.SIGKILL:

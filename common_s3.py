@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-__all__ = [
+__all__ = ["ROOT_LABEL",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PARTIAL", "EXIT_WAITING", "EXIT_LOCKED",
     "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError", "DiskFullError",
     "S3Error", "S3AuthError", "S3NotFoundError", "RecordError", "RcloneError",
@@ -55,6 +55,9 @@ MIB = 1 << 20
 ROOT_STEM = "~root"
 
 log = logging.getLogger("common_s3")
+
+# How the files directly in SOURCE (the root unit, stem ~root) are named to people, everywhere.
+ROOT_LABEL = "(files directly in SOURCE)"
 
 # Exit codes and errors
 
@@ -630,7 +633,7 @@ class _TextFormatter(logging.Formatter):
         where = ""
         folder, part = getattr(record, "folder", None), getattr(record, "part", None)
         if folder is not None:
-            where = f" [{folder or '(root)'}{'/' + part if part else ''}]"
+            where = f" [{folder or ROOT_LABEL}{'/' + part if part else ''}]"
         text = f"{ts} {record.levelname:<7} {getattr(record, 'script', '')}{where} {record.getMessage()}"
         fields = getattr(record, "fields", None)
         if fields:
@@ -2401,6 +2404,7 @@ class Progress:
         self.exit_code: int | None = None
         self.mode: str | None = None
         self.skipped = 0
+        self.interrupted = 0
 
     def plan(self, units: int, nbytes: int, *, skipped: int = 0) -> None:
         with self.lock:
@@ -2412,6 +2416,10 @@ class Progress:
             self.current[label] = self.clock()
         try:
             yield
+        except (Interrupted, StopRequested, ClaimLost):
+            with self.lock:  # stopped, not failed: a rerun (or the claim's new holder) does it
+                self.interrupted += 1
+            raise
         except BaseException as exc:
             with self.lock:
                 self.failed += 1
@@ -2432,6 +2440,7 @@ class Progress:
             elapsed = max(1e-6, self.clock() - self.started)
             return {"started_at": self.started_at, "updated_at": utc_now(), "elapsed_s": round(elapsed, 1),
                     "current": sorted(self.current), "units_done": self.done, "units_failed": self.failed,
+                    "units_interrupted": self.interrupted,
                     "units_total": self.units_total, "bytes_done": self.bytes_done,
                     "bytes_total": self.bytes_total, "bytes_per_s": round(self.bytes_done / elapsed, 1),
                     "units_per_s": round(self.done / elapsed, 4), "last_error": self.last_error,
@@ -2457,7 +2466,7 @@ class Heartbeat:
         if self.cfg.dry_run:
             return
         body = {"script": self.cfg.script, "worker": self.cfg.worker_id, "host": socket.gethostname(),
-                "pid": os.getpid(), "state": state, **self.progress.snapshot()}
+                "pid": os.getpid(), "state": state, "interval_s": self.interval_s, **self.progress.snapshot()}
         try:
             self.records.put_json(self.key, body)
         except (MigrationError, OSError) as exc:
@@ -2490,6 +2499,22 @@ class Heartbeat:
         self.write(state)
 
 
+MODE_WORDS = {"claims": "workers share units by claims", "shards": "static shards",
+              "single": "one worker at a time"}
+
+
+def other_workers_running(records: Records, layout: Layout, cfg: Config) -> bool:
+    """Whether another worker of this stage wrote a fresh 'running' heartbeat (three intervals)."""
+    for item in records.list_keys(f"{layout.status_root}{cfg.script}/"):
+        if item["Key"] == layout.heartbeat(cfg.script, cfg.worker_id):
+            continue
+        beat, age = _get_with_age(records, item["Key"])
+        if isinstance(beat, dict) and beat.get("state") == "running" and age is not None \
+                and age <= 3 * float(beat.get("interval_s") or 30):
+            return True
+    return False
+
+
 def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilities:
     """What every script does first: probe the server (not in a dry run), choose the mode for
     many machines (``records.mode``) and say both."""
@@ -2501,11 +2526,11 @@ def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilitie
     caps = records.probe(layout.probe)
     records.mode = choose_mode(cfg, caps)
     log.info("S3 server: %s; mode: %s", caps.describe(), describe_mode(cfg, records.mode))
-    if records.mode == "single":
-        log.warning("this S3 server does not enforce conditional writes: no second machine may run "
-                    "%s against this migration at the same time (to use several, set WORKER_COUNT "
-                    "and a distinct WORKER_INDEX on each: static shards)", cfg.script)
-    runtime.progress.mode = f"{caps.describe()}; {records.mode}"
+    if records.mode == "single" and other_workers_running(records, layout, cfg):
+        log.warning("another %s worker of this migration is running, but this S3 server does not enforce "
+                    "conditional writes: only one machine at a time may run %s against it (to use several, set "
+                    "WORKER_COUNT and a distinct WORKER_INDEX on each: static shards)", cfg.script, cfg.script)
+    runtime.progress.mode = f"{caps.describe()}; {MODE_WORDS[records.mode]}"
     if cfg.script in ("zipper", "unzipper"):  # the two that write to DESTINATION
         pause = DestinationPause(records, layout, runtime)
         current = pause.current()
@@ -2565,6 +2590,21 @@ class DestinationPause:
                     self.runtime.pause(current)
 
 
+class _TqdmStream:
+    """A stream for a logging handler that writes through ``tqdm.write`` (above the bar)."""
+
+    def __init__(self, tqdm_class: Any, stream: Any):
+        self.tqdm, self.stream = tqdm_class, stream
+
+    def write(self, text: str) -> int:
+        if text:
+            self.tqdm.write(text.rstrip("\n"), file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class ProgressPrinter:
     """Shows a run's progress: a live bar on a terminal (tqdm), else one line every
     PROGRESS_INTERVAL seconds with the same figures (for journald and notebooks)."""
@@ -2618,6 +2658,14 @@ class ProgressPrinter:
                     log.info("%s", text)
 
     def __enter__(self) -> "ProgressPrinter":
+        if self.bar is not None:
+            # Log lines go through tqdm while the bar is shown: it clears the bar, prints the
+            # line and draws the bar again below it, so the two never run into each other.
+            self._streams = []
+            for handler in logging.getLogger().handlers + out.handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream in (self.stream, sys.stdout):
+                    self._streams.append((handler, handler.stream))
+                    handler.setStream(_TqdmStream(type(self.bar), handler.stream))
         self._thread.start()
         return self
 
@@ -2626,6 +2674,8 @@ class ProgressPrinter:
         self._thread.join(2)
         if self.bar is not None:
             self.bar.close()
+            for handler, stream in self._streams:
+                handler.setStream(stream)
 
 
 _NEXT = {"mapper": "python python_zipper.py", "zipper": "python python_unzipper.py",
@@ -2655,8 +2705,10 @@ def final_line(script: str, code: int, paused: Mapping[str, Any] | None = None) 
 
 def summary_line(progress: Progress) -> str:
     snap = progress.snapshot()
-    return (f"summary: {snap['units_done']} done, {snap['units_failed']} failed, {progress.skipped} skipped "
-            f"(already done), {human_bytes(snap['bytes_done'])} moved in {snap['elapsed_s']:.1f}s")
+    return (f"summary: {snap['units_done']} done, {snap['units_failed']} failed, "
+            + (f"{snap['units_interrupted']} interrupted, " if snap["units_interrupted"] else "")
+            + f"{progress.skipped} skipped (already done), {human_bytes(snap['bytes_done'])} moved in "
+            f"{snap['elapsed_s']:.1f}s")
 
 
 __all__ += ["start_run", "ProgressPrinter", "final_line", "summary_line"]
@@ -2677,8 +2729,14 @@ def collect_status(records: Records, layout: Layout) -> dict:
     latest = latest_generation(records, layout)
     beats: dict[str, list[dict]] = {}
     for item in records.list_keys(layout.status_root):
-        beat = records.get_json(item["Key"])
+        if item["Key"].count("/") - layout.status_root.count("/") != 1:
+            continue  # P_status/proof.json and the like: not a worker's heartbeat
+        beat, age = _get_with_age(records, item["Key"])
         if isinstance(beat, dict) and beat.get("script"):
+            beat["age_s"] = age
+            # Written every interval while running: three missed means killed, frozen or cut off.
+            beat["stale"] = beat.get("state") == "running" and age is not None \
+                and age > 3 * float(beat.get("interval_s") or 30)
             beats.setdefault(beat["script"], []).append(beat)
     for group in beats.values():
         group.sort(key=lambda b: b.get("updated_at") or "", reverse=True)
@@ -2775,6 +2833,26 @@ def describe_generation(h: dict) -> str:
     return line
 
 
+def _get_with_age(records: Records, key: str) -> tuple[Any, float | None]:
+    """(JSON body or None, seconds since it was written by the S3 server's own clock: its Date
+    header against the object's LastModified; no two machines' clocks are compared)."""
+    import email.utils
+    try:
+        resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
+        body = json.loads(resp["Body"].read())
+    except S3Error as exc:
+        if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
+            return None, None
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}, None
+    try:
+        server_now = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
+        return body, (email.utils.parsedate_to_datetime(server_now) - resp["LastModified"]).total_seconds()
+    except (TypeError, ValueError, KeyError):
+        return body, None
+
+
 def collect_claims(records: Records, layout: Layout) -> list[dict]:
     """Live claims, their ages from the S3 server's own clock (its Date header against the
     object's LastModified) and from the holder's (taken_at to renewed_at): no two machines'
@@ -2841,7 +2919,7 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     else:
         rows = [("folder", "files", "bytes", "parts", "uploaded", "restored", "large", "verified", "last error")]
         for f in status["folders"]:
-            rows.append(((f["folder"] or "(files in SOURCE root)")[:40], str(f["files"]), human_bytes(f["bytes"]),
+            rows.append(((f["folder"] or ROOT_LABEL)[:40], str(f["files"]), human_bytes(f["bytes"]),
                          str(f["parts"]), f"{f['uploaded']}/{f['parts']}", f"{f['restored']}/{f['parts']}",
                          f"{f['large_done']}/{f['large']}", f["verified"], f["last_error"][:60]))
         fs = status["folders"]
@@ -2859,10 +2937,13 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
         remaining = {"zipper": sum(f["bytes_to_upload"] for f in fs),
                      "unzipper": sum(f["bytes_to_restore"] for f in fs)}
         for script, left in remaining.items():
-            beat = (status["heartbeats"].get(script) or [None])[0]
-            rate = beat.get("bytes_per_s") if beat and beat.get("state") == "running" else None
+            live = [b for b in status["heartbeats"].get(script) or [] if b.get("state") == "running"
+                    and not b.get("stale")]
+            rate = sum(b.get("bytes_per_s") or 0 for b in live)
             eta = left / rate if rate else None
-            out.info(f"{script}: {human_bytes(left)} left, ETA {_fmt_eta(eta) if left else 'done'}\n")
+            out.info(f"{script}: {human_bytes(left)} left, "
+                     + (("ETA " + _fmt_eta(eta)) if eta else "ETA unknown (no worker running)" if left else "done")
+                     + "\n")
         if len(status.get("history") or []) > 1:
             out.info("map generations:\n")
             for h in status["history"]:
@@ -2892,9 +2973,12 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
             out.info("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
     for script in ("mapper", "zipper", "unzipper"):
         for beat in (status["heartbeats"].get(script) or [])[:3]:
-            out.info(f"{script} worker {beat.get('worker')}: {beat.get('state')}, updated {beat.get('updated_at')}, "
+            state = (f"stale: last heartbeat {_fmt_age(beat.get('age_s'))} ago (killed, frozen or cut off; its "
+                     "claims are taken over after LEASE_SECONDS)") if beat.get("stale") else beat.get("state")
+            out.info(f"{script} worker {beat.get('worker')}: {state}, updated {beat.get('updated_at')}, "
                       f"{beat.get('units_done')} done, {beat.get('units_failed')} failed"
-                      + (f", now {', '.join(beat['current'][:3])}" if beat.get("current") else "")
+                      + (f", {'was on' if beat.get('stale') else 'now'} {', '.join(beat['current'][:3])}"
+                         if beat.get("current") else "")
                       + (f", mode: {beat['mode']}" if beat.get("mode") else "")
                       + (f", last error: {beat['last_error'][:100]}" if beat.get("last_error") else "") + "\n")
     return EXIT_OK

@@ -58,7 +58,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
+from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped,
                        StopRequested, WorkerPool, in_shard, shard_of, all_generations, assign_stems, human_bytes,
                        is_local_path, latest_generation, load_manifest, local_name, log_context, out,
@@ -367,7 +367,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     runtime.check()
     tmp = cfg.tmp_dir
     path = remote_join(cfg.source, name) if name else cfg.source
-    with runtime.progress.unit(f"map {name or '(root)'}", name), log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
+    with runtime.progress.unit(f"map {name or ROOT_LABEL}", name), log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
         started = time.monotonic()
         list_into_index(rclone, path, index, recursive=bool(name), hashes=hashes,
                         threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
@@ -626,7 +626,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
                 continue
             elif isinstance(result, Exception):
                 failed.append(name)
-                log.error("folder %r was not mapped: %s", name or "(files directly in SOURCE)", result)
+                log.error("folder %r was not mapped: %s", name or ROOT_LABEL, result)
             elif "files" in result:  # a folder (not a removed one): for the DRY_RUN plan
                 planned.append(result)
         runtime.check()
@@ -750,7 +750,7 @@ def print_plan(gen: int, planned: list[dict]) -> None:
     out.info(f"plan for map generation {gen} (DRY_RUN: nothing was written)\n")
     rows = [("folder", "files", "bytes", "parts", "large files", "empty dirs")]
     for s in sorted(planned, key=lambda s: s["name"]):
-        rows.append(((s["name"] or "(files in SOURCE root)")[:40], str(s["files"]), human_bytes(s["bytes"]),
+        rows.append(((s["name"] or ROOT_LABEL)[:40], str(s["files"]), human_bytes(s["bytes"]),
                      str(len(s["parts"])), f"{s['large']} ({human_bytes(s['large_bytes'])})", str(s["dirs"])))
     rows.append(("TOTAL", str(sum(s["files"] for s in planned)), human_bytes(sum(s["bytes"] for s in planned)),
                  str(sum(len(s["parts"]) for s in planned)),

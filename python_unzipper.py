@@ -78,7 +78,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
+from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
@@ -357,7 +357,7 @@ def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> 
 def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
                  gate: DiskGate, job: RestoreJob) -> dict:
     nbytes = sum(r["size"] for r in job.keep.values())
-    with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, nbytes), \
+    with runtime.progress.unit(f"{job.folder or ROOT_LABEL}/{job.part}", job.folder, nbytes), \
             log_context(folder=job.folder, part=job.part):
         record, entries = read_part_record(records, layout, job.stem, job.part)
         key = record["key"]
@@ -375,7 +375,7 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
             log.error("%d files the map puts in this part are not in it (first: %r); the verification "
                       "will report them", len(missing), missing[0])
         need = sum(r["size"] for r in job.keep.values())
-        what = f"part {job.part} of {job.folder or '(root)'}"
+        what = f"part {job.part} of {job.folder or ROOT_LABEL}"
         local = job.local
         if local is not None:  # staged beside DESTINATION, then renamed into place
             # Named by worker too: workers on one machine may share a local DESTINATION.
@@ -1145,7 +1145,7 @@ def write_report(cfg: Config, records: Records, layout: Layout, report: dict) ->
 def print_report(report: dict) -> None:
     rows = [("folder", "state", "files", "by hash", "by size", "missing", "differ", "extra", "compared")]
     for f in report["folders"]:
-        rows.append((f["folder"] or "(root)", f["state"], str(f.get("files", "")),
+        rows.append((f["folder"] or ROOT_LABEL, f["state"], str(f.get("files", "")),
                      str(f.get("matched_by_hash", "")), str(f.get("matched_by_size", "")),
                      str(len(f.get("missing", [])) if isinstance(f.get("missing"), list) else ""),
                      str(len(f.get("differing", [])) if isinstance(f.get("differing"), list) else ""),
@@ -1571,10 +1571,10 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     if cfg.dry_run:
         out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
         for f, p in to_restore:
-            out.info(f"restore part {f['name'] or '(root)'}/{p['name']}: {p['files']} files, "
+            out.info(f"restore part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
                              f"{human_bytes(p['bytes'])} -> {destination_root(cfg)}\n")
         for f in pending:
-            out.info(f"verify folder {f['name'] or '(root)'}: {f.get('files', 0) + f.get('large', 0)} files"
+            out.info(f"verify folder {f['name'] or ROOT_LABEL}: {f.get('files', 0) + f.get('large', 0)} files"
                              + (" (repair)" if f["stem"] in repairs else "") + "\n")
         out.info(f"{len(to_restore)} parts to restore, {len(pending)} folders to verify\n")
         return EXIT_OK

@@ -67,7 +67,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from common_s3 import (EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
+from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
                        Layout, MigrationError, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
                        StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
                        load_manifest, local_name, log_context, out, parse_mtime, plan_drift, plain_local_name, remote_join,
@@ -455,7 +455,7 @@ def stage_files(cfg: Config, rclone: Rclone, job: PartJob, files: Sequence[dict]
     timeout = cfg.rclone_timeout_s + sum(f["size"] for f in files) / (512 * 1024)
     rclone.run_retried(["copy", "--files-from0", list_path, "--transfers", str(cfg.download_threads),
                         "--no-check-dest", "--", source, staging],
-                       what=f"download of part {job.part} of {job.folder or '(root)'}", timeout_s=timeout)
+                       what=f"download of part {job.part} of {job.folder or ROOT_LABEL}", timeout_s=timeout)
 
 
 def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0) -> list[dict]:
@@ -697,12 +697,12 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
     key = layout.part_object(job.stem, job.part)
     staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
     list_path = staging + ".files"
-    what = f"part {job.part} of {job.folder or '(root)'}"
+    what = f"part {job.part} of {job.folder or ROOT_LABEL}"
     etags = etags or EtagStyle()
     base = local_source_dir(cfg, job.folder)
     where, fetch = split_local(job.files, base) if base is not None else ({}, list(job.files))
     fetch_bytes = sum(f["size"] for f in fetch)
-    with runtime.progress.unit(f"{job.folder or '(root)'}/{job.part}", job.folder, job.bytes), \
+    with runtime.progress.unit(f"{job.folder or ROOT_LABEL}/{job.part}", job.folder, job.bytes), \
             log_context(folder=job.folder, part=job.part), \
             (gate.reserve(int(fetch_bytes * 1.05) + MIB, what) if fetch else contextlib.nullcontext()), \
             staging_dir(staging, what):
@@ -839,7 +839,7 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     src = remote_join(cfg.source, folder, rel) if folder else remote_join(cfg.source, rel)
     dst = remote_join(cfg.destination, folder, rel) if folder else remote_join(cfg.destination, rel)
     timeout = cfg.rclone_timeout_s + row["size"] / (512 * 1024)
-    with runtime.progress.unit(f"{folder or '(root)'}/large {rel}", folder, row["size"]), \
+    with runtime.progress.unit(f"{folder or ROOT_LABEL}/large {rel}", folder, row["size"]), \
             log_context(folder=folder, part="large"):
         started = time.monotonic()
         log.info("copying large file %r (%s) SOURCE -> DESTINATION", rel, human_bytes(row["size"]))
@@ -995,11 +995,11 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         for f in folders:
             for p in f.get("part_table") or []:
                 if p["name"] not in done_parts.get(f["stem"], set()):
-                    out.info(f"part {f['name'] or '(root)'}/{p['name']}: {p['files']} files, "
+                    out.info(f"part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
                                      f"{human_bytes(p['bytes'])} -> s3://{cfg.bucket}/"
                                      f"{layout.part_object(f['stem'], p['name'])}\n")
             if f.get("large"):
-                out.info(f"large files of {f['name'] or '(root)'}: {f['large']} "
+                out.info(f"large files of {f['name'] or ROOT_LABEL}: {f['large']} "
                                  f"({human_bytes(f.get('large_bytes', 0))}), "
                                  f"{len(done_large.get(f['stem'], set()))} copy records exist\n")
         out.info(f"{todo_parts} of {total_parts} parts to make\n")

@@ -142,3 +142,45 @@ def test_every_nonzero_exit_ends_with_one_plain_line(env):
     for proc, code, words in cases:
         assert proc.returncode == code, proc.stderr[-2000:]
         assert words in proc.stderr.strip().splitlines()[-1], proc.stderr.strip().splitlines()[-1]
+
+
+def test_ctrl_c_on_a_terminal_counts_interrupted_not_failed_and_lines_stay_readable(env):
+    """On a terminal with the bar shown, log lines are printed above it (through tqdm), never
+    run into it; Ctrl-C (SIGINT to the foreground group) stops the run: 130, parts in flight
+    counted as interrupted, none as failed."""
+    import re
+    import signal
+    import time
+    env.via_rclone()
+    make_tree(env.source, small_files=40)
+    assert env.run("master_mapper.py").returncode == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python_zipper.py")],
+                            env={**env.vars, "RCLONE_BWLIMIT": "60k", "SPLIT_THRESHOLD": "5"}, cwd=env.tmp,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks = []
+    os.set_blocking(master, False)
+    started = time.monotonic()
+    sent = False
+    while proc.poll() is None or time.monotonic() - started < 1:
+        if not sent and time.monotonic() - started > 4:
+            os.killpg(proc.pid, signal.SIGINT)
+            sent = True
+        try:
+            chunks.append(os.read(master, 65536))
+        except (BlockingIOError, OSError):
+            time.sleep(0.05)
+        if time.monotonic() - started > 60:
+            break
+    proc.wait(30)
+    os.close(master)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 130, screen[-3000:]
+    summary = [line for line in screen.splitlines() if "summary:" in line][-1]
+    assert "interrupted" in summary and " 0 failed" in summary, summary
+    # Every log line starts on a line of its own: nothing of the bar before its time stamp.
+    for raw in screen.replace("\r\n", "\n").split("\n"):
+        shown = raw.split("\r")[-1]
+        if re.search(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", shown):
+            assert re.match(r"^(\x1b\[[0-9;]*[A-Za-z])*\d\d:\d\d:\d\d ", shown), repr(shown)

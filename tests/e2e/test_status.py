@@ -95,3 +95,30 @@ def test_heartbeat_is_refreshed_while_running(env):
     assert proc.returncode == 0, err[-2000:]
     final = beat()
     assert final["state"] == "finished" and final["units_done"] >= 5 and final["exit_code"] == 0
+
+
+def test_a_killed_worker_shows_as_stale_with_its_age_and_no_eta(env):
+    env.via_rclone()
+    put_tree(env.source)
+    with open(os.path.join(env.source, "Good", "slow.bin"), "wb") as fh:
+        fh.write(os.urandom(400_000))
+    assert env.run("master_mapper.py").returncode == 0
+    import signal
+    import subprocess
+    import sys
+    from e2ekit import ROOT
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python_zipper.py")],
+                            env={**env.vars, "RCLONE_BWLIMIT": "40k", "PROGRESS_INTERVAL": "1"},
+                            cwd=env.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not [k for k in env.objects() if "/_status/zipper/" in k]:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(4.5)  # over three heartbeat intervals of 1 s
+    status = env.run("python_zipper.py", "--status", SOURCE="", DESTINATION="")
+    line = [l for l in status.stdout.splitlines() if l.startswith("zipper worker")][0]
+    assert "stale" in line and "last heartbeat" in line and "running" not in line, line
+    zipper_eta = [l for l in status.stdout.splitlines() if l.startswith("zipper:")][0]
+    assert "ETA" not in zipper_eta or "ETA unknown" in zipper_eta, zipper_eta

@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["ROOT_LABEL",
+__all__ = ["ROOT_LABEL", "count",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PARTIAL", "EXIT_WAITING", "EXIT_LOCKED",
     "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError", "DiskFullError",
     "S3Error", "S3AuthError", "S3NotFoundError", "RecordError", "RcloneError",
@@ -72,9 +72,10 @@ EXIT_CODES_HELP = """\
 Exit codes:
   0    everything this script is responsible for is done
   1    failed: a fatal error (credentials, missing bucket, rclone missing, unexpected)
-  2    invalid configuration or usage
+  2    a person must act: invalid configuration or usage, a SOURCE or DESTINATION that does not
+       exist, an rclone remote that is not configured, a deletion over MAX_DELETE
   3    partial: some items failed after retries, the rest is done; run again to resume
-  4    waiting: an earlier stage has not finished some folders; run again later
+  4    waiting: an earlier stage has not finished some folders; nothing failed, run again later
   75   another instance holds the lock, or DESTINATION is paused for a provider quota (run again later)
   130  stopped by SIGINT, progress is saved
   143  stopped by SIGTERM, progress is saved
@@ -261,6 +262,11 @@ def staging_dir(path: str, what: str) -> Iterator[str]:
         raise
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def count(n: int, word: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``: a number with its noun."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def human_bytes(n: float) -> str:

@@ -58,7 +58,7 @@ import sys
 import time
 from typing import Any, Iterable, Sequence
 
-from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
+from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped,
                        StopRequested, WorkerPool, in_shard, shard_of, all_generations, assign_stems, human_bytes,
                        is_local_path, latest_generation, load_manifest, local_name, log_context, out,
@@ -408,12 +408,13 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
                      "%d empty directories added, %d removed", previous["generation"], changes["added"],
                      changes["changed"], changes["deleted"], changes["unchanged"], changes["dirs_added"],
                      changes["dirs_removed"])
-        log.info("mapped %d files (%.1f MiB) in %d new parts, %d large files, %d empty directories "
-                 "in %.1fs", summary["files"], summary["bytes"] / (1 << 20), len(parts),
-                 summary["large"], summary["dirs"], time.monotonic() - started)
+        log.info("mapped %s (%.1f MiB) in %s, %s, %s "
+                 "in %.1fs", count(summary["files"], "file"), summary["bytes"] / (1 << 20),
+                 count(len(parts), "new part"), count(summary["large"], "large file"),
+                 count(summary["dirs"], "empty directory").replace("directorys", "directories"),
+                 time.monotonic() - started)
         for row in index.rows("l"):
-            log.info("large file %s (%.2f GiB) goes SOURCE to DESTINATION directly", row["path"],
-                     row["size"] / GIB)
+            log.info("large file %s (%s) goes SOURCE to DESTINATION directly", row["path"], human_bytes(row["size"]))
         return summary
 
 

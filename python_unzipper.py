@@ -36,6 +36,8 @@ Environment variables (default in brackets):
   VERIFY_DOWNLOAD          1: the final check and --verify read every file at a remote DESTINATION
                            back and compare its MD5 with the zipper's (for DESTINATIONs without
                            a hash of their own: WebDAV, FTP; costs one download of everything) [0]
+  MAX_DELETE               with PROPAGATE_DELETES=1, the most files one pass may delete: a count or
+                           a percentage of the files mapped; over it nothing is deleted, exit 2 [10%]
   PROPAGATE_DELETES        1: delete at DESTINATION the files deleted at SOURCE (since a
                            FORCE_RESCAN map), only where the copy is still what was restored [0]
   DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
@@ -78,7 +80,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
+from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
@@ -412,7 +414,7 @@ def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, 
                "restored_at": utc_now(), "worker": cfg.worker_id}
         if not job.repair:
             records.put_json_once(layout.restored_record(job.stem, job.part), out)
-        log.info("part restored: %d files, %s in %.1fs (read %.1fs, upload %.1fs)", written,
+        log.info("part restored: %s, %s in %.1fs (read %.1fs, upload %.1fs)", count(written, "file"),
                  human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
         return out
 
@@ -976,7 +978,7 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                 records.put_json(layout.legacy_progress(stem, "unzipper"), {
                     "processed_keys": [layout.part_object(stem, p["name"]) for p in folder.get("part_table") or []],
                     "folder_complete": True, "updated_at": utc_now()})
-            log.info("verified: %d files match (%d by %s, %d by size only)%s", report["files"],
+            log.info("verified: %s match (%d by %s, %d by size only)%s", count(report["files"], "file"),
                      report["matched_by_hash"], report["hash_kind"] or "hash", report["matched_by_size"],
                      f"; {len(report['extra'])} extra files at DESTINATION" if report["extra"] else "")
         else:

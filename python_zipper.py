@@ -67,7 +67,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from common_s3 import (ROOT_LABEL, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
+from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
                        Layout, MigrationError, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
                        StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
                        load_manifest, local_name, log_context, out, parse_mtime, plan_drift, plain_local_name, remote_join,
@@ -776,8 +776,8 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             if not records.put_json_once(layout.part_record(job.stem, job.part), record):
                 log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
             elapsed = time.monotonic() - started
-            log.info("part uploaded: %d files, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
-                     len(entries), human_bytes(sink.total), elapsed,
+            log.info("part uploaded: %s, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
+                     count(len(entries), "file"), human_bytes(sink.total), elapsed,
                      f"download of {len(fetch)} files" if fetch else "nothing to download",
                      staged_at - started, time.monotonic() - staged_at)
             return record

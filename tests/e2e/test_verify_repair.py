@@ -55,7 +55,7 @@ def test_verify_finds_damage_and_a_normal_run_repairs_only_it(env, form, kind):
     assert repair.returncode == 0, repair.stderr[-3000:]
     restored_lines = [line for line in repair.stderr.splitlines() if "part restored" in line]
     assert len(restored_lines) == 2, restored_lines  # only the parts holding the two files
-    assert all("part restored: 1 files" in line for line in restored_lines), restored_lines
+    assert all("part restored: 1 file," in line for line in restored_lines), restored_lines
     os.remove(os.path.join(env.destination, "Photos", "not in source.txt"))
     assert_same_tree(env.source, env.destination)
     after = env.objects()

@@ -1575,10 +1575,23 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         for f, p in to_restore:
             out.info(f"restore part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
                              f"{human_bytes(p['bytes'])} -> {destination_root(cfg)}\n")
+        waiting = 0
         for f in pending:
-            out.info(f"verify folder {f['name'] or ROOT_LABEL}: {f.get('files', 0) + f.get('large', 0)} files"
-                             + (" (repair)" if f["stem"] in repairs else "") + "\n")
-        out.info(f"{len(to_restore)} parts to restore, {len(pending)} folders to verify\n")
+            table = [p["name"] for p in f.get("part_table") or []]
+            unzipped = [p for p in table if p not in zipped.get(f["stem"], set())]
+            large_left = max(0, int(f.get("large", 0)) - len(larges.get(f["stem"], set())))
+            label = f["name"] or ROOT_LABEL
+            if unzipped or large_left:
+                waiting += 1
+                out.info(f"wait for the zipper: folder {label}: {len(table) - len(unzipped)} of "
+                         f"{count(len(table), 'part')} zipped, {count(large_left, 'large file')} not copied yet\n")
+            else:
+                out.info(f"verify folder {label}: {count(f.get('files', 0) + f.get('large', 0), 'file')}"
+                         + (" (repair)" if f["stem"] in repairs else "") + "\n")
+        out.info(f"{count(len(to_restore), 'part')} to restore, {count(len(pending) - waiting, 'folder')} to verify, "
+                 f"{count(waiting, 'folder')} waiting for the zipper (the real run would exit 4 for those)\n"
+                 if waiting else f"{count(len(to_restore), 'part')} to restore, "
+                 f"{count(len(pending), 'folder')} to verify\n")
         return EXIT_OK
     gate = DiskGate(cfg, runtime)
     state: dict = {"failed": []}

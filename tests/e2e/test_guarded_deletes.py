@@ -73,3 +73,13 @@ def test_a_few_deletions_pass_under_the_default_limit(env):
 def test_a_bad_max_delete_is_named(env, value):
     proc = env.run("python_unzipper.py", MAX_DELETE=value)
     assert proc.returncode == 2 and "MAX_DELETE" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_unzippers_dry_run_shows_what_the_real_run_would_wait_for(env):
+    _tree(env.source, n=12)
+    assert env.run("master_mapper.py").returncode == 0
+    dry = env.run("python_unzipper.py", DRY_RUN="1")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "0 parts to restore" in dry.stdout and "3 folders waiting for the zipper" in dry.stdout, dry.stdout
+    assert "wait for the zipper: folder F0: 0 of 1 part zipped" in dry.stdout, dry.stdout
+    assert env.run("python_unzipper.py").returncode == 4

@@ -2908,7 +2908,12 @@ def proof_warnings(proof: Mapping[str, Any]) -> list[str]:
                      "uploaded, and mtimes were not compared")
     weak = [c for c in proof.get("compared") or [] if not proof.get("read_back")
             and not set(c["by"]) - {"size", "mtime"}]
-    if weak:
+    if weak and proof.get("slow_hash_skipped"):
+        n = sum(c["folders"] for c in weak)
+        lines.append(f"{n} folders were compared by {' and '.join(weak[0]['by'])} only: DESTINATION computes its "
+                     "hashes by reading each file (rclone's upload compared them already); "
+                     "python_unzipper.py --verify compares them too")
+    elif weak:
         n = sum(c["folders"] for c in weak)
         lines.append(f"{n} folders were compared by {' and '.join(weak[0]['by'])} only (DESTINATION offers no "
                      "hash that was recorded): a file changed in place with its size kept would not be seen; "

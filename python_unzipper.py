@@ -506,6 +506,7 @@ class DestListing:
     read_back: bool           # every file was read back (a local DESTINATION, or VERIFY_DOWNLOAD=1)
     dirs: set[str] = field(default_factory=set)
     exists: bool = True
+    slow_hash_skipped: bool = False  # DESTINATION has hashes, but each costs a read (asked for by --verify)
 
     @property
     def compared(self) -> list[str]:
@@ -533,7 +534,8 @@ def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: di
                                     dirs=result.dirs)
         return result
     offered = set(dest_features.get("Hashes") or [])
-    if dest_features.get("SlowHash") and not thorough:
+    slow_skipped = bool(offered) and bool(dest_features.get("SlowHash")) and not thorough
+    if slow_skipped:
         offered = set()
     kind = "md5" if "md5" in offered or cfg.verify_download else None
     if kind is None:
@@ -545,6 +547,7 @@ def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: di
     precision = dest_features.get("Precision")
     check_mtime = isinstance(precision, (int, float)) and 0 < precision <= 1_000_000_000
     result = DestListing(kind, iter(()), check_mtime, cfg.verify_download)
+    result.slow_hash_skipped = slow_skipped and kind is None
 
     def listing() -> Iterator[dict]:
         files = []
@@ -594,6 +597,7 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     index.commit()
     report = {"folder": folder, "stem": stem, "hash_kind": kind, "compared": listed.compared,
               "read_back": listed.read_back, "not_kept": [] if check_mtime else ["mtime"],
+              "slow_hash_skipped": listed.slow_hash_skipped,
               "files": 0, "bytes": 0, "dirs": 0, "matched_by_hash": 0, "matched_by_size": 0,
               "missing": [], "differing": [], "extra": [], "large_damaged": []}
     rows = db.execute(
@@ -1257,7 +1261,8 @@ def proof_summary(cfg: Config, report_folders: list[dict]) -> dict | None:
     return {"at": utc_now(), "destination": destination_root(cfg),
             "compared": [{"by": list(k), "folders": n} for k, n in sorted(groups.items())],
             "not_kept": sorted({k for f in checked for k in f.get("not_kept") or []}),
-            "read_back": all(f.get("read_back") for f in checked)}
+            "read_back": all(f.get("read_back") for f in checked),
+            "slow_hash_skipped": any(f.get("slow_hash_skipped") for f in checked)}
 
 
 def tell_proof(records: Records, layout: Layout, proof: dict | None) -> None:

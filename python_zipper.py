@@ -778,7 +778,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
             elapsed = time.monotonic() - started
             log.info("part uploaded: %s, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
                      count(len(entries), "file"), human_bytes(sink.total), elapsed,
-                     f"download of {len(fetch)} files" if fetch else "nothing to download",
+                     f"download of {count(len(fetch), 'file')}" if fetch else "nothing to download",
                      staged_at - started, time.monotonic() - staged_at)
             return record
         except BaseException:

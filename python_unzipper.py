@@ -1071,11 +1071,14 @@ def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
                     if row is None:
                         continue
                     if row["kind"] == "l":
-                        # --verify deleted the copy record; one still older than the repair (left
-                        # by a version that deleted it here) goes now. A newer one is the new copy.
+                        # --verify deleted the copy record before it wrote the repair; a repair
+                        # written by an older version that left it is handled here, once: a record
+                        # older than the repair is the damaged copy, a newer one is the new copy.
+                        if repair.get("large_records_deleted"):
+                            continue
                         large_key = layout.large_record(stem, large_file_id(row["path"], row["size"], row["mtime"]))
                         head = records.head(large_key)
-                        if head is not None and head["LastModified"] <= repair["listed_at"]:
+                        if head is not None and head["LastModified"] < repair["listed_at"]:
                             log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it "
                                         "again", path)
                             records.delete(large_key)
@@ -1220,14 +1223,16 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
         if damaged:
             problems += 1
         if damaged and not cfg.dry_run:
-            records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
-                                      "found_at": utc_now(), "worker": cfg.worker_id})
-            # A damaged large file is copied again by the zipper's next run: its copy record goes.
+            # A damaged large file is copied again by the zipper's next run: its copy record goes
+            # first, so that the repair record, once written, can say so.
             for row in result["large_damaged"]:
                 file_id = large_file_id(row["path"], row["size"], row["mtime"])
                 records.delete(layout.large_record(folder["stem"], file_id))
                 log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it again",
                             prefix + row["path"])
+            records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
+                                      "found_at": utc_now(), "worker": cfg.worker_id,
+                                      "large_records_deleted": True})
         elif not damaged and folder["stem"] in repairs and not cfg.dry_run:
             records.delete(marker)  # what an earlier --verify found is repaired: nothing is pending
             log.info("folder %r: the repair found by an earlier --verify is done", folder["name"])

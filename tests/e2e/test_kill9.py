@@ -74,9 +74,23 @@ def test_orphaned_rclone_of_a_killed_run_is_ended(env):
     proc = env.popen("python_zipper.py", RCLONE_BWLIMIT="10k", MAX_PARALLEL_WORKERS="1")
     children_file = os.path.join(env.vars["WORK_DIR"], ".zipper.children")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (os.path.exists(children_file) and open(children_file).read()):
+
+    def copying() -> int | None:
+        """The PID of a running ``rclone copy`` child (the start-up checks are short-lived children too)."""
+        if not os.path.exists(children_file):
+            return None
+        for line in open(children_file).read().splitlines():
+            pid = int(line.split()[0])
+            try:
+                if b"\0copy" in open(f"/proc/{pid}/cmdline", "rb").read():  # copy or copyto
+                    return pid
+            except OSError:
+                continue
+        return None
+    while time.monotonic() < deadline and copying() is None:
         time.sleep(0.1)
-    orphan = int(open(children_file).read().split()[0])
+    orphan = copying()
+    assert orphan is not None, "no rclone copy was started"
     proc.kill()
     proc.communicate()
     assert os.path.exists(f"/proc/{orphan}"), "the rclone child should outlive a kill -9 of its parent"

@@ -1031,8 +1031,8 @@ class Records:
                     return "rejected"
                 raise S3Error("PutObject", self.bucket, key, exc) from exc
 
-        put_plain = self._wrap("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
-        del put_plain
+        # The key must exist for the conditional writes below to be refused.
+        self._wrap("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
         md5_checked = False
         try:
             create = put(IfNoneMatch="*")
@@ -1586,12 +1586,6 @@ class Claims:
 
     def current(self) -> Claim | None:
         return getattr(self.runtime.local, "claim", None)
-
-    def confirm_current(self) -> None:
-        """``confirm`` the claim of this thread's unit, if it has one."""
-        claim = self.current()
-        if claim is not None:
-            self.confirm(claim)
 
     def pause(self, held: int, first: Skipped | None) -> None:
         """Between two passes over the units, while ``held`` are claimed by other workers: half
@@ -2309,9 +2303,6 @@ class FolderIndex:
             return None
         return {"path": row[0], "kind": row[1], "size": row[2], "mtime": row[3],
                 "hashes": json.loads(row[4] or "{}"), "part": row[5], "gen": row[6]}
-
-    def set_part(self, path: str, part: str, gen: int) -> None:
-        self.db.execute("UPDATE e SET part = ?, gen = ? WHERE path = ?", (part, gen, path))
 
     def count(self, kind: str) -> tuple[int, int]:
         n, b = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM e WHERE kind = ?",

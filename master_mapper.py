@@ -51,11 +51,13 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import sys
 import time
+import zlib
 from typing import Any, Iterable, Sequence
 
 from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
@@ -100,14 +102,6 @@ def part_names(n_parts: int, first_number: int) -> list[str]:
     if first_number == 1 and n_parts == 1:
         return ["Full"]
     return [f"Part{first_number + i}" for i in range(n_parts)]
-
-
-def entry_changed(old: dict, new: dict) -> bool:
-    """A file changed when its size, its mtime or a hash kind both listings carry differs."""
-    if old["kind"] != new["kind"] or old["size"] != new["size"] or old["mtime"] != new["mtime"]:
-        return True
-    common = set(old["hashes"]) & set(new["hashes"])
-    return any(old["hashes"][k] != new["hashes"][k] for k in common if old["hashes"][k] and new["hashes"][k])
 
 
 # I/O
@@ -307,7 +301,6 @@ def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name
     header = {"type": "folder", "version": MANIFEST_VERSION, "name": name, "stem": stem,
               "generation": gen, "files": files, "bytes": nbytes, "large": large,
               "large_bytes": large_bytes, "dirs": dirs, "source": cfg.source, **header_extra}
-    import gzip
     path = os.path.join(tmp, local_name(stem, "manifest.gz"))
     with gzip.open(path, "wb", compresslevel=6) as gz:
         gz.write(json.dumps(header, ensure_ascii=False, sort_keys=True).encode() + b"\n")
@@ -767,13 +760,11 @@ def print_plan(gen: int, planned: list[dict]) -> None:
 
 
 def read_manifest_header(records: Records, key: str) -> dict:
-    import gzip
-    import zlib
     data = records.get_bytes(key)
     if data is None:
         raise RecordError(key, "missing")
     try:
-        first = gzip.GzipFile(fileobj=__import__("io").BytesIO(data)).readline()
+        first = gzip.GzipFile(fileobj=io.BytesIO(data)).readline()
         header = json.loads(first)
     except (OSError, EOFError, zlib.error, json.JSONDecodeError) as exc:
         raise RecordError(key, f"unreadable header: {exc}") from None

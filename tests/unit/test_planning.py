@@ -89,28 +89,6 @@ def test_part_names_never_repeat_across_generations():
     assert not set(first) & set(second)
 
 
-# entry_changed
-
-def row(**kw):
-    base = {"kind": "f", "size": 1, "mtime": "2001-09-09T01:46:40Z", "hashes": {"md5": "aa"}}
-    base.update(kw)
-    return base
-
-
-@pytest.mark.parametrize("new, changed", [
-    (row(), False),
-    (row(size=2), True),
-    (row(mtime="2001-09-09T01:46:41Z"), True),
-    (row(kind="l"), True),
-    (row(hashes={"md5": "bb"}), True),
-    (row(hashes={"sha1": "cc"}), False),  # no kind in common: nothing to compare
-    (row(hashes={}), False),
-    (row(hashes={"md5": ""}), False),  # an empty hash is unknown, not different
-])
-def test_entry_changed(new, changed):
-    assert master_mapper.entry_changed(row(), new) is changed
-
-
 # chunk_size_for
 
 @pytest.mark.parametrize("size", [0, 1, 8 * MIB, 5 * GIB, 20 * GIB, 75 * GIB, 100 * GIB + 12345,

@@ -5,6 +5,25 @@ disk checks, key layout and the map's local index.
 The three scripts (``master_mapper.py``, ``python_zipper.py``,
 ``python_unzipper.py``) import this module; it imports none of them. Importing it
 has no side effects: nothing is configured until a script's ``main()`` runs.
+
+Sections, in file order (each begins with a one-line ``# Title`` comment):
+
+  Exit codes and errors      EXIT_*, MigrationError and its kinds, each with its exit code
+  Configuration              env_* parsers, KNOWN_VARIABLES and near_misses, Config, MAX_DELETE
+  Logging                    setup_logging, log_context, ``out`` (results on stdout)
+  Retry                      retry_call, is_retryable_s3
+  S3 client                  make_s3_client, Capabilities (the probe), Records: every S3 call
+  Instance lock              InstanceLock (flock on WORK_DIR)
+  Signals and child processes  Runtime, handle_signals, end_orphans, WorkerPool
+  Many machines              Claims, Skipped, static shards, the mode
+  rclone runner              Rclone (run, lsjson, stat, features, md5_by_download, permanent)
+  Disk checks                disk_usage, DiskGate
+  Names, stems and the key layout  sanitize_name, assign_stems, Layout (every key)
+  Time and ids, JSON Lines   mtime helpers, run ids, gzip JSON lines
+  The map's local index      FolderIndex (SQLite), load_manifest, latest_generation
+  Progress, heartbeat and the status view  Progress, Heartbeat, DestinationPause,
+                             ProgressPrinter, collect_status, show_status, proof_warnings
+  Running a script           prepare_work_dir, run_script: outcomes to exit codes
 """
 
 from __future__ import annotations
@@ -38,16 +57,21 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-__all__ = ["ROOT_LABEL", "count",
-    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_PARTIAL", "EXIT_WAITING", "EXIT_LOCKED",
-    "EXIT_CODES_HELP", "MigrationError", "ConfigError", "LockHeldError", "DiskSpaceError", "DiskFullError",
-    "S3Error", "S3AuthError", "S3NotFoundError", "RecordError", "RcloneError",
-    "RcloneMissingError", "Interrupted", "StopRequested", "Config", "setup_logging",
-    "retry_call", "is_retryable_s3", "make_s3_client", "Records", "Capabilities",
-    "InstanceLock", "Runtime", "handle_signals", "Rclone", "RcloneResult", "DiskGate",
-    "sanitize_name", "assign_stems", "Layout", "remote_join", "is_local_path", "plain_local_name",
-    "FolderIndex", "parse_mtime", "format_mtime", "new_run_id", "run_script",
-    "WorkerPool", "read_jsonl_gz", "jsonl_gz_bytes", "ROOT_STEM", "GIB", "MIB", "is_disk_full",
+__all__ = [
+    "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
+    "collect_status", "Config", "ConfigError", "count", "DestinationPause", "disk_usage", "DiskFullError",
+    "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_PARTIAL",
+    "EXIT_USAGE", "EXIT_WAITING", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
+    "Heartbeat", "human_bytes", "in_shard", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
+    "is_retryable_s3", "jsonl_gz_bytes", "KNOWN_VARIABLES", "large_file_id", "latest_generation", "Layout",
+    "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "make_s3_client", "MIB",
+    "MigrationError", "mtime_ns", "near_misses", "new_run_id", "out", "parse_mtime", "plain_local_name",
+    "plan_drift", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
+    "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_jsonl_gz", "RecordError",
+    "RecordExists", "Records", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "run_script",
+    "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "setup_logging", "shard_of",
+    "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line", "utc_now",
+    "WorkerPool",
 ]
 
 GIB = 1 << 30
@@ -692,8 +716,6 @@ def log_context(**ctx: Any) -> Iterator[None]:
         _LOG_CONTEXT.ctx = old
 
 
-__all__ += ["log_context", "out"]
-
 
 # Retry
 
@@ -819,8 +841,6 @@ class Capabilities:
 class RecordExists(Exception):
     """A create-only write found the key already there."""
 
-
-__all__.append("RecordExists")
 
 
 def _json_body(obj: Any) -> bytes:
@@ -1622,8 +1642,6 @@ def in_shard(cfg: Config, mode: str, folder: str) -> bool:
     return mode != "shards" or shard_of(folder, cfg.worker_count) == cfg.worker_index
 
 
-__all__ += ["QuotaPaused", "DestinationPause", "ClaimLost", "Claim", "Claims", "Skipped", "lease_clock", "shard_of", "choose_mode", "in_shard"]
-
 
 # rclone runner
 
@@ -1951,8 +1969,6 @@ class DiskGate:
                 self._cond.notify_all()
 
 
-__all__ += ["disk_usage", "human_bytes", "staging_dir"]
-
 
 # Names, stems and the key layout
 
@@ -2174,8 +2190,6 @@ def large_file_id(path: str, size: int, mtime: str) -> str:
     return hashlib.sha256(f"{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-__all__ += ["large_file_id", "local_name"]
-
 
 # Time and ids
 
@@ -2205,8 +2219,6 @@ def utc_now() -> str:
 def new_run_id(script: str) -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{script}-{os.getpid()}"
 
-
-__all__ += ["mtime_ns", "utc_now"]
 
 
 # JSON Lines, gzip
@@ -2349,8 +2361,6 @@ def load_manifest(records: Records, key: str, index_path: str) -> tuple[dict, Fo
     return header, index
 
 
-__all__.append("load_manifest")
-
 
 def latest_generation(records: Records, layout: Layout) -> tuple[int, dict] | None:
     """The newest complete map generation (its index.json), or None when there is none yet."""
@@ -2376,8 +2386,6 @@ def all_generations(records: Records, layout: Layout) -> list[int]:
             gens.append(int(m.group(1)))
     return sorted(gens)
 
-
-__all__ += ["latest_generation", "all_generations"]
 
 
 # Progress, heartbeat and the status view
@@ -2708,8 +2716,6 @@ def summary_line(progress: Progress) -> str:
             f"{snap['elapsed_s']:.1f}s")
 
 
-__all__ += ["start_run", "ProgressPrinter", "final_line", "summary_line"]
-
 
 def _fmt_eta(seconds: float | None) -> str:
     if seconds is None:
@@ -2985,8 +2991,6 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
                       + (f", last error: {beat['last_error'][:100]}" if beat.get("last_error") else "") + "\n")
     return EXIT_OK
 
-
-__all__ += ["KNOWN_VARIABLES", "near_misses", "plan_drift", "prepare_work_dir", "Progress", "Heartbeat", "collect_status", "proof_warnings", "show_status"]
 
 
 # Running a script

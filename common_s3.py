@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
-    "collect_status", "Config", "ConfigError", "count", "DestinationPause", "disk_usage", "DiskFullError",
+    "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause", "disk_usage", "DiskFullError",
     "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_PARTIAL",
     "EXIT_USAGE", "EXIT_WAITING", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
     "Heartbeat", "human_bytes", "in_shard", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
@@ -2509,9 +2509,15 @@ MODE_WORDS = {"claims": "workers share units by claims", "shards": "static shard
 
 
 def other_workers_running(records: Records, layout: Layout, cfg: Config) -> bool:
-    """Whether another worker of this stage wrote a fresh 'running' heartbeat (three intervals)."""
-    for item in records.list_keys(f"{layout.status_root}{cfg.script}/"):
-        if item["Key"] == layout.heartbeat(cfg.script, cfg.worker_id):
+    """Whether another worker of this stage wrote a fresh 'running' heartbeat (three intervals).
+
+    Every run leaves a heartbeat behind, so only those written within three of the longest
+    intervals (30 s) of our own, which the listing dates on the server's clock, are read."""
+    mine = layout.heartbeat(cfg.script, cfg.worker_id)
+    items = list(records.list_keys(f"{layout.status_root}{cfg.script}/"))
+    now = max((i["LastModified"] for i in items if i["Key"] == mine), default=None)
+    for item in items:
+        if item["Key"] == mine or (now is not None and (now - item["LastModified"]).total_seconds() > 90):
             continue
         beat, age = _get_with_age(records, item["Key"])
         if isinstance(beat, dict) and beat.get("state") == "running" and age is not None \
@@ -2837,18 +2843,20 @@ def describe_generation(h: dict) -> str:
 
 
 def _get_with_age(records: Records, key: str) -> tuple[Any, float | None]:
-    """(JSON body or None, seconds since it was written by the S3 server's own clock: its Date
-    header against the object's LastModified; no two machines' clocks are compared)."""
+    """(JSON body, {} when unreadable, None when gone; seconds since it was written by the S3
+    server's own clock: its Date header against the object's LastModified, so that no two
+    machines' clocks are ever compared)."""
     import email.utils
     try:
         resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
-        body = json.loads(resp["Body"].read())
     except S3Error as exc:
         if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
             return None, None
         raise
+    try:
+        body = json.loads(resp["Body"].read())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}, None
+        body = {}
     try:
         server_now = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
         return body, (email.utils.parsedate_to_datetime(server_now) - resp["LastModified"]).total_seconds()
@@ -2863,21 +2871,11 @@ def collect_claims(records: Records, layout: Layout) -> list[dict]:
     claims = []
     for item in records.list_keys(layout.claims_root):
         key = item["Key"]
-        try:
-            resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
-            body = json.loads(resp["Body"].read())
-        except S3Error as exc:
-            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-                continue  # released meanwhile
-            raise
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        body, since_renewal = _get_with_age(records, key)
+        if body is None:
+            continue  # released meanwhile
+        if not isinstance(body, dict):
             body = {}
-        server_now = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        try:
-            import email.utils
-            since_renewal = (email.utils.parsedate_to_datetime(server_now) - resp["LastModified"]).total_seconds()
-        except (TypeError, ValueError, KeyError):
-            since_renewal = None
         try:
             held = parse_mtime(body["renewed_at"]) - parse_mtime(body["taken_at"]) + (since_renewal or 0)
         except (KeyError, TypeError, ValueError):
@@ -2893,6 +2891,13 @@ def collect_claims(records: Records, layout: Layout) -> list[dict]:
 
 def _fmt_age(seconds: float | None) -> str:
     return "?" if seconds is None else f"{max(0.0, seconds):.0f}s"
+
+
+def describe_proof(proof: Mapping[str, Any]) -> str:
+    """One line: what a verification compared, by kind and number of folders."""
+    return ("verification compared: " + "; ".join(f"{' + '.join(c['by'])} ({c['folders']} folders)"
+                                                  for c in proof.get("compared") or [])
+            + (" (every file read back)" if proof.get("read_back") else ""))
 
 
 def proof_warnings(proof: Mapping[str, Any]) -> list[str]:
@@ -2959,9 +2964,7 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     out.info(f"mode: {status['mode'] or 'not known yet (no worker has run)'}\n")
     proof = status.get("proof")
     if isinstance(proof, dict):
-        out.info("verification compared: " + "; ".join(
-            f"{' + '.join(c['by'])} ({c['folders']} folders)" for c in proof.get("compared") or [])
-            + (" (every file read back)" if proof.get("read_back") else "") + f", as of {proof.get('at')}\n")
+        out.info(f"{describe_proof(proof)}, as of {proof.get('at')}\n")
         for line in proof_warnings(proof):
             out.info(f"WARNING: {line}\n")
     pause = status.get("pause")

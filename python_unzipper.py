@@ -84,7 +84,7 @@ from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXI
                        Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
                        WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
                        latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
-                       parse_mtime, plain_local_name, proof_warnings, read_jsonl_gz, remote_join, run_script, sanitize_name,
+                       describe_proof, parse_mtime, plain_local_name, proof_warnings, read_jsonl_gz, remote_join, run_script, sanitize_name,
                        staging_dir, start_run, utc_now)
 
 log = logging.getLogger("python_unzipper")
@@ -514,12 +514,12 @@ class DestListing:
 
 
 def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: dict, source_kinds: set[str],
-                     *, missing_ok: bool = False, thorough: bool = False) -> DestListing:
+                     *, thorough: bool = False) -> DestListing:
     """DESTINATION/<folder> as a DestListing. A local DESTINATION is read back in place (every
     file's CRC-32); a remote is listed with ``lsjson`` and MD5 where it offers it, else a kind
     SOURCE recorded; with VERIFY_DOWNLOAD=1 every file is read back for its MD5 instead. A
     folder that does not exist lists as empty with ``exists`` False; a listing that fails
-    otherwise raises (``missing_ok`` is kept for callers that expect the folder may be gone).
+    otherwise raises.
     Hashes that DESTINATION computes by reading each file (SFTP's md5sum: rclone's SlowHash) are
     asked for only when ``thorough`` (``--verify``); the final check after a restore then
     compares size and mtime, rclone's upload having checked the hash already."""
@@ -599,7 +599,8 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
               "read_back": listed.read_back, "not_kept": [] if check_mtime else ["mtime"],
               "slow_hash_skipped": listed.slow_hash_skipped,
               "files": 0, "bytes": 0, "dirs": 0, "matched_by_hash": 0, "matched_by_size": 0,
-              "missing": [], "differing": [], "extra": [], "large_damaged": []}
+              "missing": [], "differing": [], "extra": []}
+    larges: dict[str, dict] = {}
     rows = db.execute(
         "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
         "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
@@ -607,13 +608,13 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
     for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
         report["files"] += 1
         report["bytes"] += size
-        if dsize is None or dsize != size:
-            if k == "l":
-                report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
-            if dsize is None:
-                report["missing"].append(path)
-            else:
-                report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
+        if k == "l":
+            larges[path] = {"path": path, "size": size, "mtime": mtime}
+        if dsize is None:
+            report["missing"].append(path)
+            continue
+        if dsize != size:
+            report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
             continue
         want = None
         if kind == "md5":
@@ -626,16 +627,12 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         if want and dhash:
             if dhash.lower() != want.lower():
                 report["differing"].append({"path": path, "why": f"{kind} {dhash} != {want}"})
-                if k == "l":
-                    report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
                 continue
             report["matched_by_hash"] += 1
         else:
             report["matched_by_size"] += 1
         if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
             report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
-            if k == "l":
-                report["large_damaged"].append({"path": path, "size": size, "mtime": mtime})
             report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
     # Empty directories are part of the proof, and so is the folder itself.
     if folder and not listed.exists:
@@ -649,6 +646,8 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         if deletions is None or path not in deletions.files:
             report["extra"].append(path)
     report["ok"] = not report["missing"] and not report["differing"]
+    damaged = set(report["missing"]) | {d["path"] for d in report["differing"]}
+    report["large_damaged"] = [row for path, row in larges.items() if path in damaged]
     report["left_out"] = left_out_reasons(records, layout, stem) if report["missing"] else {}
     if deletions is not None:
         present = {p: (size, mtime, h) for p, size, mtime, h in db.execute(
@@ -928,7 +927,7 @@ def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone
                     "deleted_at_source": {"files": len(kept), "kept": kept, "deleted": [],
                                           "changed_at_destination": [], "dirs_removed": []}}
         kinds = {k for w in deletions.files.values() for k in (w.get("h") or {})}
-        listed = list_destination(cfg, rclone, name, dest_features, kinds, missing_ok=True)
+        listed = list_destination(cfg, rclone, name, dest_features, kinds)
         kind, check_mtime = listed.kind, listed.check_mtime
         present = {e["Path"]: (int(e.get("Size", -1)), e.get("ModTime", ""),
                                (e.get("Hashes") or {}).get(kind) if kind else None) for e in listed.entries}
@@ -1274,9 +1273,7 @@ def tell_proof(records: Records, layout: Layout, proof: dict | None) -> None:
     """Say once, plainly, what the verification compared and what it could not; keep it for --status."""
     if proof is None:
         return
-    out.info("verification compared: " + "; ".join(f"{' + '.join(c['by'])} ({c['folders']} folders)"
-                                                    for c in proof["compared"])
-             + (" (every file read back)" if proof["read_back"] else "") + "\n")
+    out.info(describe_proof(proof) + "\n")
     for line in proof_warnings(proof):
         log.warning("%s", line)
     if not records.cfg.dry_run:
@@ -1760,9 +1757,9 @@ def guard_deletions(cfg: Config, records: Records, layout: Layout, index: dict, 
     """MAX_DELETE: a pass that would delete more deletes nothing and exits 2. DRY_RUN lists every
     deletion by path. The limit is counted against the larger of this map and the one before it,
     so that a SOURCE that looks empty (an expired token, a failed mount) cannot pass for 10% of 0."""
-    total = sum(len(paths) for paths in doomed.values())
     if not cfg.propagate_deletes:
         return
+    total = sum(len(paths) for paths in doomed.values())
     mapped = int(index["totals"].get("files", 0)) + int(index["totals"].get("large", 0))
     if index.get("previous") is not None:
         before = records.get_json(layout.index(index["previous"]))

@@ -937,10 +937,6 @@ def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             index.close()
 
 
-def label_is_part(label: Any) -> bool:
-    return bool(label) and label[0] == "part"
-
-
 def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: set[str]) -> None:
     """The original ``_progress/<stem>_progress.json`` for a folder whose parts are all uploaded.
 
@@ -1053,7 +1049,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     for folder in folders:
         if folder["name"] in touched and folder["name"] not in failed_folders:
             write_legacy_progress(records, layout, folder, done_parts.get(folder["stem"], set()))
-    unreadable = sum(1 for _label, r in results if isinstance(r, dict) and label_is_part(_label)
+    unreadable = sum(1 for _label, r in results if isinstance(r, dict)
                      for sk in r.get("skipped") or [] if sk.get("unreadable"))
     log.info("zipper finished: %d parts made, %d failed, %d files left out (%d changed or gone at SOURCE, "
              "%d unreadable there)", made, len(failed), skipped_files, skipped_files - unreadable, unreadable)

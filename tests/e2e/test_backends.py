@@ -89,6 +89,19 @@ def run_stages(env, **extra) -> dict[str, subprocess.CompletedProcess]:
     return done
 
 
+def first_run(env, what: str) -> dict[str, subprocess.CompletedProcess]:
+    """The three stages once, with the first-run exit codes and the mapper's time against a
+    plain listing printed (``pytest -s`` shows them)."""
+    runs = run_stages(env)
+    print(f"\n{what} first run: {codes_of(runs)}; mapper {runs['master_mapper.py'].seconds:.1f}s, "
+          f"plain rclone lsjson -R {plain_listing_seconds(env):.1f}s")
+    return runs
+
+
+def codes_of(runs: dict[str, subprocess.CompletedProcess]) -> dict[str, int]:
+    return {s: p.returncode for s, p in runs.items()}
+
+
 def plain_listing_seconds(env) -> float:
     started = time.monotonic()
     proc = subprocess.run([rclone_binary(), "lsjson", "-R", "--no-mimetype", env.vars["SOURCE"]],
@@ -101,10 +114,8 @@ def test_sftp_to_webdav_first_run_then_a_same_size_change_and_a_read_back_proof(
                                                                               webdav_server):
     source, destination = between(sftp_server, webdav_server)
     make_tree(source)
-    runs = run_stages(env)
-    codes = {s: p.returncode for s, p in runs.items()}
-    print(f"\nSFTP -> WebDAV first run: {codes}; mapper {runs['master_mapper.py'].seconds:.1f}s, "
-          f"plain rclone lsjson -R {plain_listing_seconds(env):.1f}s")
+    runs = first_run(env, "SFTP -> WebDAV")
+    codes = codes_of(runs)
     assert codes == dict.fromkeys(STAGES, 0), "\n".join(p.stderr[-2500:] for p in runs.values())
     assert "not listed (SOURCE computes them by reading every file" in runs["master_mapper.py"].stderr
     assert not tree_differences(source, destination, mtimes=False)
@@ -152,10 +163,8 @@ def test_ftp_source_names_rclone_cannot_read_are_left_out_then_migrated_once_fix
     the part arrives; once the encoding is set, one delta pass brings exactly those."""
     source, destination = between(ftp_server_nomfmt, sftp_server)
     make_tree(source)
-    runs = run_stages(env)
-    codes = {s: p.returncode for s, p in runs.items()}
-    print(f"\nFTP (no MFMT) -> SFTP first run: {codes}; mapper {runs['master_mapper.py'].seconds:.1f}s, "
-          f"plain rclone lsjson -R {plain_listing_seconds(env):.1f}s")
+    runs = first_run(env, "FTP (no MFMT) -> SFTP")
+    codes = codes_of(runs)
     assert codes == {"master_mapper.py": 0, "python_zipper.py": 3, "python_unzipper.py": 3}, \
         "\n".join(p.stderr[-2500:] for p in runs.values())
     zipper = runs["python_zipper.py"].stderr
@@ -182,10 +191,8 @@ def test_ftp_source_names_rclone_cannot_read_are_left_out_then_migrated_once_fix
 def test_webdav_to_ftp_first_run_keeps_names_and_mtimes(env, between, webdav_server, ftp_server):
     source, destination = between(webdav_server, ftp_server)
     make_tree(source)
-    runs = run_stages(env)
-    codes = {s: p.returncode for s, p in runs.items()}
-    print(f"\nWebDAV -> FTP (MFMT) first run: {codes}; mapper {runs['master_mapper.py'].seconds:.1f}s, "
-          f"plain rclone lsjson -R {plain_listing_seconds(env):.1f}s")
+    runs = first_run(env, "WebDAV -> FTP (MFMT)")
+    codes = codes_of(runs)
     assert codes == dict.fromkeys(STAGES, 0), "\n".join(p.stderr[-2500:] for p in runs.values())
     assert not tree_differences(source, destination, mtimes=True, decode=ftp_stored_name)
     assert "cannot keep modification times" not in runs["python_unzipper.py"].stderr

@@ -374,7 +374,7 @@ def near_misses(environ: Mapping[str, str]) -> list[str]:
         close = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.85)
         if close:
             found.append(f"{name} is set but is not a variable of this tool; did you mean {close[0]}? "
-                         f"({close[0]} is {'set too' if close[0] in environ else 'not set, so its default is used'})")
+                         f"({close[0]} is {'set too' if close[0] in environ else 'not set'})")
     return found
 
 

@@ -194,13 +194,17 @@ def test_a_killed_and_a_frozen_worker_are_taken_over(env):
     assert len(uploaded) == parts and max(uploaded.values()) == 1, uploaded
 
     victim = start(env, "python_unzipper.py", 0, **slow)
-    wait_for_claim(env, "unzipper", "w0")
+    victim_key = wait_for_claim(env, "unzipper", "w0")
     signal_worker(env, victim, 0, "unzipper", signal.SIGKILL)
     victim.communicate()
+    # A part small enough can be restored between its claim and the kill (seen once in CI under
+    # load): then its record is there and nothing is left to take over.
+    stem_part = victim_key.split("/_claims/unzipper/", 1)[1]
+    finished_before_kill = f"{env.prefix}_restored/{stem_part}" in env.objects()
     results = finish({n: start(env, "python_unzipper.py", n) for n in (1, 2)})
     assert_all_exit_0(results, "unzipper")
-    assert any(e.get("message", "").startswith("took over unzipper unit")
-               for _c, ev in results.values() for e in ev)
+    assert finished_before_kill or any(e.get("message", "").startswith("took over unzipper unit")
+                                       for _c, ev in results.values() for e in ev)
     assert_same_tree(env.source, env.destination)
     print(f"zipper: {len(uploaded)} parts uploaded once each; unzipper: "
           f"{len(events_per_part(results, 'part restored'))} parts restored by the two survivors")

@@ -59,16 +59,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
-    "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause", "disk_usage", "DiskFullError",
+    "collect_status", "Config", "ConfigError", "count", "Fetched", "describe_proof", "DestinationPause", "disk_usage", "DiskFullError",
     "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_PARTIAL",
     "EXIT_USAGE", "EXIT_WAITING", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
     "Heartbeat", "human_bytes", "in_shard", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
-    "is_retryable_s3", "jsonl_gz_bytes", "KNOWN_VARIABLES", "large_file_id", "latest_generation", "Layout",
+    "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "latest_generation", "Layout",
     "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "make_s3_client", "MIB",
-    "MigrationError", "mtime_ns", "near_misses", "new_run_id", "out", "parse_mtime", "plain_local_name",
+    "MigrationError", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "out", "parse_mtime", "plain_local_name",
     "plan_drift", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
     "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_jsonl_gz", "RecordError",
-    "RecordExists", "Records", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "run_script",
+    "RecordExists", "Records", "RetryPolicy", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "run_script",
     "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "setup_logging", "shard_of",
     "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line", "utc_now",
     "WorkerPool",
@@ -764,17 +764,33 @@ def _is_throttle(exc: BaseException) -> bool:
     return _client_error_code(exc) in _THROTTLE_CODES
 
 
-def retry_call(fn: Callable[[], Any], *, what: str, attempts: int, max_duration_s: float,
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a whole unit is retried: ``attempts`` tries within ``max_duration_s``, with
+    full-jitter backoff from ``base_delay_s`` up to ``max_delay_s``; the clock, sleep and
+    randomness are injected for tests."""
+
+    attempts: int
+    max_duration_s: float
+    base_delay_s: float = 0.5
+    max_delay_s: float = 20.0
+    sleep: Callable[[float], None] = time.sleep
+    rand: Callable[[], float] = random.random
+    clock: Callable[[], float] = time.monotonic
+
+
+def retry_call(fn: Callable[[], Any], *, what: str, policy: RetryPolicy,
                is_retryable: Callable[[BaseException], bool] = is_retryable_s3,
-               base_delay_s: float = 0.5, max_delay_s: float = 20.0,
-               sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
-               clock: Callable[[], float] = time.monotonic,
                stop: threading.Event | None = None) -> Any:
     """Call ``fn`` until it succeeds, with full-jitter backoff (four times longer on throttling).
 
     Only ``Exception`` is retried, never ``BaseException``; the last error is re-raised
-    when the attempts or the time budget run out.
+    when the attempts or the time budget run out. With ``stop``, a wait ends early in
+    StopRequested when the event is set.
     """
+    p = policy
+    attempts, max_duration_s, base_delay_s, max_delay_s = p.attempts, p.max_duration_s, p.base_delay_s, p.max_delay_s
+    sleep, rand, clock = p.sleep, p.rand, p.clock
     start = clock()
     for attempt in range(1, attempts + 1):
         try:
@@ -839,19 +855,73 @@ class Capabilities:
 
 
 class RecordExists(Exception):
-    """A create-only write found the key already there."""
+    """A conditional write or delete found its condition false: the server answered 412, or
+    409 ConditionalRequestConflict on every try (another conditional write on the key was in
+    flight). A real answer, never retried as a failure."""
 
+
+class KeyMissing(S3Error):
+    """The key holds no object (404, NoSuchKey)."""
+
+
+_MISSING_CODES = ("NoSuchKey", "404", "NotFound")
+_AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
+               "InvalidToken")
 
 
 def _json_body(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
 
 
-class Records:
-    """Reads and writes of small records and objects on S3, strictly.
+@dataclass(frozen=True)
+class Fetched:
+    """An object read whole: its bytes, ETag (unquoted), LastModified, and its age by the S3
+    server's own clock (the Date header of the answer against LastModified; None if unknown),
+    so that no two machines' clocks are ever compared."""
 
-    A missing key reads as ``None``; any other failure raises, so a read error is never
-    mistaken for "nothing done yet". Malformed JSON raises ``RecordError`` naming the key.
+    body: bytes
+    etag: str
+    last_modified: Any
+    age_s: float | None
+
+
+class MultipartUpload:
+    """One multipart upload of ``key``, made by ``Records.start_upload``. Thread-safe: the
+    chunks of one upload are sent from several threads."""
+
+    def __init__(self, records: "Records", key: str, upload_id: str):
+        self.records, self.key, self.upload_id = records, key, upload_id
+
+    def upload_part(self, number: int, body: Any, md5: bytes | None) -> str:
+        """Send chunk ``number``; ``md5`` (its digest) goes as Content-MD5. Returns its ETag."""
+        r = self.records
+        extra = {"ContentMD5": base64.b64encode(md5).decode()} if md5 is not None else {}
+        resp = r._call("UploadPart", self.key, lambda: r.s3.upload_part(
+            Bucket=r.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body, **extra))
+        return resp["ETag"]
+
+    def complete(self, parts: Sequence[dict], *, create_only: bool) -> str:
+        """Make the object appear; ``create_only`` sends If-None-Match: * (RecordExists when an
+        object is there). Returns the object's ETag, unquoted."""
+        r = self.records
+        cond = {"IfNoneMatch": "*"} if create_only else {}
+        resp = r._call("CompleteMultipartUpload", self.key, lambda: r.s3.complete_multipart_upload(
+            Bucket=r.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": list(parts)},
+            **cond), conditional=create_only)
+        return resp["ETag"].strip('"')
+
+    def abort(self) -> None:
+        self.records.abort_upload(self.key, self.upload_id)
+
+
+class Records:
+    """Every request to S3 goes through here: small records, streamed objects, multipart
+    uploads, listings. Strict: a missing key reads as ``None`` (``head``, ``get``,
+    ``get_bytes``, ``get_json``) and any other failure raises, so a read error is never
+    mistaken for "nothing done yet". Errors are typed in one place, ``_call``: S3AuthError,
+    S3NotFoundError (the bucket), KeyMissing, RecordExists (a condition that did not hold,
+    after the few tries a 409 conflict asks for), else S3Error. Malformed JSON raises
+    ``RecordError`` naming the key.
     """
 
     def __init__(self, s3, cfg: Config, *, stop: threading.Event | None = None):
@@ -860,7 +930,6 @@ class Records:
         self.bucket = cfg.bucket
         self.stop = stop
         self.caps = Capabilities(False, False, False)
-        self.mode = "single"  # claims, shards or single: chosen by start_run from the probe
         self.requests = 0
         self._count_lock = threading.Lock()
 
@@ -868,52 +937,87 @@ class Records:
         with self._count_lock:
             self.requests += n
 
-    def _wrap(self, op: str, key: str | None, fn: Callable[[], Any]) -> Any:
+    def _call(self, op: str, key: str | None, fn: Callable[[], Any], *, conditional: bool = False) -> Any:
+        """One request, its errors typed; a conditional one met by 409 is tried again, 4 times in all."""
         from botocore.exceptions import ClientError, BotoCoreError
-        self.count()
-        try:
-            return fn()
-        except ClientError as exc:
-            code = _client_error_code(exc)
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
-                        "ExpiredToken", "InvalidToken"):
-                raise S3AuthError(op, self.bucket, key, exc) from exc
-            if code in ("NoSuchBucket",):
-                raise S3NotFoundError(op, self.bucket, key, exc) from exc
-            raise S3Error(op, self.bucket, key, exc) from exc
-        except BotoCoreError as exc:
-            raise S3Error(op, self.bucket, key, exc) from exc
+        for attempt in range(4):
+            self.count()
+            try:
+                return fn()
+            except ClientError as exc:
+                code = _client_error_code(exc)
+                if code in _AUTH_CODES:
+                    raise S3AuthError(op, self.bucket, key, exc) from exc
+                if code == "NoSuchBucket":
+                    raise S3NotFoundError(op, self.bucket, key, exc) from exc
+                if code in _MISSING_CODES and key is not None:
+                    raise KeyMissing(op, self.bucket, key, exc) from exc
+                if code in ("PreconditionFailed", "412"):
+                    raise RecordExists(key) from None
+                if code == "ConditionalRequestConflict" or (conditional and code == "409"):
+                    if attempt == 3:
+                        raise RecordExists(key) from None
+                    log.debug("conflicting conditional write on %s; trying again", key)
+                    time.sleep(0.2 * 2 ** attempt + random.random() * 0.2)
+                    continue
+                raise S3Error(op, self.bucket, key, exc) from exc
+            except BotoCoreError as exc:
+                raise S3Error(op, self.bucket, key, exc) from exc
+        raise AssertionError("unreachable")
 
     def retry(self, what: str, fn: Callable[[], Any]) -> Any:
         """Retry a whole idempotent unit that botocore cannot retry (a streamed body)."""
-        return retry_call(fn, what=what, attempts=self.cfg.s3_max_retries,
-                          max_duration_s=self.cfg.max_retry_duration_s, stop=self.stop)
+        return retry_call(fn, what=what, policy=RetryPolicy(self.cfg.s3_max_retries, self.cfg.max_retry_duration_s),
+                          stop=self.stop)
 
+    def refuse_writes_in_dry_run(self, what: str) -> None:
+        if self.cfg.dry_run:
+            raise MigrationError(f"DRY_RUN=1: refusing to {what}; this is a bug, a dry run must change nothing")
+
+    # Reading
     def check_bucket(self) -> None:
         try:
-            self._wrap("HeadBucket", None, lambda: self.s3.head_bucket(Bucket=self.bucket))
+            self._call("HeadBucket", None, lambda: self.s3.head_bucket(Bucket=self.bucket))
         except S3Error as exc:
             code = _client_error_code(exc.error)
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise S3NotFoundError("HeadBucket", self.bucket, None, exc.error) from None
-            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in _AUTH_CODES:
                 raise S3AuthError("HeadBucket", self.bucket, None, exc.error) from None
             raise
 
-    def get_bytes(self, key: str) -> bytes | None:
-        def once() -> bytes | None:
+    def head(self, key: str) -> dict | None:
+        """The object's metadata (``ContentLength``, ``ETag``, ``LastModified``), or None."""
+        try:
+            return self._call("HeadObject", key, lambda: self.s3.head_object(Bucket=self.bucket, Key=key))
+        except KeyMissing:
+            return None
+
+    def get(self, key: str) -> Fetched | None:
+        """The whole object with its ETag and age, or None; retried whole."""
+        import email.utils
+        from botocore.exceptions import BotoCoreError
+
+        def once() -> Fetched | None:
             try:
-                resp = self._wrap("GetObject", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=key))
-            except S3Error as exc:
-                if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-                    return None
-                raise
-            from botocore.exceptions import BotoCoreError
+                resp = self._call("GetObject", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=key))
+            except KeyMissing:
+                return None
             try:
-                return resp["Body"].read()
+                body = resp["Body"].read()
             except (BotoCoreError, OSError) as exc:
                 raise S3Error("GetObject (body)", self.bucket, key, exc) from exc
+            try:
+                server_now = email.utils.parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+                age = (server_now - resp["LastModified"]).total_seconds()
+            except (TypeError, ValueError, KeyError):
+                age = None
+            return Fetched(body, resp.get("ETag", "").strip('"'), resp.get("LastModified"), age)
         return self.retry(f"GET {key}", once)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        got = self.get(key)
+        return None if got is None else got.body
 
     def get_json(self, key: str) -> Any:
         raw = self.get_bytes(key)
@@ -924,45 +1028,68 @@ class Records:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RecordError(key, f"not valid JSON: {exc}") from None
 
-    def head(self, key: str) -> dict | None:
+    @contextlib.contextmanager
+    def open(self, key: str) -> Iterator[tuple[Any, str]]:
+        """A streamed GET: (the body to ``read()``, the object's ETag); closed on leaving.
+        Not retried: the reader retries whatever it did with the bytes."""
+        resp = self._call("GetObject", key, lambda: self.s3.get_object(Bucket=self.bucket, Key=key))
         try:
-            return self._wrap("HeadObject", key, lambda: self.s3.head_object(Bucket=self.bucket, Key=key))
-        except S3Error as exc:
-            if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise
+            yield resp["Body"], resp.get("ETag", "").strip('"')
+        finally:
+            resp["Body"].close()
 
-    def refuse_writes_in_dry_run(self, what: str) -> None:
-        if self.cfg.dry_run:
-            raise MigrationError(f"DRY_RUN=1: refusing to {what}; this is a bug, a dry run must change nothing")
+    def download(self, key: str, path: str) -> None:
+        """The object into a local file (boto3's ranged, threaded transfer), retried whole."""
+        self.retry(f"download of {key}", lambda: self._call(
+            "GetObject", key, lambda: self.s3.download_file(self.bucket, key, path)))
 
-    def put_bytes(self, key: str, body: bytes, *, content_type: str = "application/octet-stream",
-                  create_only: bool = False, **condition: str) -> dict:
-        """PUT with Content-MD5; create-only where the server enforces it, or with an explicit
-        ``IfMatch``/``IfNoneMatch`` condition. RecordExists when the condition did not hold
-        (412), also after a few tries that met 409 ConditionalRequestConflict (AWS's answer
-        while another conditional write on the key is in flight: retry)."""
+    def list_keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[dict]:
+        """Yield objects (``Key``, ``Size``, ``LastModified``, ``ETag``) under ``prefix`` and,
+        with a delimiter, ``{'Prefix': ...}`` entries."""
+        token = None
+        while True:
+            kwargs: dict[str, Any] = dict(Bucket=self.bucket, Prefix=prefix, MaxKeys=1000)
+            if delimiter:
+                kwargs["Delimiter"] = delimiter
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("ListObjectsV2", prefix, lambda: self.s3.list_objects_v2(**kwargs))
+            for cp in resp.get("CommonPrefixes", []) or []:
+                yield {"Prefix": cp["Prefix"]}
+            yield from resp.get("Contents", []) or []
+            if not resp.get("IsTruncated"):
+                return
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return
+
+    def record_names(self, prefix: str) -> dict[str, set[str]]:
+        """{stem: {name}} of the ``<prefix><stem>/<name>.json`` records, from one listing."""
+        found: dict[str, set[str]] = {}
+        for item in self.list_keys(prefix):
+            stem, _, rest = item["Key"][len(prefix):].partition("/")
+            if rest.endswith(".json") and "/" not in rest:
+                found.setdefault(stem, set()).add(rest[:-len(".json")])
+        return found
+
+    # Writing
+    def put_bytes(self, key: str, body: Any, *, content_type: str = "application/octet-stream",
+                  create_only: bool = False, md5: bytes | None = None, send_md5: bool | None = None,
+                  **condition: str) -> str:
+        """PUT with Content-MD5 (``md5`` when the caller has the digest already; ``send_md5``
+        False sends none, None as S3_CHECKSUMS says); create-only where the server enforces it,
+        or with an explicit ``IfMatch``/``IfNoneMatch`` condition. Returns the new ETag,
+        unquoted; RecordExists when the condition did not hold."""
         self.refuse_writes_in_dry_run(f"write s3 key {key!r}")
         kwargs: dict[str, Any] = dict(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
-        if self.cfg.s3_checksums != "off":
-            kwargs["ContentMD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        if send_md5 if send_md5 is not None else self.cfg.s3_checksums != "off":
+            kwargs["ContentMD5"] = base64.b64encode(md5 or hashlib.md5(body).digest()).decode()
         if create_only and self.caps.create_only:
             kwargs["IfNoneMatch"] = "*"
         kwargs.update(condition)
-        for attempt in range(4):
-            try:
-                return self._wrap("PutObject", key, lambda: self.s3.put_object(**kwargs))
-            except S3Error as exc:
-                code = _client_error_code(exc.error)
-                if code in ("PreconditionFailed", "412"):
-                    raise RecordExists(key) from None
-                if code not in ("ConditionalRequestConflict", "409"):
-                    raise
-                if attempt == 3:
-                    raise RecordExists(key) from None
-                log.debug("conflicting conditional write on %s; trying again", key)
-                time.sleep(0.2 * 2 ** attempt + random.random() * 0.2)
-        raise AssertionError("unreachable")
+        resp = self._call("PutObject", key, lambda: self.s3.put_object(**kwargs),
+                          conditional="IfNoneMatch" in kwargs or "IfMatch" in kwargs)
+        return resp.get("ETag", "").strip('"')
 
     def put_once(self, key: str, body: bytes, *, content_type: str = "application/octet-stream") -> bool:
         """Create-only write of a completion record.
@@ -984,7 +1111,7 @@ class Records:
     def put_json_once(self, key: str, obj: Any) -> bool:
         return self.put_once(key, _json_body(obj), content_type="application/json; charset=utf-8")
 
-    def put_json(self, key: str, obj: Any, *, create_only: bool = False, **condition: str) -> dict:
+    def put_json(self, key: str, obj: Any, *, create_only: bool = False, **condition: str) -> str:
         return self.put_bytes(key, _json_body(obj), content_type="application/json; charset=utf-8",
                               create_only=create_only, **condition)
 
@@ -992,47 +1119,42 @@ class Records:
         """DELETE; with ``IfMatch`` only if the object is still that one (RecordExists if not,
         where the server enforces it)."""
         self.refuse_writes_in_dry_run(f"delete s3 key {key!r}")
-        try:
-            self._wrap("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key,
-                                                                          **condition))
-        except S3Error as exc:
-            if _client_error_code(exc.error) in ("PreconditionFailed", "412"):
-                raise RecordExists(key) from None
-            raise
+        self._call("DeleteObject", key, lambda: self.s3.delete_object(Bucket=self.bucket, Key=key, **condition),
+                   conditional=bool(condition))
 
-    def list_keys(self, prefix: str, *, delimiter: str | None = None) -> Iterator[dict]:
-        """Yield objects (and, with a delimiter, {'Prefix': ...} entries) under ``prefix``."""
-        token = None
+    # Multipart uploads
+    def start_upload(self, key: str, content_type: str) -> MultipartUpload:
+        self.refuse_writes_in_dry_run(f"upload s3 key {key!r}")
+        resp = self._call("CreateMultipartUpload", key, lambda: self.s3.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=content_type))
+        return MultipartUpload(self, key, resp["UploadId"])
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self._call("AbortMultipartUpload", key, lambda: self.s3.abort_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload_id))
+
+    def list_uploads(self, prefix: str) -> dict[str, list[str]]:
+        """Unfinished multipart uploads under ``prefix``: {key: [upload ids]}. A server that
+        does not list uploads (some answer NoSuchUpload) counts as having none."""
+        found: dict[str, list[str]] = {}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            kwargs: dict[str, Any] = dict(Bucket=self.bucket, Prefix=prefix, MaxKeys=1000)
-            if delimiter:
-                kwargs["Delimiter"] = delimiter
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._wrap("ListObjectsV2", prefix, lambda: self.s3.list_objects_v2(**kwargs))
-            for cp in resp.get("CommonPrefixes", []) or []:
-                yield {"Prefix": cp["Prefix"]}
-            yield from resp.get("Contents", []) or []
+            try:
+                resp = self._call("ListMultipartUploads", prefix, lambda: self.s3.list_multipart_uploads(**kwargs))
+            except S3Error as exc:
+                if _client_error_code(exc.error) in ("NoSuchUpload", "NotImplemented", "501"):
+                    return found
+                raise
+            for upload in resp.get("Uploads", []) or []:
+                found.setdefault(upload["Key"], []).append(upload["UploadId"])
             if not resp.get("IsTruncated"):
-                return
-            token = resp.get("NextContinuationToken")
-            if not token:
-                return
+                return found
+            kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
 
-    def record_names(self, prefix: str) -> dict[str, set[str]]:
-        """{stem: {name}} of the ``<prefix><stem>/<name>.json`` records, from one listing."""
-        found: dict[str, set[str]] = {}
-        for item in self.list_keys(prefix):
-            stem, _, rest = item["Key"][len(prefix):].partition("/")
-            if rest.endswith(".json") and "/" not in rest:
-                found.setdefault(stem, set()).add(rest[:-len(".json")])
-        return found
-
+    # What the server enforces
     def probe(self, probe_prefix: str) -> Capabilities:
-        """Learn whether the server enforces create-only and compare-and-swap writes.
-
-        A dry run writes nothing, so it does not probe (and says the mode is unknown)."""
-        from botocore.exceptions import ClientError
+        """Learn whether the server enforces create-only and compare-and-swap writes, and
+        checks Content-MD5. A dry run writes nothing, so it does not probe (the mode is unknown)."""
         if self.cfg.dry_run:
             return self.caps
         key = f"{probe_prefix}{self.cfg.worker_id}-{random.randrange(16**8):08x}"
@@ -1040,41 +1162,43 @@ class Records:
 
         def put(**extra: Any) -> str:
             try:
-                self.count()
-                self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+                self._call("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                                                        **extra))
                 return "ok"
-            except ClientError as exc:
-                code = _client_error_code(exc)
-                if code in ("PreconditionFailed", "412"):
-                    return "refused"
-                if code in ("NotImplemented", "501", "InvalidArgument", "400", "InvalidRequest"):
+            except RecordExists:
+                return "refused"
+            except S3Error as exc:
+                if type(exc) is S3Error and _client_error_code(exc.error) in (
+                        "NotImplemented", "501", "InvalidArgument", "400", "InvalidRequest"):
                     return "rejected"
-                raise S3Error("PutObject", self.bucket, key, exc) from exc
+                raise
+
+        def md5_refused() -> bool:
+            wrong = base64.b64encode(hashlib.md5(b"not the probe").digest()).decode()
+            try:
+                self._call("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                                                        ContentMD5=wrong))
+                return False
+            except S3Error as exc:
+                status = getattr(exc.error, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if _client_error_code(exc.error) in ("BadDigest", "InvalidDigest") or status == 400:
+                    return True  # refused: the server compares the digest
+                if status in (501, 405):  # the header is not supported
+                    return False
+                raise
 
         # The key must exist for the conditional writes below to be refused.
-        self._wrap("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
-        md5_checked = False
+        self._call("PutObject", key, lambda: self.s3.put_object(Bucket=self.bucket, Key=key, Body=body))
         try:
             create = put(IfNoneMatch="*")
             cas = put(IfMatch='"00000000000000000000000000000000"')
-            if self.cfg.s3_checksums != "off":  # a wrong Content-MD5: refused, or stored anyway?
-                wrong = base64.b64encode(hashlib.md5(b"not the probe").digest()).decode()
-                try:
-                    self.count()
-                    self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentMD5=wrong)
-                except ClientError as exc:
-                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                    if _client_error_code(exc) in ("BadDigest", "InvalidDigest") or status == 400:
-                        md5_checked = True  # refused: the server compares the digest
-                    elif status not in (501, 405):  # 501/405: the header is not supported
-                        raise S3Error("PutObject", self.bucket, key, exc) from exc
+            md5_checked = self.cfg.s3_checksums != "off" and md5_refused()
         finally:
             with contextlib.suppress(S3Error):
                 self.delete(key)
-        caps = Capabilities(create_only=create == "refused", compare_and_swap=cas == "refused",
-                            send_conditions="rejected" not in (create, cas), md5_checked=md5_checked)
-        self.caps = caps
-        return caps
+        self.caps = Capabilities(create_only=create == "refused", compare_and_swap=cas == "refused",
+                                 send_conditions="rejected" not in (create, cas), md5_checked=md5_checked)
+        return self.caps
 
 
 # Instance lock
@@ -1436,35 +1560,19 @@ class Claims:
         """The new ETag, or None when the condition did not hold (412, or 409: a concurrent
         conditional write on the key, which AWS asks to retry; we simply try later)."""
         try:
-            resp = self.records.put_json(key, body, **condition)
+            return self.records.put_json(key, body, **condition)
         except RecordExists:
             return None
-        return resp["ETag"].strip('"')
 
     def _read(self, key: str) -> tuple[str, dict] | None:
-        def once() -> tuple[dict, bytes] | None:
-            try:
-                resp = self.records._wrap("GetObject", key, lambda: self.records.s3.get_object(
-                    Bucket=self.records.bucket, Key=key))
-                return resp, resp["Body"].read()
-            except S3Error as exc:
-                if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-                    return None
-                raise
-            except Exception as exc:  # the body cut off (BotoCoreError, OSError)
-                from botocore.exceptions import BotoCoreError
-                if isinstance(exc, (BotoCoreError, OSError)):
-                    raise S3Error("GetObject (body)", self.records.bucket, key, exc) from exc
-                raise
-        got = self.records.retry(f"GET {key}", once)
+        got = self.records.get(key)
         if got is None:
             return None
-        resp, raw = got
         try:
-            body = json.loads(raw)
+            body = json.loads(got.body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             body = {}
-        return resp["ETag"].strip('"'), body if isinstance(body, dict) else {}
+        return got.etag, body if isinstance(body, dict) else {}
 
     # Taking, renewing, releasing
     def take(self, stem: str, unit: str) -> Claim | Skipped:
@@ -1567,9 +1675,8 @@ class Claims:
             return
         with claim.lock:
             try:
-                self.records._wrap("DeleteObject", claim.key, lambda: self.records.s3.delete_object(
-                    Bucket=self.records.bucket, Key=claim.key, IfMatch=f'"{claim.etag}"'))
-            except S3Error as exc:  # a claim left behind goes stale after the lease: harmless
+                self.records.delete(claim.key, IfMatch=f'"{claim.etag}"')
+            except (S3Error, RecordExists) as exc:  # a claim left behind goes stale after the lease: harmless
                 log.debug("claim %s not deleted: %s", claim.key, exc)
 
     def _renew_loop(self) -> None:
@@ -1872,10 +1979,10 @@ class Rclone:
     def run_retried(self, args: Sequence[str], *, what: str, attempts: int = 3,
                     timeout_s: float | None = None, capture: bool = False) -> RcloneResult:
         return retry_call(lambda: self.run(args, what=what, timeout_s=timeout_s, capture=capture),
-                          what=f"rclone {what}", attempts=attempts, max_duration_s=max(
+                          what=f"rclone {what}", policy=RetryPolicy(attempts, max(
                               self.cfg.max_retry_duration_s, 3 * (timeout_s or self.cfg.rclone_timeout_s)),
-                          is_retryable=lambda e: isinstance(e, RcloneError) and e.retryable,
-                          base_delay_s=1.0, stop=self.runtime.stop)
+                              base_delay_s=1.0),
+                          is_retryable=lambda e: isinstance(e, RcloneError) and e.retryable, stop=self.runtime.stop)
 
 
 # Disk checks
@@ -2844,24 +2951,15 @@ def describe_generation(h: dict) -> str:
 
 def _get_with_age(records: Records, key: str) -> tuple[Any, float | None]:
     """(JSON body, {} when unreadable, None when gone; seconds since it was written by the S3
-    server's own clock: its Date header against the object's LastModified, so that no two
-    machines' clocks are ever compared)."""
-    import email.utils
+    server's own clock, see ``Fetched``)."""
+    got = records.get(key)
+    if got is None:
+        return None, None
     try:
-        resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
-    except S3Error as exc:
-        if _client_error_code(exc.error) in ("NoSuchKey", "404", "NotFound"):
-            return None, None
-        raise
-    try:
-        body = json.loads(resp["Body"].read())
+        body = json.loads(got.body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         body = {}
-    try:
-        server_now = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
-        return body, (email.utils.parsedate_to_datetime(server_now) - resp["LastModified"]).total_seconds()
-    except (TypeError, ValueError, KeyError):
-        return body, None
+    return body, got.age_s
 
 
 def collect_claims(records: Records, layout: Layout) -> list[dict]:

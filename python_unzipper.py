@@ -256,6 +256,54 @@ class _Stream:
             self.pos += len(chunk)
 
 
+def _extract_entries(stream: "_Stream", key: str, entries: list[dict], keep: dict[str, dict], staging: str,
+                     runtime: Runtime, names: list[str] | None) -> int:
+    """The entries of one part, read in offset order from its stream (see ``extract_part``)."""
+    written = 0
+    for entry in sorted(entries, key=lambda e: e["offset"]):
+        runtime.check()
+        if entry["offset"] < stream.pos:
+            raise PartDamaged(key, f"entry {entry['path']!r} overlaps the previous one")
+        stream.read_exact(entry["offset"] - stream.pos)
+        sig, _ver, flags, method, _t, _d, _crc, _cs, _us, name_len, extra_len = \
+            LOCAL_HEADER.unpack(stream.read_exact(LOCAL_HEADER.size))
+        if sig != b"PK\x03\x04":
+            raise PartDamaged(key, f"no local header at offset {entry['offset']}")
+        raw_name = stream.read_exact(name_len)
+        stream.read_exact(extra_len)
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "surrogateescape")
+        if name != entry["path"]:
+            raise PartDamaged(key, f"entry at offset {entry['offset']} is {name!r}, "
+                                   f"recorded {entry['path']!r}")
+        if method != 0:
+            raise PartDamaged(key, f"entry {name!r} is compressed (method {method}), parts are stored")
+        row = keep.get(name)
+        # Each file is checked against the zipper's CRC-32 (its MD5 when no CRC was recorded);
+        # the SHA-256 of the whole object is checked before any file leaves staging.
+        md5 = None if entry.get("crc32") else hashlib.md5()
+        if row is None:
+            stream.copy_to(entry["size"], None)
+            continue
+        if entry["size"] != row["size"]:
+            raise PartDamaged(key, f"entry {name!r} has {entry['size']} bytes, the map says {row['size']}")
+        target = os.path.join(staging, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as fh:
+            crc = stream.copy_to(entry["size"], fh, md5)
+        if md5 is None and f"{crc:08x}" != entry["crc32"].lower():
+            raise PartDamaged(key, f"{name!r} has CRC-32 {crc:08x}, recorded {entry['crc32']}")
+        if md5 is not None and md5.hexdigest() != entry.get("md5"):
+            raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry.get('md5')}")
+        if row["mtime"]:
+            ns = mtime_ns(row["mtime"])
+            os.utime(target, ns=(ns, ns))
+        written += 1
+        if names is not None:
+            names.append(name)
+    stream.drain()
+    return written
+
+
 def extract_part(records: Records, record: dict, entries: list[dict], keep: dict[str, dict],
                  staging: str, runtime: Runtime, names: list[str] | None = None) -> int:
     """One streamed GET of the part; write the kept entries into staging, checking everything.
@@ -264,59 +312,14 @@ def extract_part(records: Records, record: dict, entries: list[dict], keep: dict
     Returns the number of files written; their paths are appended to ``names``.
     """
     key = record["key"]
-    resp = records._wrap("GetObject", key, lambda: records.s3.get_object(Bucket=records.bucket, Key=key))
-    etag = resp.get("ETag", "").strip('"')
-    if record.get("etag") and etag != record["etag"]:
-        resp["Body"].close()
-        raise PartDamaged(key, f"ETag {etag} differs from the recorded {record['etag']}")
-    stream = _Stream(resp["Body"])
-    written = 0
-    try:
-        for entry in sorted(entries, key=lambda e: e["offset"]):
-            runtime.check()
-            if entry["offset"] < stream.pos:
-                raise PartDamaged(key, f"entry {entry['path']!r} overlaps the previous one")
-            stream.read_exact(entry["offset"] - stream.pos)
-            sig, _ver, flags, method, _t, _d, _crc, _cs, _us, name_len, extra_len = \
-                LOCAL_HEADER.unpack(stream.read_exact(LOCAL_HEADER.size))
-            if sig != b"PK\x03\x04":
-                raise PartDamaged(key, f"no local header at offset {entry['offset']}")
-            raw_name = stream.read_exact(name_len)
-            stream.read_exact(extra_len)
-            name = raw_name.decode("utf-8" if flags & 0x800 else "cp437", "surrogateescape")
-            if name != entry["path"]:
-                raise PartDamaged(key, f"entry at offset {entry['offset']} is {name!r}, "
-                                       f"recorded {entry['path']!r}")
-            if method != 0:
-                raise PartDamaged(key, f"entry {name!r} is compressed (method {method}), parts are stored")
-            row = keep.get(name)
-            # Each file is checked against the zipper's CRC-32 (its MD5 when no CRC was recorded);
-            # the SHA-256 of the whole object is checked before any file leaves staging.
-            md5 = None if entry.get("crc32") else hashlib.md5()
-            if row is None:
-                stream.copy_to(entry["size"], None)
-                continue
-            if entry["size"] != row["size"]:
-                raise PartDamaged(key, f"entry {name!r} has {entry['size']} bytes, the map says {row['size']}")
-            target = os.path.join(staging, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as fh:
-                crc = stream.copy_to(entry["size"], fh, md5)
-            if md5 is None and f"{crc:08x}" != entry["crc32"].lower():
-                raise PartDamaged(key, f"{name!r} has CRC-32 {crc:08x}, recorded {entry['crc32']}")
-            if md5 is not None and md5.hexdigest() != entry.get("md5"):
-                raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry.get('md5')}")
-            if row["mtime"]:
-                ns = mtime_ns(row["mtime"])
-                os.utime(target, ns=(ns, ns))
-            written += 1
-            if names is not None:
-                names.append(name)
-        stream.drain()
-    except EOFError as exc:
-        raise PartDamaged(key, f"the object is shorter than recorded ({exc})") from None
-    finally:
-        resp["Body"].close()
+    with records.open(key) as (body, etag):
+        if record.get("etag") and etag != record["etag"]:
+            raise PartDamaged(key, f"ETag {etag} differs from the recorded {record['etag']}")
+        stream = _Stream(body)
+        try:
+            written = _extract_entries(stream, key, entries, keep, staging, runtime, names)
+        except EOFError as exc:
+            raise PartDamaged(key, f"the object is shorter than recorded ({exc})") from None
     if stream.pos != record["size"]:
         raise PartDamaged(key, f"{stream.pos} bytes read, recorded {record['size']}")
     if stream.sha256.hexdigest() != record["sha256"]:
@@ -1365,8 +1368,7 @@ def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: 
                                                                                part=os.path.basename(key)):
         with gate.reserve(2 * size + MIB, f"part {os.path.basename(key)}"), staging_dir(staging, f"part {key}"):
             try:
-                records.retry(f"download of {key}", lambda: records._wrap(
-                    "GetObject", key, lambda: records.s3.download_file(records.bucket, key, archive)))
+                records.download(key, archive)
                 try:
                     zf = zipfile.ZipFile(archive)
                 except zipfile.BadZipFile as exc:

@@ -50,7 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import logging
@@ -68,7 +67,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
-                       Layout, MigrationError, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
+                       Layout, MigrationError, MultipartUpload, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
                        StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
                        load_manifest, local_name, log_context, out, parse_mtime, plan_drift, plain_local_name, remote_join,
                        run_script, staging_dir, start_run, utc_now)
@@ -171,8 +170,6 @@ class S3Sink:
                  send_md5: bool = True, uploaders: int = 2, whole_md5: bool = True,
                  create_only: bool = False):
         self.records = records
-        self.s3 = records.s3
-        self.bucket = records.bucket
         self.key = key
         self.chunk = chunk_bytes
         self.runtime = runtime
@@ -185,7 +182,7 @@ class S3Sink:
         self.chunks = 0  # chunks cut so far
         self._md5_of: dict[int, bytes] = {}  # chunk number -> MD5, filled by the uploaders
         self.parts: list[dict] = []
-        self.upload_id: str | None = None
+        self.upload: MultipartUpload | None = None
         self.multipart = False
         self.etag: str | None = None
         self.uploaders = max(1, uploaders)
@@ -230,11 +227,16 @@ class S3Sink:
         return None
 
     # Upload machinery
-    def _md5_kwargs(self, number: int, body: Any) -> dict:
+    @property
+    def upload_id(self) -> str | None:
+        return self.upload.upload_id if self.upload is not None else None
+
+    def _md5(self, number: int, body: Any) -> bytes | None:
+        """The chunk's MD5, kept for the ETag check; returned when it is to be sent as Content-MD5."""
         digest = hashlib.md5(body).digest()
         with self._lock:
             self._md5_of[number] = digest
-        return {"ContentMD5": base64.b64encode(digest).decode()} if self.send_md5 else {}
+        return digest if self.send_md5 else None
 
     def _wait_slot(self) -> None:
         while not self._slots.acquire(timeout=0.5):
@@ -246,10 +248,8 @@ class S3Sink:
             raise self._error
 
     def _send(self, body: bytearray) -> None:
-        if self.upload_id is None:
-            resp = self.records._wrap("CreateMultipartUpload", self.key, lambda: self.s3.create_multipart_upload(
-                Bucket=self.bucket, Key=self.key, ContentType="application/zip"))
-            self.upload_id = resp["UploadId"]
+        if self.upload is None:
+            self.upload = self.records.start_upload(self.key, "application/zip")
             self._threads = [threading.Thread(target=self._uploader, daemon=True, name=f"part-upload-{n}")
                              for n in range(self.uploaders)]
             for t in self._threads:
@@ -267,12 +267,10 @@ class S3Sink:
             del item
             try:
                 if not self._error:
-                    extra = self._md5_kwargs(number, body)
-                    resp = self.records._wrap("UploadPart", self.key, lambda: self.s3.upload_part(
-                        Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
-                        Body=body, **extra))
+                    assert self.upload is not None
+                    etag = self.upload.upload_part(number, body, self._md5(number, body))
                     with self._lock:
-                        self.parts.append({"PartNumber": number, "ETag": resp["ETag"]})
+                        self.parts.append({"PartNumber": number, "ETag": etag})
             except BaseException as exc:  # handed to the writer thread, which raises it
                 self._error = exc
             finally:
@@ -287,9 +285,9 @@ class S3Sink:
         the object may appear only where none is, and one is there)."""
         if self._error:
             raise self._error
-        if self.upload_id is None and len(self.buf) <= self.chunk:
+        if self.upload is None and len(self.buf) <= self.chunk:
             self.chunks = 1
-            self._md5_kwargs(1, self.buf)
+            self._md5(1, self.buf)
             self.chunk_md5s = [self._md5_of[1]]
             self._final = ("put", self.buf)
             return self.commit()
@@ -319,31 +317,17 @@ class S3Sink:
         assert self._final is not None
         self.runtime.confirm_claim()
         kind, what = self._final
-        cond = {"IfNoneMatch": "*"} if self.create_only else {}
-        for attempt in range(4):
-            try:
-                if kind == "put":
-                    extra = ({"ContentMD5": base64.b64encode(self._md5_of[1]).decode()} if self.send_md5
-                             else {})
-                    resp = self.records._wrap("PutObject", self.key, lambda: self.s3.put_object(
-                        Bucket=self.bucket, Key=self.key, Body=what, ContentType="application/zip",
-                        **extra, **cond))
-                else:
-                    resp = self.records._wrap("CompleteMultipartUpload", self.key,
-                                              lambda: self.s3.complete_multipart_upload(
-                                                  Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                                  MultipartUpload={"Parts": what}, **cond))
-                break
-            except S3Error as exc:
-                code = getattr(exc.error, "response", {}).get("Error", {}).get("Code")
-                if code in ("PreconditionFailed", "412"):
-                    raise ObjectExists(self.key) from None
-                if code not in ("ConditionalRequestConflict", "409") or attempt == 3:
-                    raise
-                time.sleep(0.2 * 2 ** attempt)
-        self.etag = resp["ETag"].strip('"')
-        if kind == "complete":
-            self.upload_id = None
+        try:
+            if kind == "put":
+                cond = {"IfNoneMatch": "*"} if self.create_only else {}
+                self.etag = self.records.put_bytes(self.key, what, content_type="application/zip",
+                                                   md5=self._md5_of[1], send_md5=self.send_md5, **cond)
+            else:
+                assert self.upload is not None
+                self.etag = self.upload.complete(what, create_only=self.create_only)
+                self.upload = None
+        except RecordExists:
+            raise ObjectExists(self.key) from None
         self._final = None
 
     def whole_md5(self) -> str | None:
@@ -353,11 +337,10 @@ class S3Sink:
         return self.chunk_md5s[0].hex() if not self.multipart and self.chunk_md5s else None
 
     def abort(self) -> None:
-        if self.upload_id is not None:
-            upload_id, self.upload_id = self.upload_id, None
+        if self.upload is not None:
+            upload, self.upload = self.upload, None
             try:
-                self.records._wrap("AbortMultipartUpload", self.key, lambda: self.s3.abort_multipart_upload(
-                    Bucket=self.bucket, Key=self.key, UploadId=upload_id))
+                upload.abort()
             except S3Error as exc:
                 log.warning("could not abort the multipart upload of %s (%s); the next attempt "
                             "at this part aborts it", self.key, exc)
@@ -365,34 +348,15 @@ class S3Sink:
 
 def list_stale_uploads(records: Records, prefix: str) -> dict[str, list[str]]:
     """Unfinished multipart uploads under the prefix (left by killed runs): {key: [upload ids]}.
-
-    Listed once per run; a part aborts only the uploads of its own key, when it starts.
-    Servers that do not list uploads (some answer NoSuchUpload) count as having none.
-    """
-    found: dict[str, list[str]] = {}
-    kwargs: dict[str, Any] = {"Bucket": records.bucket, "Prefix": prefix}
-    while True:
-        try:
-            resp = records._wrap("ListMultipartUploads", prefix,
-                                 lambda: records.s3.list_multipart_uploads(**kwargs))
-        except S3Error as exc:
-            code = getattr(exc.error, "response", {}).get("Error", {}).get("Code")
-            if code in ("NoSuchUpload", "NotImplemented", "501"):
-                return found
-            raise
-        for upload in resp.get("Uploads", []) or []:
-            found.setdefault(upload["Key"], []).append(upload["UploadId"])
-        if not resp.get("IsTruncated"):
-            return found
-        kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
+    Listed once per run; a part aborts only the uploads of its own key, when it starts."""
+    return records.list_uploads(prefix)
 
 
 def abort_uploads(records: Records, key: str, upload_ids: Sequence[str]) -> None:
     for upload_id in upload_ids:
         log.info("aborting an unfinished upload of %s left by an earlier run", key)
         try:
-            records._wrap("AbortMultipartUpload", key, lambda u=upload_id: records.s3.abort_multipart_upload(
-                Bucket=records.bucket, Key=key, UploadId=u))
+            records.abort_upload(key, upload_id)
         except S3Error as exc:
             log.warning("could not abort an old upload of %s: %s", key, exc)
 

@@ -13,7 +13,7 @@ from botocore.exceptions import (ConnectionClosedError, EndpointConnectionError,
                                  ReadTimeoutError)
 
 from common_s3 import (Interrupted, MigrationError, RcloneError, S3AuthError, S3Error, StopRequested,
-                       is_disk_full, is_retryable_s3, retry_call)
+                       is_disk_full, is_retryable_s3, retry_call, RetryPolicy)
 
 
 class Script:
@@ -31,6 +31,12 @@ class Script:
         return self.result
 
 
+def retry(fn, *, what, stop=None, is_retryable=None, **policy):
+    """retry_call with the policy's fields given as keywords."""
+    extra = {"is_retryable": is_retryable} if is_retryable is not None else {}
+    return retry_call(fn, what=what, policy=RetryPolicy(**policy), stop=stop, **extra)
+
+
 class Sleeps(list):
     """A recording ``sleep`` that never sleeps."""
 
@@ -39,7 +45,7 @@ class Sleeps(list):
 
 
 def call(fn, *, attempts=3, max_duration_s=1000.0, sleep=None, rand=lambda: 0.5, clock=None, **kw):
-    return retry_call(fn, what="test op", attempts=attempts, max_duration_s=max_duration_s,
+    return retry(fn, what="test op", attempts=attempts, max_duration_s=max_duration_s,
                       sleep=sleep if sleep is not None else Sleeps(), rand=rand,
                       clock=clock or (lambda: 0.0), **kw)
 
@@ -155,7 +161,7 @@ def test_time_budget_stops_retrying(client_error):
     error = client_error("InternalError", 500)
     fn = Script(*[error] * 50)
     with pytest.raises(type(error)):
-        retry_call(fn, what="op", attempts=50, max_duration_s=10, base_delay_s=1, max_delay_s=100,
+        retry(fn, what="op", attempts=50, max_duration_s=10, base_delay_s=1, max_delay_s=100,
                    sleep=clock.sleep, clock=clock, rand=lambda: 1.0)
     # Delays 1, 2, 4 fit in 10 s; the next (8) would pass the budget, so it gives up instead.
     assert clock.sleeps == [1, 2, 4]
@@ -171,7 +177,7 @@ def test_time_already_spent_counts(client_error):
         clock.now += 9.5  # the call itself takes 9.5 s
         raise error
     with pytest.raises(type(error)):
-        retry_call(slow_failure, what="op", attempts=5, max_duration_s=10, base_delay_s=1,
+        retry(slow_failure, what="op", attempts=5, max_duration_s=10, base_delay_s=1,
                    sleep=clock.sleep, clock=clock, rand=lambda: 1.0)
     assert clock.sleeps == []
 
@@ -180,7 +186,7 @@ def test_exponential_backoff_with_cap(client_error):
     sleeps = Sleeps()
     error = client_error("InternalError", 500)
     with pytest.raises(type(error)):
-        retry_call(Script(*[error] * 8), what="op", attempts=8, max_duration_s=1e9, base_delay_s=0.5,
+        retry(Script(*[error] * 8), what="op", attempts=8, max_duration_s=1e9, base_delay_s=0.5,
                    max_delay_s=5, sleep=sleeps, rand=lambda: 1.0, clock=lambda: 0.0)
     assert sleeps == [0.5, 1, 2, 4, 5, 5, 5]
 
@@ -190,7 +196,7 @@ def test_full_jitter_stays_between_half_and_whole_cap(client_error):
     low, high = Sleeps(), Sleeps()
     for rand, sleeps in ((lambda: 0.0, low), (lambda: 1.0, high)):
         with pytest.raises(type(error)):
-            retry_call(Script(*[error] * 4), what="op", attempts=4, max_duration_s=1e9,
+            retry(Script(*[error] * 4), what="op", attempts=4, max_duration_s=1e9,
                        base_delay_s=1, sleep=sleeps, rand=rand, clock=lambda: 0.0)
     assert high == [1, 2, 4]
     assert low == [0.5, 1, 2]
@@ -201,7 +207,7 @@ def test_throttling_waits_longer_than_plain_5xx(client_error):
     for code, status, sleeps in (("SlowDown", 503, throttled), ("InternalError", 500, failed)):
         error = client_error(code, status)
         with pytest.raises(type(error)):
-            retry_call(Script(*[error] * 4), what="op", attempts=4, max_duration_s=1e9,
+            retry(Script(*[error] * 4), what="op", attempts=4, max_duration_s=1e9,
                        sleep=sleeps, rand=lambda: 1.0, clock=lambda: 0.0)
     assert len(throttled) == len(failed) == 3
     assert all(t > f for t, f in zip(throttled, failed))
@@ -215,7 +221,7 @@ def test_wrapped_throttling_is_recognised(client_error):
     for name, error in (("throttle", wrapped), ("plain", plain)):
         sleeps[name] = Sleeps()
         with pytest.raises(S3Error):
-            retry_call(Script(error, error), what="op", attempts=2, max_duration_s=1e9,
+            retry(Script(error, error), what="op", attempts=2, max_duration_s=1e9,
                        sleep=sleeps[name], rand=lambda: 1.0, clock=lambda: 0.0)
     assert sleeps["throttle"][0] > sleeps["plain"][0]
 
@@ -235,7 +241,7 @@ def test_stop_event_ends_the_wait():
     stop.set()
     fn = Script(TimeoutError("slow"))
     with pytest.raises(StopRequested) as info:
-        retry_call(fn, what="op", attempts=5, max_duration_s=1e9, stop=stop)
+        retry(fn, what="op", attempts=5, max_duration_s=1e9, stop=stop)
     assert isinstance(info.value.__cause__, TimeoutError)
     assert fn.calls == 1
 
@@ -250,7 +256,7 @@ def test_stop_event_wait_is_used_instead_of_sleep():
             return False
     stop = NoWait()
     sleeps = Sleeps()
-    assert retry_call(Script(TimeoutError(), TimeoutError()), what="op", attempts=3, max_duration_s=1e9,
+    assert retry(Script(TimeoutError(), TimeoutError()), what="op", attempts=3, max_duration_s=1e9,
                       sleep=sleeps, rand=lambda: 1.0, stop=stop) == "done"
     assert stop.waits == [0.5, 1.0]
     assert sleeps == []

@@ -49,6 +49,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -349,20 +350,6 @@ def env_number(environ: Mapping[str, str], name: str, default: float, *, minimum
     return value
 
 
-# Every variable a script reads (rclone's own RCLONE_* and boto3's AWS_* pass through to them).
-KNOWN_VARIABLES = (
-    "SOURCE", "DESTINATION", "S3_BUCKET", "S3_PREFIX", "S3_ENDPOINT", "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "WORK_DIR", "RCLONE_CONFIG", "RCLONE_BIN", "COMMAND_TIMEOUT", "LARGE_FILE_THRESHOLD_GB", "FORCE_RESCAN",
-    "PROPAGATE_DELETES", "MAX_DELETE", "VERIFY_DOWNLOAD", "SPLIT_THRESHOLD", "MAX_ZIP_SIZE_GB",
-    "MAX_PARALLEL_WORKERS", "DOWNLOAD_THREADS", "UPLOAD_THREADS", "SKIP_UPLOAD", "LOCAL_OUTPUT_DIR",
-    "MAX_ZIP_BOMB_RATIO", "DISK_LIMIT_PERCENT", "DISK_BACKPRESSURE_PERCENT", "S3_MAX_RETRIES",
-    "MAX_RETRY_DURATION", "S3_CHECKSUMS", "INSTANCE_LOCK_TIMEOUT", "LOG_LEVEL", "LOG_FORMAT",
-    "PROGRESS_INTERVAL", "DRY_RUN", "WORKER_COUNT", "WORKER_INDEX", "WORKER_ID", "LEASE_SECONDS",
-    "JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX",
-)
-
-
 def near_misses(environ: Mapping[str, str]) -> list[str]:
     """Warnings for variables that look like one of ours but are not (``SPLIT_TRESHOLD``), which
     would otherwise be ignored in silence."""
@@ -418,12 +405,131 @@ def _default_work_dir() -> str:
     return "/content" if os.path.isdir("/content") else os.path.join(os.getcwd(), "migration_work")
 
 
-# Which script reads which required variable.
-_REQUIRED = {
-    "mapper": ("SOURCE", "S3_BUCKET"),
-    "zipper": ("SOURCE", "DESTINATION", "S3_BUCKET"),
-    "unzipper": ("S3_BUCKET",),
-}
+_EVERY_SCRIPT = ("mapper", "zipper", "unzipper")
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """One entry of the scripts' ``--help``: a variable, or several that share one meaning
+    (``"LOG_LEVEL, LOG_FORMAT"``)."""
+
+    name: str
+    default: str | None  # the text in brackets, one value per name; None shows no brackets
+    meaning: str | Mapping[str, str]  # one text, or each script's own (script -> text)
+    scripts: tuple[str, ...] = _EVERY_SCRIPT  # whose --help shows it: () for one read but not shown
+    required: tuple[str, ...] = ()  # whose Config stops without it; they show [required]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meaning, str):  # a script with its own text is a script that shows it
+            object.__setattr__(self, "scripts", tuple(self.meaning))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.name.split(", "))
+
+    def meaning_for(self, script: str) -> str:
+        return self.meaning if isinstance(self.meaning, str) else self.meaning[script]
+
+
+# Every variable a script reads (rclone's own RCLONE_* and boto3's AWS_* pass through to them), in
+# the order of --help. A name is in two rows where one script groups what another lists one by one;
+# no script shows a name twice.
+VARIABLES = (
+    Variable("SOURCE", None, {"mapper": "rclone remote:path or local path to migrate from",
+                              "zipper": "rclone remote:path or local path, as mapped"},
+             required=("mapper", "zipper")),
+    Variable("DESTINATION", "required unless SKIP_UPLOAD", {
+        "zipper": "rclone remote:path or local path, for large files",
+        "unzipper": "rclone remote:path or local path to migrate to"}, required=("zipper",)),
+    Variable("S3_BUCKET", None, "hub bucket", required=_EVERY_SCRIPT),
+    Variable("S3_PREFIX", "work_files_zips/", "prepended to every key"),
+    Variable("S3_ENDPOINT", "provider default", {"mapper": "S3 endpoint URL (Wasabi, R2, MinIO, a local server)",
+                                                 "zipper": "S3 endpoint URL", "unzipper": "S3 endpoint URL"}),
+    Variable("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION", None,
+             "credentials and region, through boto3's normal chain"),
+    Variable("AWS_DEFAULT_REGION", None, "the region when AWS_REGION is not set (boto3's chain)", ()),
+    Variable("WORK_DIR", "/content, else ./migration_work", {
+        "mapper": "temporary files and the lock", "zipper": "staging folders and the lock",
+        "unzipper": "staging folders, reports and the lock"}),
+    Variable("RCLONE_CONFIG", "rclone's default", "rclone configuration file"),
+    Variable("RCLONE_BIN", "rclone on PATH, else beside python", "the rclone executable"),
+    Variable("COMMAND_TIMEOUT", "3600", {
+        "mapper": "seconds one rclone listing may take before it is retried",
+        "zipper": "base seconds one rclone transfer may take (plus 2 s per MiB)",
+        "unzipper": "base seconds one rclone transfer may take (plus 2 s per MiB)"}),
+    Variable("LARGE_FILE_THRESHOLD_GB", "20", "files strictly larger go SOURCE to DESTINATION directly", ("mapper",)),
+    Variable("SPLIT_THRESHOLD", "1000", "at most this many files per zip part", ("mapper",)),
+    Variable("MAX_ZIP_SIZE_GB", "20", "at most this many bytes per zip part, >= the threshold", ("mapper",)),
+    Variable("MAX_PARALLEL_WORKERS", "2", {"mapper": "folders listed at once", "zipper": "parts in flight at once",
+                                           "unzipper": "parts restored at once"}),
+    Variable("FORCE_RESCAN", "0", "1: list SOURCE again as a new map generation", ("mapper",)),
+    Variable("DOWNLOAD_THREADS", "6", "rclone --transfers when downloading a part", ("zipper",)),
+    Variable("SPLIT_THRESHOLD, MAX_ZIP_SIZE_GB", "1000, 20", "checked against the map's own plan", ("zipper",)),
+    Variable("UPLOAD_THREADS", "6", "rclone --transfers when uploading", ("unzipper",)),
+    Variable("SKIP_UPLOAD", "0", "1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION", ("unzipper",)),
+    Variable("LOCAL_OUTPUT_DIR", "WORK_DIR/merged_output", "see SKIP_UPLOAD", ("unzipper",)),
+    Variable("MAX_ZIP_BOMB_RATIO", "100", "refuse a part whose entries claim more than this times its size",
+             ("unzipper",)),
+    Variable("VERIFY_DOWNLOAD", "0",
+             "1: the final check and --verify read every file at a remote DESTINATION back and compare its MD5 "
+             "with the zipper's (for DESTINATIONs without a hash of their own: WebDAV, FTP; costs one download "
+             "of everything)", ("unzipper",)),
+    Variable("MAX_DELETE", "10%",
+             "with PROPAGATE_DELETES=1, the most files one pass may delete: a count or a percentage of the "
+             "files mapped; over it nothing is deleted, exit 2", ("unzipper",)),
+    Variable("PROPAGATE_DELETES", "0",
+             "1: delete at DESTINATION the files deleted at SOURCE (since a FORCE_RESCAN map), only where the "
+             "copy is still what was restored", ("unzipper",)),
+    Variable("DISK_LIMIT_PERCENT", "80", "never fill WORK_DIR's filesystem beyond this", ("zipper", "unzipper")),
+    Variable("DISK_BACKPRESSURE_PERCENT", "70", "above this, wait before starting more parts", ("zipper", "unzipper")),
+    Variable("S3_MAX_RETRIES", "3", "attempts per S3 request"),
+    Variable("MAX_RETRY_DURATION", "300", "seconds one retried operation may take in total"),
+    Variable("INSTANCE_LOCK_TIMEOUT", "0", "seconds to wait for another instance's lock"),
+    Variable("DISK_LIMIT_PERCENT, DISK_BACKPRESSURE_PERCENT", "80, 70", "WORK_DIR filesystem limits", ("mapper",)),
+    Variable("S3_CHECKSUMS", "auto", "auto: send Content-MD5 with every upload; off: send none"),
+    Variable("PROGRESS_INTERVAL", "30",
+             "seconds between progress lines when not on a terminal (and heartbeats, at most 30)"),
+    Variable("DRY_RUN", "0", "1: print the plan and change nothing on S3, at SOURCE or at DESTINATION"),
+    Variable("LOG_LEVEL, LOG_FORMAT", "INFO, text", "INFO; text or json"),
+    Variable("WORKER_ID", "host-pid-random", "name of this worker in records and logs"),
+    Variable("WORKER_COUNT", "1", "workers of this stage at once; only for static shards, where the S3 server "
+                                  "ignores conditional writes (else claims need no count)"),
+    Variable("WORKER_INDEX", "JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, 0", "this worker's shard"),
+    # Read in WORKER_INDEX's place when it is not set, as its default in --help says.
+    Variable("JOB_COMPLETION_INDEX", None, "this worker's shard in a Kubernetes indexed Job", ()),
+    Variable("AWS_BATCH_JOB_ARRAY_INDEX", None, "this worker's shard in an AWS Batch array job", ()),
+    Variable("LEASE_SECONDS", "600", "a claim unchanged this long is taken over by another worker"),
+)
+
+KNOWN_VARIABLES = tuple(dict.fromkeys(name for var in VARIABLES for name in var.names))
+
+# Which script reads which required variable (the unzipper's DESTINATION depends on SKIP_UPLOAD).
+_REQUIRED = {script: tuple(name for var in VARIABLES if script in var.required for name in var.names)
+             for script in _EVERY_SCRIPT}
+
+_HELP_WIDTH = 103  # no wider than EXIT_CODES_HELP, which follows
+_NAME_WIDTH = 25  # meanings start in column 2 + 25
+
+
+def variables_help(script: str) -> str:
+    """The "Environment variables" paragraph of one script's --help, from VARIABLES."""
+    lines = ["Environment variables (default in brackets):"]
+    indent = " " * (2 + _NAME_WIDTH)
+    for var in VARIABLES:
+        if script not in var.scripts:
+            continue
+        default = "required" if script in var.required else var.default
+        # No-break spaces keep a default in brackets on one line when the meaning wraps.
+        text = var.meaning_for(script) + ("" if default is None else " [" + default.replace(" ", "\xa0") + "]")
+        first = "  " + var.name.ljust(_NAME_WIDTH - 2) + "  "
+        # A name wider than its column shares its line only with a meaning that fits there whole.
+        if len(var.name) > _NAME_WIDTH and len(first + text) > _HELP_WIDTH:
+            lines.append("  " + var.name)
+            first = indent
+        lines += [line.replace("\xa0", " ") for line in textwrap.wrap(
+            text, _HELP_WIDTH, initial_indent=first, subsequent_indent=indent, break_long_words=False,
+            break_on_hyphens=False)]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3153,7 +3259,9 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     if "-h" in argv or "--help" in argv:
-        sys.stdout.write(doc.strip() + "\n\n" + EXIT_CODES_HELP)
+        usage, found, example = doc.strip().partition("\n\nExample:")
+        parts = [usage, variables_help(script)] + ([found.strip() + example] if found else [])
+        sys.stdout.write("\n\n".join(parts) + "\n\n" + EXIT_CODES_HELP)
         return EXIT_OK
     unknown = [a for a in argv if a not in options]
     if unknown:

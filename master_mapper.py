@@ -11,36 +11,6 @@ Usage: python master_mapper.py [--help | --status]
 
   --status   one table of the whole migration across all stages, read from S3 (no lock)
 
-Environment variables (default in brackets):
-  SOURCE                   rclone remote:path or local path to migrate from [required]
-  S3_BUCKET                hub bucket [required]
-  S3_PREFIX                prepended to every key [work_files_zips/]
-  S3_ENDPOINT              S3 endpoint URL (Wasabi, R2, MinIO, a local server) [provider default]
-  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION
-                           credentials and region, through boto3's normal chain
-  WORK_DIR                 temporary files and the lock [/content, else ./migration_work]
-  RCLONE_CONFIG            rclone configuration file [rclone's default]
-  RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
-  COMMAND_TIMEOUT           seconds one rclone listing may take before it is retried [3600]
-  LARGE_FILE_THRESHOLD_GB  files strictly larger go SOURCE to DESTINATION directly [20]
-  SPLIT_THRESHOLD          at most this many files per zip part [1000]
-  MAX_ZIP_SIZE_GB          at most this many bytes per zip part, >= the threshold [20]
-  MAX_PARALLEL_WORKERS     folders listed at once [2]
-  FORCE_RESCAN             1: list SOURCE again as a new map generation [0]
-  S3_MAX_RETRIES           attempts per S3 request [3]
-  MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
-  INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
-  DISK_LIMIT_PERCENT, DISK_BACKPRESSURE_PERCENT   WORK_DIR filesystem limits [80, 70]
-  S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
-  PROGRESS_INTERVAL        seconds between progress lines when not on a terminal (and heartbeats, at most 30) [30]
-  DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
-  LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
-  WORKER_ID                name of this worker in records and logs [host-pid-random]
-  WORKER_COUNT             workers of this stage at once; only for static shards, where the S3
-                           server ignores conditional writes (else claims need no count) [1]
-  WORKER_INDEX             this worker's shard [JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, 0]
-  LEASE_SECONDS            a claim unchanged this long is taken over by another worker [600]
-
 Example:
   SOURCE=onedrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\
     python master_mapper.py

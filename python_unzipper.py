@@ -17,44 +17,6 @@ Usage: python python_unzipper.py [--help | --verify | --status]
              normal run restores exactly the damaged files.
   --status   one table of the whole migration across all stages, read from S3 (no lock)
 
-Environment variables (default in brackets):
-  DESTINATION              rclone remote:path or local path to migrate to [required unless SKIP_UPLOAD]
-  S3_BUCKET                hub bucket [required]
-  S3_PREFIX                prepended to every key [work_files_zips/]
-  S3_ENDPOINT              S3 endpoint URL [provider default]
-  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION
-                           credentials and region, through boto3's normal chain
-  WORK_DIR                 staging folders, reports and the lock [/content, else ./migration_work]
-  RCLONE_CONFIG            rclone configuration file [rclone's default]
-  RCLONE_BIN               the rclone executable [rclone on PATH, else beside python]
-  COMMAND_TIMEOUT           base seconds one rclone transfer may take (plus 2 s per MiB) [3600]
-  MAX_PARALLEL_WORKERS     parts restored at once [2]
-  UPLOAD_THREADS           rclone --transfers when uploading [6]
-  SKIP_UPLOAD              1: restore into LOCAL_OUTPUT_DIR instead of DESTINATION [0]
-  LOCAL_OUTPUT_DIR         see SKIP_UPLOAD [WORK_DIR/merged_output]
-  MAX_ZIP_BOMB_RATIO       refuse a part whose entries claim more than this times its size [100]
-  VERIFY_DOWNLOAD          1: the final check and --verify read every file at a remote DESTINATION
-                           back and compare its MD5 with the zipper's (for DESTINATIONs without
-                           a hash of their own: WebDAV, FTP; costs one download of everything) [0]
-  MAX_DELETE               with PROPAGATE_DELETES=1, the most files one pass may delete: a count or
-                           a percentage of the files mapped; over it nothing is deleted, exit 2 [10%]
-  PROPAGATE_DELETES        1: delete at DESTINATION the files deleted at SOURCE (since a
-                           FORCE_RESCAN map), only where the copy is still what was restored [0]
-  DISK_LIMIT_PERCENT       never fill WORK_DIR's filesystem beyond this [80]
-  DISK_BACKPRESSURE_PERCENT  above this, wait before starting more parts [70]
-  S3_MAX_RETRIES           attempts per S3 request [3]
-  MAX_RETRY_DURATION       seconds one retried operation may take in total [300]
-  INSTANCE_LOCK_TIMEOUT    seconds to wait for another instance's lock [0]
-  S3_CHECKSUMS             auto: send Content-MD5 with every upload; off: send none [auto]
-  PROGRESS_INTERVAL        seconds between progress lines when not on a terminal (and heartbeats, at most 30) [30]
-  DRY_RUN                  1: print the plan and change nothing on S3, at SOURCE or at DESTINATION [0]
-  LOG_LEVEL, LOG_FORMAT    INFO; text or json [INFO, text]
-  WORKER_ID                name of this worker in records and logs [host-pid-random]
-  WORKER_COUNT             workers of this stage at once; only for static shards, where the S3
-                           server ignores conditional writes (else claims need no count) [1]
-  WORKER_INDEX             this worker's shard [JOB_COMPLETION_INDEX, AWS_BATCH_JOB_ARRAY_INDEX, 0]
-  LEASE_SECONDS            a claim unchanged this long is taken over by another worker [600]
-
 Example:
   DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\
     python python_unzipper.py

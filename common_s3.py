@@ -34,6 +34,7 @@ import difflib
 import datetime as _dt
 import errno
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -61,17 +62,17 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
     "collect_status", "Config", "ConfigError", "count", "Fetched", "describe_proof", "DestinationPause", "disk_usage", "DiskFullError",
-    "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_LOCKED", "EXIT_OK", "EXIT_PARTIAL",
-    "EXIT_USAGE", "EXIT_WAITING", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
+    "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY",
+    "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
     "Heartbeat", "human_bytes", "in_shard", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
     "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "latest_generation", "Layout",
     "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "make_s3_client", "MIB",
-    "MigrationError", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "out", "parse_mtime", "plain_local_name",
+    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "out", "parse_mtime", "Passes", "plain_local_name",
     "plan_drift", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
     "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_jsonl_gz", "RecordError",
-    "RecordExists", "Records", "RetryPolicy", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "run_script",
+    "RecordExists", "Records", "RetryPolicy", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script",
     "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "setup_logging", "shard_of",
-    "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line", "utc_now",
+    "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
     "WorkerPool",
 ]
 
@@ -91,7 +92,27 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_WAITING = 4
-EXIT_LOCKED = 75
+EXIT_TEMPORARY = 75  # run again later: another instance holds the lock, or DESTINATION's quota paused us
+
+# From least to most severe; a signal (128 + its number) is above them all.
+_SEVERITY = (EXIT_OK, EXIT_WAITING, EXIT_PARTIAL, EXIT_TEMPORARY, EXIT_FAILED, EXIT_USAGE)
+
+
+def most_severe(*codes: int) -> int:
+    """Of several exit codes that apply to one run, the one it ends with (borg's ``set_ec``)."""
+    return max(codes, key=lambda c: len(_SEVERITY) if c >= 128 else _SEVERITY.index(c) if c in _SEVERITY
+               else _SEVERITY.index(EXIT_FAILED), default=EXIT_OK)
+
+
+class ExitStatus:
+    """A run's exit code: every code set is kept only if it is more severe than the one before."""
+
+    def __init__(self) -> None:
+        self.code = EXIT_OK
+
+    def set(self, code: int) -> int:
+        self.code = most_severe(self.code, code)
+        return self.code
 
 EXIT_CODES_HELP = """\
 Exit codes:
@@ -122,7 +143,7 @@ class ConfigError(MigrationError):
 class LockHeldError(MigrationError):
     """Another instance of this script holds the lock on WORK_DIR."""
 
-    exit_code = EXIT_LOCKED
+    exit_code = EXIT_TEMPORARY
 
     def __init__(self, path: str, holder: Mapping[str, Any]):
         self.path = path
@@ -230,7 +251,7 @@ def quota_hit(returncode: int | None, stderr_tail: str) -> str | None:
 class QuotaPaused(MigrationError):
     """DESTINATION refuses uploads for a quota; every worker of the migration pauses."""
 
-    exit_code = EXIT_LOCKED
+    exit_code = EXIT_TEMPORARY
 
     def __init__(self, pause: Mapping[str, Any]):
         self.pause = dict(pause)
@@ -2286,6 +2307,12 @@ class Layout:
     def manifest(self, gen: int, stem: str) -> str:
         return self.generation(gen) + f"folders/{stem}.jsonl.gz"
 
+    def manifests_of(self, gen: int) -> str:
+        return self.generation(gen) + "folders/"
+
+    def removed_of(self, gen: int) -> str:
+        return self.generation(gen) + "removed/"
+
     def changes(self, gen: int, stem: str, digest: str) -> str:
         """A folder's difference from the previous generation (named by its manifest or its
         removed-folder record, keyed by the SHA-256 of its body like a part's entries)."""
@@ -2389,6 +2416,22 @@ class Layout:
     @property
     def pause(self) -> str:
         return f"{self.prefix}_pause/destination.json"
+
+    # Parsing keys
+    @staticmethod
+    def stem_of(key: str) -> str:
+        """The stem a per-folder record is named by: ``.../<stem>.json`` or ``.../<stem>.jsonl.gz``
+        (manifests, removed, verified, deletion and repair records)."""
+        name = key.rpartition("/")[2]
+        for suffix in (".jsonl.gz", ".json"):
+            if name.endswith(suffix):
+                return name[:-len(suffix)]
+        raise RecordError(key, "not a per-folder record name")
+
+    def generation_of(self, key: str) -> int | None:
+        """N of a key under ``_map/gNNNNNN/``, else None."""
+        m = re.match(re.escape(self.map_root) + r"g(\d{6,})/", key)
+        return int(m.group(1)) if m else None
 
 
 def local_name(stem: str, *parts: str) -> str:
@@ -2501,6 +2544,20 @@ class FolderIndex:
                         "SELECT path, 'd', 0, '', '{}', NULL, NULL FROM dirs "
                         "WHERE path NOT IN (SELECT path FROM parents)")
 
+    @contextlib.contextmanager
+    def attached(self, other: "FolderIndex") -> Iterator[sqlite3.Connection]:
+        """``other`` attached as ``prev`` for queries over both listings (SQLite attaches only
+        between transactions); the work inside is one transaction."""
+        self.db.execute("COMMIT")
+        self.db.execute("ATTACH DATABASE ? AS prev", (other.path,))
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        finally:
+            self.db.execute("COMMIT")
+            self.db.execute("DETACH DATABASE prev")
+            self.db.execute("BEGIN")
+
     def commit(self) -> None:
         self.db.execute("COMMIT")
         self.db.execute("BEGIN")
@@ -2599,6 +2656,146 @@ def all_generations(records: Records, layout: Layout) -> list[int]:
             gens.append(int(m.group(1)))
     return sorted(gens)
 
+
+
+# The run: its context and its passes
+
+@dataclass
+class Run:
+    """Everything one run of a script works with, built once by ``run_script`` and handed to
+    the script's ``run(ctx)`` as one argument (borg's ``with_repository`` hands a command its
+    repository and manifest the same way). ``mode`` (claims, shards or single) is chosen by
+    ``start_run`` from the server's probe."""
+
+    cfg: Config
+    records: Records
+    layout: Layout
+    rclone: Rclone
+    runtime: Runtime
+    gate: DiskGate | None = None
+    argv: Sequence[str] = ()
+    mode: str = "single"
+
+    def in_shard(self, folder: str) -> bool:
+        """Whether this worker does ``folder``: always, except under static shards."""
+        return in_shard(self.cfg, self.mode, folder)
+
+    def exists(self, *keys: str) -> bool:
+        """Every key holds an object (how a unit tells another worker finished it)."""
+        return all(self.records.head(k) is not None for k in keys)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work, fixed when it is planned, never a closure over loop variables:
+
+    ``stage``, ``stem`` and ``name`` name its claim (``P_claims/<stage>/<stem>/<name>.json``);
+    ``kind`` (part, large, folder, removed) and ``folder`` say what it is to the script, ``what``
+    to people; ``work`` does it (a function with every argument bound, a ``functools.partial``);
+    ``done_keys`` are its completion records: once all exist, another worker finished it
+    (none: it always runs, as a repair does). ``after``, when given, is called with the outcome
+    (value, exception or Skipped) once the unit's claim is released, and its value is the unit's."""
+
+    stage: str
+    kind: str
+    folder: str
+    stem: str
+    name: str
+    what: str
+    work: Callable[[], Any] = field(compare=False, repr=False)
+    done_keys: tuple[str, ...] = ()
+    after: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
+
+
+def _held(result: Any) -> Skipped | None:
+    return result if isinstance(result, Skipped) and result.why != "done" else None
+
+
+class Passes:
+    """The pass loop of every stage, once: run the planned units (up to MAX_PARALLEL_WORKERS
+    at once, each under its claim where claims are in use), then plan again and run another
+    pass while a reason to look again holds:
+
+    - some unit was held by another worker (``held``): after a pause it is finished, or its
+      claim went stale and is ours to take over;
+    - a reason added with ``look_again_while`` (for instance "the stage before is still
+      running") says so.
+
+    A unit that failed in this run is not tried again by it. ``run`` returns every outcome as
+    ``(unit, result)``: the work's value, the exception it raised, or a ``Skipped``.
+    """
+
+    def __init__(self, ctx: Run, stage: str):
+        self.ctx = ctx
+        self.stage = stage
+        self._claims: dict[str, Claims] = {}  # per stage: each remembers the claims it saw held
+        self.failed: set[tuple[str, str, str]] = set()
+        self.plan_errors: list[BaseException] = []
+        self._reasons: list[Callable[[], str | None]] = []
+        self._wait_s = 0.0
+        # What in an outcome says another worker holds work this run waits for.
+        self.held_of: Callable[[Any], Skipped | None] = _held
+
+    def claims(self, stage: str | None = None) -> Claims:
+        stage = stage or self.stage
+        if stage not in self._claims:
+            self._claims[stage] = Claims(self.ctx.records, self.ctx.layout, self.ctx.runtime, stage)
+        return self._claims[stage]
+
+    def look_again_while(self, reason: Callable[[], str | None]) -> None:
+        """After a pass with nothing held, ``reason()`` giving a text means: pause, plan again."""
+        self._reasons.append(reason)
+
+    def _one(self, unit: Unit) -> Any:
+        done = functools.partial(self.ctx.exists, *unit.done_keys) if unit.done_keys else (lambda: False)
+        try:
+            result = self.claims(unit.stage).run(unit.stem, unit.name, unit.work, done=done)
+        except BaseException as exc:
+            if unit.after is not None:
+                unit.after(exc)
+            raise
+        return result if unit.after is None else unit.after(result)
+
+    def _wanted(self, units: Iterable[Unit]) -> Iterator[tuple[Unit, Callable[[], Any]]]:
+        for unit in units:
+            if (unit.stage, unit.stem, unit.name) not in self.failed:
+                yield unit, functools.partial(self._one, unit)
+
+    def run(self, plan: Callable[[], Iterable[Unit]]) -> list[tuple[Unit, Any]]:
+        """Passes over ``plan()`` (called again before each pass: a fresh listing of records)."""
+        outcomes: list[tuple[Unit, Any]] = []
+        while True:
+            held: list[Skipped] = []
+            self.plan_errors = []
+            pool = WorkerPool(self.ctx.cfg.max_parallel_workers, self.ctx.runtime)
+            for unit, result in pool.run(self._wanted(plan())):
+                if unit is None:  # planning itself failed (a listing, a manifest)
+                    self.plan_errors.append(result)
+                    continue
+                waiting_for = self.held_of(result)
+                if waiting_for is not None:
+                    held.append(waiting_for)
+                if isinstance(result, Skipped) and result.why != "done":
+                    continue
+                if isinstance(result, Exception) and not isinstance(result, StopRequested):
+                    self.failed.add((unit.stage, unit.stem, unit.name))
+                outcomes.append((unit, result))
+            self.ctx.runtime.check()
+            reason = None if held else next((r for r in (f() for f in self._reasons) if r), None)
+            if not held and reason is None:
+                return outcomes
+            if held:
+                self.claims().pause(len(held), held[0])  # then look again: finished, or stale and ours
+            else:
+                self._pause(reason)
+
+    def _pause(self, reason: str) -> None:
+        """Half a second at first, doubling up to min(LEASE_SECONDS/6, 10) s."""
+        longest = max(0.5, min(10.0, self.ctx.cfg.lease_seconds / 6))
+        self._wait_s = min(longest, self._wait_s * 2) if self._wait_s else 0.5
+        log.info("%s; looking again in %.0fs", reason, self._wait_s)
+        self.ctx.runtime.stop.wait(self._wait_s)
+        self.ctx.runtime.check()
 
 
 # Progress, heartbeat and the status view
@@ -2739,22 +2936,22 @@ def other_workers_running(records: Records, layout: Layout, cfg: Config) -> bool
     return False
 
 
-def start_run(records: Records, layout: Layout, runtime: Runtime) -> Capabilities:
+def start_run(ctx: Run) -> Capabilities:
     """What every script does first: probe the server (not in a dry run), choose the mode for
-    many machines (``records.mode``) and say both."""
-    cfg = records.cfg
+    many machines (``ctx.mode``) and say both."""
+    cfg, records, layout, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.runtime
     if cfg.dry_run:
         log.info("DRY_RUN=1: printing the plan; nothing is written to S3, SOURCE or DESTINATION")
-        records.mode = "shards" if cfg.worker_count > 1 else "single"
+        ctx.mode = "shards" if cfg.worker_count > 1 else "single"
         return records.caps
     caps = records.probe(layout.probe)
-    records.mode = choose_mode(cfg, caps)
-    log.info("S3 server: %s; mode: %s", caps.describe(), describe_mode(cfg, records.mode))
-    if records.mode == "single" and other_workers_running(records, layout, cfg):
+    ctx.mode = choose_mode(cfg, caps)
+    log.info("S3 server: %s; mode: %s", caps.describe(), describe_mode(cfg, ctx.mode))
+    if ctx.mode == "single" and other_workers_running(records, layout, cfg):
         log.warning("another %s worker of this migration is running, but this S3 server does not enforce "
                     "conditional writes: only one machine at a time may run %s against it (to use several, set "
                     "WORKER_COUNT and a distinct WORKER_INDEX on each: static shards)", cfg.script, cfg.script)
-    runtime.progress.mode = f"{caps.describe()}; {MODE_WORDS[records.mode]}"
+    runtime.progress.mode = f"{caps.describe()}; {MODE_WORDS[ctx.mode]}"
     if cfg.script in ("zipper", "unzipper"):  # the two that write to DESTINATION
         pause = DestinationPause(records, layout, runtime)
         current = pause.current()
@@ -2910,7 +3107,7 @@ _BEFORE = {"mapper": "", "zipper": "python master_mapper.py", "unzipper": "pytho
 def final_line(script: str, code: int, paused: Mapping[str, Any] | None = None) -> str:
     """One plain line for the end of every run: what happened and what to do next."""
     me = {"mapper": "master_mapper.py", "zipper": "python_zipper.py", "unzipper": "python_unzipper.py"}[script]
-    if code == EXIT_LOCKED and paused:
+    if code == EXIT_TEMPORARY and paused:
         return (f"paused: DESTINATION refused uploads for a provider quota; run python {me} again after "
                 f"{paused.get('retry_after')} (every worker of this migration waits too)")
     return {
@@ -2920,7 +3117,7 @@ def final_line(script: str, code: int, paused: Mapping[str, Any] | None = None) 
         EXIT_PARTIAL: f"partly done: some items failed (listed above); run python {me} again to resume",
         EXIT_WAITING: f"waiting for an earlier stage: run {_BEFORE[script] or 'the earlier stage'}, then "
                       f"python {me} again",
-        EXIT_LOCKED: "another instance holds the lock on this WORK_DIR; wait for it to finish or set "
+        EXIT_TEMPORARY: "another instance holds the lock on this WORK_DIR; wait for it to finish or set "
                      "INSTANCE_LOCK_TIMEOUT",
         130: f"stopped by SIGINT; progress is saved; run python {me} again to continue",
         143: f"stopped by SIGTERM; progress is saved; run python {me} again to continue",
@@ -3249,15 +3446,8 @@ def prepare_work_dir(path: str) -> None:
                           "writable folder with room for about one part per worker") from None
 
 
-def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[str] | None = None,
-               environ: Mapping[str, str] | None = None, options: Sequence[str] = ()) -> int:
-    """The one place that turns outcomes into exit codes, for all three scripts.
-
-    ``body(cfg, records, layout, rclone, runtime, options)`` does the work and returns an
-    exit code; every error class carries its own.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    environ = os.environ if environ is None else environ
+def _early_exit(script: str, doc: str, argv: Sequence[str], options: Sequence[str]) -> int | None:
+    """--help, an unknown argument, a missing requirement: answered before anything is configured."""
     if "-h" in argv or "--help" in argv:
         usage, found, example = doc.strip().partition("\n\nExample:")
         parts = [usage, variables_help(script)] + ([found.strip() + example] if found else [])
@@ -3267,98 +3457,144 @@ def run_script(script: str, doc: str, body: Callable[..., int], argv: Sequence[s
     if unknown:
         sys.stderr.write(f"{script}: unknown argument {unknown[0]!r}; see --help\n")
         return EXIT_USAGE
-    read_only = "--status" in argv
-    bound_malloc()
     missing = missing_requirement()
     if missing:
         sys.stderr.write(f"{script}: {missing} is not installed for {sys.executable}; install the requirements: "
                          f"{sys.executable} -m pip install -r requirements.txt\n")
         return EXIT_FAILED
+    return None
+
+
+def _configure(script: str, environ: Mapping[str, str], read_only: bool) -> Config | None:
+    """The run's Config, logging set up and near-miss variables warned of; None (said, with
+    the variable named) when the configuration is invalid."""
     typos = near_misses(environ)
     try:
         cfg = Config.from_env(environ, script, read_only=read_only)
         if not read_only:
             prepare_work_dir(cfg.work_dir)
     except ConfigError as exc:
-        setup_logging("INFO", (environ.get("LOG_FORMAT") or "text").lower()
-                      if (environ.get("LOG_FORMAT") or "text").lower() in ("text", "json") else "text", script)
+        fmt = (environ.get("LOG_FORMAT") or "text").lower()
+        setup_logging("INFO", fmt if fmt in ("text", "json") else "text", script)
         for line in typos:
             log.warning("%s", line)
         log.error("configuration: %s", exc)
         log.error("%s", final_line(script, EXIT_USAGE) + "; nothing was changed")
-        return EXIT_USAGE
+        return None
     setup_logging(cfg.log_level, cfg.log_format, script)
     for line in typos:
         log.warning("%s", line)
     if cfg.prefix and not cfg.prefix.endswith("/"):
         log.warning("S3_PREFIX=%r does not end with '/': keys run into it (%sFolder_Full.zip, %s_map/...); "
                     "%r is probably meant", cfg.prefix, cfg.prefix, cfg.prefix, cfg.prefix + "/")
-    children_file = os.path.join(cfg.work_dir, f".{script}.children")
+    return cfg
+
+
+def _take_work_dir(cfg: Config, runtime: Runtime) -> InstanceLock:
+    """The lock on WORK_DIR; then the rclone children a killed run left are ended and the
+    temporary folder, now ours, is cleaned."""
+    lock = InstanceLock(cfg.work_dir, cfg.script, timeout_s=cfg.instance_lock_timeout_s)
+    lock.acquire()
+    try:
+        runtime.run_token, runtime.dead_runs = lock.run, set(lock.earlier)
+        children_file = os.path.join(cfg.work_dir, f".{cfg.script}.children")
+        ended = end_orphans(children_file)
+        if ended:
+            log.warning("ended %d rclone processes left running by a killed run", ended)
+        runtime.children_file = children_file
+        _clean_tmp(cfg.tmp_dir)
+        os.makedirs(cfg.tmp_dir, exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _code_of(exc: BaseException, cfg: Config, runtime: Runtime) -> int:
+    """The exit code of an error that ended the run, said once in words."""
+    if isinstance(exc, Interrupted):
+        log.warning("stopped by %s; completed parts are kept, run again to continue",
+                    signal.Signals(exc.signum).name)
+        return 128 + exc.signum
+    if isinstance(exc, StopRequested):
+        if runtime.paused is None:
+            log.warning("stopped; completed parts are kept, run again to continue")
+        return 128 + (runtime.signum or signal.SIGTERM)
+    if isinstance(exc, S3NotFoundError):
+        log.error("bucket %r does not exist or is not reachable at %s: %s", cfg.bucket,
+                  cfg.endpoint or "the provider's default endpoint", exc)
+        return EXIT_FAILED
+    if isinstance(exc, S3AuthError):
+        log.error("credentials were rejected for bucket %r: %s", cfg.bucket, exc)
+        return EXIT_FAILED
+    if isinstance(exc, S3Error):
+        if exc.key is None:
+            log.error("%s", exc)
+            return EXIT_FAILED
+        log.error("%s; run again to continue", exc)
+        return EXIT_PARTIAL
+    if isinstance(exc, MigrationError):
+        log.error("%s", exc)
+        return exc.exit_code
+    log.error("unexpected error; completed parts are kept, run again to continue", exc_info=exc)
+    return EXIT_FAILED
+
+
+def _work(cfg: Config, body: Callable[[Run], int], runtime: Runtime, argv: Sequence[str]) -> int:
+    """Connect to the bucket and run the script's body (or ``--status``) with its heartbeat
+    and progress display."""
+    records = Records(make_s3_client(cfg), cfg, stop=runtime.stop)
+    records.check_bucket()
+    layout = Layout(cfg.prefix)
+    if "--status" in argv:
+        return show_status(cfg, records, layout)
+    ctx = Run(cfg, records, layout, Rclone(cfg, runtime), runtime, DiskGate(cfg, runtime), list(argv))
+    with Heartbeat(records, layout, cfg, runtime) as beat, ProgressPrinter(cfg, runtime.progress):
+        code = body(ctx)
+        beat.progress.exit_code = code
+    if runtime.signum is not None:
+        raise Interrupted(runtime.signum)
+    return code
+
+
+def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence[str] | None = None,
+               environ: Mapping[str, str] | None = None, options: Sequence[str] = ()) -> int:
+    """The one place that turns outcomes into exit codes, for all three scripts.
+
+    ``body(ctx)`` does the work and returns an exit code; every error class carries its own;
+    a quota pause and a signal are kept over them by ``ExitStatus`` (the most severe wins).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    early = _early_exit(script, doc, argv, options)
+    if early is not None:
+        return early
+    read_only = "--status" in argv
+    bound_malloc()
+    cfg = _configure(script, environ, read_only)
+    if cfg is None:
+        return EXIT_USAGE
     runtime = Runtime()
+    status = ExitStatus()
     lock = None
-    code = EXIT_FAILED
     with handle_signals(runtime):
         try:
-            if not read_only:
-                held = InstanceLock(cfg.work_dir, script, timeout_s=cfg.instance_lock_timeout_s)
-                held.acquire()
-                lock = held  # only now is the temporary folder ours to clean
-                runtime.run_token, runtime.dead_runs = held.run, set(held.earlier)
-                ended = end_orphans(children_file)
-                if ended:
-                    log.warning("ended %d rclone processes left running by a killed run", ended)
-                runtime.children_file = children_file
-                _clean_tmp(cfg.tmp_dir)
-                os.makedirs(cfg.tmp_dir, exist_ok=True)
-            s3 = make_s3_client(cfg)
-            records = Records(s3, cfg, stop=runtime.stop)
-            records.check_bucket()
-            if read_only:
-                return show_status(cfg, records, Layout(cfg.prefix))
-            rclone = Rclone(cfg, runtime)
-            with Heartbeat(records, Layout(cfg.prefix), cfg, runtime) as beat, \
-                    ProgressPrinter(cfg, runtime.progress):
-                code = body(cfg, records, Layout(cfg.prefix), rclone, runtime, argv)
-                beat.progress.exit_code = code
-            if runtime.signum is not None:
-                raise Interrupted(runtime.signum)
-        except Interrupted as exc:
-            code = 128 + exc.signum
-            log.warning("stopped by %s; completed parts are kept, run again to continue",
-                        signal.Signals(exc.signum).name)
-        except StopRequested:
-            code = 128 + (runtime.signum or signal.SIGTERM)
-            if runtime.paused is None:
-                log.warning("stopped; completed parts are kept, run again to continue")
-        except LockHeldError as exc:
-            code = exc.exit_code
-            log.error("%s", exc)
-        except S3Error as exc:
-            code = EXIT_FAILED if isinstance(exc, (S3AuthError, S3NotFoundError)) or exc.key is None \
-                else EXIT_PARTIAL
-            if isinstance(exc, S3NotFoundError):
-                log.error("bucket %r does not exist or is not reachable at %s: %s", cfg.bucket,
-                          cfg.endpoint or "the provider's default endpoint", exc)
-            elif isinstance(exc, S3AuthError):
-                log.error("credentials were rejected for bucket %r: %s", cfg.bucket, exc)
-            else:
-                log.error("%s; run again to continue", exc)
-        except MigrationError as exc:
-            code = exc.exit_code
-            log.error("%s", exc)
-        except Exception:
-            log.exception("unexpected error; completed parts are kept, run again to continue")
-            code = EXIT_FAILED
+            lock = None if read_only else _take_work_dir(cfg, runtime)
+            status.set(_work(cfg, body, runtime, argv))
+        except (Exception, Interrupted) as exc:
+            status.set(_code_of(exc, cfg, runtime))
         finally:
-            if runtime.paused is not None and runtime.signum is None and code != EXIT_LOCKED:
-                code = EXIT_LOCKED
-                log.error("%s", QuotaPaused(runtime.paused))
-            if runtime.signum is not None and code not in (130, 143, 129):
-                code = 128 + runtime.signum
+            if runtime.paused is not None and status.code != EXIT_TEMPORARY:
+                status.set(EXIT_TEMPORARY)
+                if runtime.signum is None:
+                    log.error("%s", QuotaPaused(runtime.paused))
+            if runtime.signum is not None:
+                status.set(128 + runtime.signum)
             runtime.kill_children()
             if lock is not None:
                 _clean_tmp(cfg.tmp_dir)
                 lock.release()
+    code = status.code
     if not read_only:
         log.info("%s", summary_line(runtime.progress))
         if cfg.dry_run and code == EXIT_OK:

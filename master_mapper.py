@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -28,13 +29,14 @@ import os
 import sys
 import time
 import zlib
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
 
-from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, GIB, Claims, Config, ConfigError, FolderIndex,
-                       Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped,
-                       StopRequested, WorkerPool, in_shard, shard_of, all_generations, assign_stems, human_bytes,
-                       is_local_path, latest_generation, load_manifest, local_name, log_context, out,
-                       remote_join, run_script, start_run, utc_now)
+from common_s3 import (all_generations, assign_stems, Config, ConfigError, count, EXIT_OK, EXIT_PARTIAL,
+                       EXIT_WAITING, FolderIndex, GIB, human_bytes, is_local_path,
+                       latest_generation, Layout, load_manifest, local_name, log_context, MigrationError,
+                       out, Passes, Rclone, RcloneError, RecordError, Records, remote_join, ROOT_LABEL, Run,
+                       run_script, shard_of, start_run, StopRequested, Unit, utc_now)
 
 log = logging.getLogger("master_mapper")
 
@@ -132,6 +134,17 @@ def _hashes_differ(old: str, new: str) -> int:
 CHANGE_COUNTS = ("added", "changed", "unchanged", "deleted", "dirs_added", "dirs_removed")
 
 
+def _keep_unchanged_parts(db, changes_path: str | None) -> dict:
+    """With ``prev`` attached: every file unchanged since the previous generation keeps its part
+    (unless the zipper left it out of that part); the difference is written; its counts returned."""
+    same = ("FROM prev.e o WHERE o.path = e.path AND o.kind = 'f' AND o.part IS NOT NULL "
+            "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM main.leftout l WHERE l.path = e.path AND l.part = o.part)")
+    db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
+               f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
+    return write_changes(db, changes_path)
+
+
 def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int, next_part: int,
                      cfg: Config, changes_path: str | None = None,
                      left_out: Iterable[tuple[str, str]] = ()) -> tuple[list[dict], int, dict]:
@@ -154,18 +167,8 @@ def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int,
                "dirs_added": dirs, "dirs_removed": 0}
     if previous is not None:
         db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
-        db.execute("COMMIT")
-        db.execute("ATTACH DATABASE ? AS prev", (previous.path,))
-        db.execute("BEGIN")
-        same = ("FROM prev.e o WHERE o.path = e.path AND o.kind = 'f' AND o.part IS NOT NULL "
-                "AND o.size = e.size AND o.mtime = e.mtime AND hashes_differ(o.hashes, e.hashes) = 0 "
-                "AND NOT EXISTS (SELECT 1 FROM main.leftout l WHERE l.path = e.path AND l.part = o.part)")
-        db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
-                   f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
-        changes = write_changes(db, changes_path)
-        db.execute("COMMIT")
-        db.execute("DETACH DATABASE prev")
-        db.execute("BEGIN")
+        with index.attached(previous):
+            changes = _keep_unchanged_parts(db, changes_path)
     # Where each new part starts (memory grows with parts, not files).
     starts = plan_parts(_pending(db), max_files=cfg.split_threshold, max_bytes=cfg.max_zip_bytes)
     names = part_names(len(starts), next_part)
@@ -262,9 +265,10 @@ def _pending(db) -> Iterable[tuple[str, int]]:
         yield from rows
 
 
-def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name: str, stem: str,
-                   index: FolderIndex, header_extra: dict, tmp: str) -> dict:
+def write_manifest(ctx: Run, job: FolderJob, index: FolderIndex, header_extra: dict) -> dict:
     """Write the folder's manifest (create-only) and its original objects; return its summary."""
+    cfg, records, layout, tmp = ctx.cfg, ctx.records, ctx.layout, ctx.cfg.tmp_dir
+    gen, name, stem = job.gen, job.name, job.stem
     files, nbytes = index.count("f")
     large, large_bytes = index.count("l")
     dirs, _ = index.count("d")
@@ -290,16 +294,16 @@ def write_manifest(records: Records, layout: Layout, cfg: Config, gen: int, name
     finally:
         os.remove(path)
     if name:
-        write_original_objects(records, layout, stem, name, index, tmp, files, large)
+        write_original_objects(ctx, job, index, files, large)
     return {"name": name, "stem": stem, "files": files, "bytes": nbytes, "large": large,
             "large_bytes": large_bytes, "dirs": dirs, **header_extra}
 
 
-def write_original_objects(records: Records, layout: Layout, stem: str, name: str, index: FolderIndex,
-                           tmp: str, files: int, large: int) -> None:
+def write_original_objects(ctx: Run, job: FolderJob, index: FolderIndex, files: int, large: int) -> None:
     """``_List.txt``, ``_LargeFiles.json`` (removed when there are none: no stale list) and the
     mapper's original progress record. They describe the latest generation; nothing reads them
     back for a decision."""
+    records, layout, tmp, stem, name = ctx.records, ctx.layout, ctx.cfg.tmp_dir, job.stem, job.name
     path = os.path.join(tmp, local_name(stem, "list.txt"))
     with open(path, "wb") as fh:
         first = True
@@ -324,9 +328,10 @@ def write_original_objects(records: Records, layout: Layout, stem: str, name: st
                       "scanned_at": utc_now(), "status": "scanned", "processed_folders": [name]})
 
 
-def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime, *,
-               gen: int, name: str, stem: str, hashes: Sequence[str], previous: dict | None) -> dict:
+def map_folder(ctx: Run, job: FolderJob) -> dict:
     """List one folder (or the root unit) into a manifest; return its summary for the index."""
+    cfg, records, layout, rclone, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime
+    gen, name, stem, hashes, previous = job.gen, job.name, job.stem, job.hashes, job.previous
     runtime.check()
     tmp = cfg.tmp_dir
     path = remote_join(cfg.source, name) if name else cfg.source
@@ -365,7 +370,7 @@ def map_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(changes_path)
-        summary = write_manifest(records, layout, cfg, gen, name, stem, index, extra, tmp)
+        summary = write_manifest(ctx, job, index, extra)
         if previous is not None:
             log.info("since generation %d: %d files added, %d changed, %d deleted, %d unchanged; "
                      "%d empty directories added, %d removed", previous["generation"], changes["added"],
@@ -408,10 +413,12 @@ def upload_changes(records: Records, layout: Layout, gen: int, stem: str, path: 
     return key
 
 
-def record_removed_folder(cfg: Config, records: Records, layout: Layout, runtime: Runtime, *, gen: int,
-                          name: str, stem: str, previous: dict) -> dict:
+def record_removed_folder(ctx: Run, job: FolderJob) -> dict:
     """A folder of the previous generation that SOURCE no longer has: everything it held is
     deleted at SOURCE. Write that as its changes file, then the folder's removed record."""
+    cfg, records, layout, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.runtime
+    gen, name, stem, previous = job.gen, job.name, job.stem, job.previous
+    assert previous is not None
     tmp = cfg.tmp_dir
     runtime.check()
     with log_context(folder=name):
@@ -421,15 +428,9 @@ def record_removed_folder(cfg: Config, records: Records, layout: Layout, runtime
         try:
             empty = FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "empty.sqlite")))
             try:
-                db = empty.db
-                db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
-                db.execute("COMMIT")
-                db.execute("ATTACH DATABASE ? AS prev", (prev_index.path,))
-                db.execute("BEGIN")
-                counts = write_changes(db, path)
-                db.execute("COMMIT")
-                db.execute("DETACH DATABASE prev")
-                db.execute("BEGIN")
+                empty.db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
+                with empty.attached(prev_index) as db:
+                    counts = write_changes(db, path)
             finally:
                 empty.close()
             if cfg.dry_run:
@@ -465,33 +466,28 @@ def discover(rclone: Rclone, source: str) -> list[str]:
     return sorted(names)
 
 
-def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-        argv: Sequence[str]) -> int:
-    start_run(records, layout, runtime)
-    latest = latest_generation(records, layout)
-    gens = all_generations(records, layout)
-    unfinished = [g for g in gens if records.get_json(layout.index(g)) is None
-                  and (latest is None or g > latest[0])]
-    if latest and not cfg.force_rescan and not unfinished:
-        gen, index = latest
-        if index.get("source") != cfg.source:
-            raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
-                              "set FORCE_RESCAN=1 to map the new SOURCE as a new generation")
-        if not cfg.dry_run:
-            write_folder_list(records, layout, index)
-        log.info("the map is complete (generation %d, %d folders); set FORCE_RESCAN=1 to list SOURCE again",
-                 gen, len(index["folders"]))
-        return EXIT_OK
+@dataclass(frozen=True)
+class FolderJob:
+    """One mapper unit: a folder of SOURCE (``""`` for the files directly in it) to list into
+    generation ``gen``, or (``removed``) a folder of the previous generation SOURCE no longer has.
+    ``previous`` is the folder in the previous generation ({manifest, next_part, generation})."""
 
-    previous_stems: dict[str, str] = {}
-    prev_folders: dict[str, dict] = {}
-    if latest:
-        for f in latest[1]["folders"]:
-            previous_stems[f["name"]] = f["stem"]
-            prev_folders[f["name"]] = {"manifest": layout.manifest(latest[0], f["stem"]),
-                                       "next_part": f.get("next_part", 1), "generation": latest[0]}
-        previous_stems.update(latest[1].get("retired_stems", {}))
+    gen: int
+    name: str
+    stem: str
+    hashes: tuple[str, ...] = ()
+    previous: dict | None = field(default=None, compare=False)
+    removed: bool = False
 
+    @property
+    def unit_key(self) -> str:
+        return ("removed:" if self.removed else "") + self.stem
+
+
+def open_generation(ctx: Run, latest: tuple[int, dict] | None, gens: list[int], unfinished: list[int]) -> dict:
+    """The plan of the generation this run maps: the unfinished one, or a new one, written
+    create-only (a mapper that started the same generation at the same moment is joined)."""
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     if unfinished:
         gen = unfinished[-1]
         plan = records.get_json(layout.plan(gen))
@@ -501,33 +497,49 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             raise ConfigError(f"SOURCE={cfg.source!r} differs from the unfinished map's source "
                               f"{plan.get('source')!r}")
         log.info("continuing unfinished map generation %d", gen)
-    else:
-        gen = (gens[-1] + 1) if gens else 1
-        names = discover(rclone, cfg.source)
-        stems = assign_stems(names, previous_stems)
-        retired = {n: s for n, s in previous_stems.items() if n not in stems}
-        # Folders of the previous generation that SOURCE no longer has: their files are deleted
-        # at SOURCE, recorded as units of their own (a removed record and its changes file).
-        removed = [{"name": n, "stem": previous_stems[n]} for n in sorted(prev_folders)
-                   if n and n not in stems]
-        plan = {"generation": gen, "created_at": utc_now(), "source": cfg.source,
-                "previous": latest[0] if latest else None,
-                "folders": [{"name": n, "stem": stems[n]} for n in [""] + names],
-                "removed": removed, "retired_stems": retired,
-                "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
-                "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
-        if cfg.dry_run:
-            pass
-        elif not records.put_json_once(layout.plan(gen), plan):
-            theirs = records.get_json(layout.plan(gen))
-            if not isinstance(theirs, dict) or theirs.get("source") != cfg.source \
-                    or not isinstance(theirs.get("folders"), list):
-                raise MigrationError(f"another mapper started generation {gen} at the same moment, of "
-                                     f"another SOURCE or unreadable ({layout.plan(gen)!r}); run again")
-            plan = theirs
-            log.info("another mapper started generation %d at the same moment; joining it", gen)
-        log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
+        return plan
+    gen = (gens[-1] + 1) if gens else 1
+    previous_stems, previous = previous_folders(ctx, latest)
+    names = discover(ctx.rclone, cfg.source)
+    stems = assign_stems(names, previous_stems)
+    # Folders of the previous generation that SOURCE no longer has: their files are deleted
+    # at SOURCE, recorded as units of their own (a removed record and its changes file).
+    removed = [{"name": n, "stem": previous_stems[n]} for n in sorted(previous) if n and n not in stems]
+    plan = {"generation": gen, "created_at": utc_now(), "source": cfg.source,
+            "previous": latest[0] if latest else None,
+            "folders": [{"name": n, "stem": stems[n]} for n in [""] + names],
+            "removed": removed, "retired_stems": {n: s for n, s in previous_stems.items() if n not in stems},
+            "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
+            "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
+    if not cfg.dry_run and not records.put_json_once(layout.plan(gen), plan):
+        theirs = records.get_json(layout.plan(gen))
+        if not isinstance(theirs, dict) or theirs.get("source") != cfg.source \
+                or not isinstance(theirs.get("folders"), list):
+            raise MigrationError(f"another mapper started generation {gen} at the same moment, of "
+                                 f"another SOURCE or unreadable ({layout.plan(gen)!r}); run again")
+        plan = theirs
+        log.info("another mapper started generation %d at the same moment; joining it", gen)
+    log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
+    return plan
 
+
+def previous_folders(ctx: Run, latest: tuple[int, dict] | None) -> tuple[dict[str, str], dict[str, dict]]:
+    """From the latest complete generation: every stem ever given to a name ({name: stem}, so a
+    folder keeps its stem), and each folder's manifest, next part number and generation."""
+    stems: dict[str, str] = {}
+    folders: dict[str, dict] = {}
+    if latest:
+        for f in latest[1]["folders"]:
+            stems[f["name"]] = f["stem"]
+            folders[f["name"]] = {"manifest": ctx.layout.manifest(latest[0], f["stem"]),
+                                  "next_part": f.get("next_part", 1), "generation": latest[0]}
+        stems.update(latest[1].get("retired_stems", {}))
+    return stems, folders
+
+
+def source_hash_kinds(ctx: Run) -> tuple[str, ...]:
+    """The hash kinds to list SOURCE with (see ``listing_hash_kinds``), said once."""
+    cfg, rclone = ctx.cfg, ctx.rclone
     features = rclone.features(cfg.source, "SOURCE")
     dest_features = None
     if cfg.destination and not is_local_path(cfg.destination):
@@ -540,83 +552,59 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
              ", ".join(hashes) if hashes else "not listed (%s)" % (
                  "SOURCE computes them by reading every file; the zipper's MD5s are the proof"
                  if features["Hashes"] else "SOURCE offers none; the zipper's MD5s are the proof"))
+    return tuple(hashes)
 
-    def mapped() -> set[str]:
-        """Stems of the units of this generation that are done: folder manifests and removed records."""
-        return ({item["Key"].rsplit("/", 1)[1][:-len(".jsonl.gz")]
-                 for item in records.list_keys(layout.generation(gen) + "folders/")}
-                | {"removed:" + item["Key"].rsplit("/", 1)[1][:-len(".json")]
-                   for item in records.list_keys(layout.generation(gen) + "removed/")})
 
-    claims = Claims(records, layout, runtime, SCRIPT)
-    units = plan["folders"] + [{**r, "removed": True} for r in plan.get("removed", [])]
-    mine = [f for f in units if in_shard(cfg, records.mode, f["name"])]
-    if records.mode == "shards":
-        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
-                 len(mine), len(plan["folders"]))
-    done = mapped()
-    def unit_key(folder: dict) -> str:
-        return ("removed:" if folder.get("removed") else "") + folder["stem"]
+class Mapping:
+    """The mapper's units of one generation, planned afresh for each pass from a fresh listing
+    of the folder manifests and removed records written so far."""
 
-    runtime.progress.plan(sum(1 for f in mine if unit_key(f) not in done), 0,
-                          skipped=sum(1 for f in mine if unit_key(f) in done))
-    failed: list[str] = []
-    planned = []
-    while True:
-        tasks = []
-        for folder in mine:
-            name, stem = folder["name"], folder["stem"]
-            if unit_key(folder) in done or name in failed:
+    def __init__(self, ctx: Run, plan: dict, latest: tuple[int, dict] | None, hashes: tuple[str, ...]):
+        self.ctx, self.gen = ctx, plan["generation"]
+        previous = previous_folders(ctx, latest)[1]
+        self.jobs = [FolderJob(self.gen, f["name"], f["stem"], hashes, previous.get(f["name"]))
+                     for f in plan["folders"]]
+        self.jobs += [FolderJob(self.gen, r["name"], r["stem"], previous=previous[r["name"]], removed=True)
+                      for r in plan.get("removed", [])]
+        self.mine = [j for j in self.jobs if ctx.in_shard(j.name)]
+        self._done: set[str] | None = None
+
+    def mapped(self) -> set[str]:
+        """Unit keys of this generation that are done: folder manifests and removed records."""
+        layout, records = self.ctx.layout, self.ctx.records
+        return ({layout.stem_of(item["Key"]) for item in records.list_keys(layout.manifests_of(self.gen))}
+                | {"removed:" + layout.stem_of(item["Key"]) for item in records.list_keys(layout.removed_of(self.gen))})
+
+    def done_now(self) -> set[str]:
+        if self._done is None:
+            self._done = self.mapped()
+        return self._done
+
+    def units(self) -> Iterator[Unit]:
+        done, self._done = self.done_now(), None
+        layout = self.ctx.layout
+        for job in self.mine:
+            if job.unit_key in done:
                 continue
-            if folder.get("removed"):
-                def task(name: str = name, stem: str = stem) -> dict:
-                    return claims.run(stem, "removed", lambda: record_removed_folder(
-                        cfg, records, layout, runtime, gen=gen, name=name, stem=stem,
-                        previous=prev_folders[name]),
-                        done=lambda: records.head(layout.removed(gen, stem)) is not None)
+            if job.removed:
+                yield Unit(SCRIPT, "removed", job.name, job.stem, "removed", f"removed folder {job.name!r}",
+                           functools.partial(record_removed_folder, self.ctx, job),
+                           (layout.removed(self.gen, job.stem),))
             else:
-                def task(name: str = name, stem: str = stem) -> dict:
-                    return claims.run(stem, "folder", lambda: map_folder(
-                        cfg, records, layout, rclone, runtime, gen=gen, name=name, stem=stem, hashes=hashes,
-                        previous=prev_folders.get(name)),
-                        done=lambda: records.head(layout.manifest(gen, stem)) is not None)
-            tasks.append((name, task))
-        held: list[Skipped] = []
-        for name, result in WorkerPool(cfg.max_parallel_workers, runtime).run(tasks):
-            if isinstance(result, Skipped):
-                if result.why != "done":
-                    held.append(result)
-            elif isinstance(result, StopRequested):
-                continue
-            elif isinstance(result, Exception):
-                failed.append(name)
-                log.error("folder %r was not mapped: %s", name or ROOT_LABEL, result)
-            elif "files" in result:  # a folder (not a removed one): for the DRY_RUN plan
-                planned.append(result)
-        runtime.check()
-        if not held:
-            break
-        claims.pause(len(held), held[0])
-        done = mapped()
-    if cfg.dry_run:
-        print_plan(gen, planned)
-        return EXIT_PARTIAL if failed else EXIT_OK
-    if failed:
-        log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
-                  "(the folders already mapped are kept)", len(failed))
-        return EXIT_PARTIAL
-    missing = wait_for_other_shards(cfg, records, runtime, units, mapped, unit_key)
-    if missing:
-        return EXIT_WAITING
+                yield Unit(SCRIPT, "folder", job.name, job.stem, "folder", f"folder {job.name or ROOT_LABEL!r}",
+                           functools.partial(map_folder, self.ctx, job), (layout.manifest(self.gen, job.stem),))
 
-    # Every manifest exists: read their headers back for the index (also those of earlier runs).
+
+def write_index(ctx: Run, plan: dict) -> dict:
+    """Every manifest exists: the generation's index from their headers (also those of earlier
+    runs), written create-only; the index that stands is returned."""
+    records, layout, gen = ctx.records, ctx.layout, plan["generation"]
     folders = []
     for folder in plan["folders"]:
-        key = layout.manifest(gen, folder["stem"])
-        header = read_manifest_header(records, key)
-        folders.append({k: header.get(k) for k in ("name", "stem", "files", "bytes", "large",
-                                                   "large_bytes", "dirs", "parts", "part_table",
-                                                   "next_part", "changes", "changes_key")})
+        header = read_manifest_header(records, layout.manifest(gen, folder["stem"]))
+        folders.append({k: header.get(k) for k in ("name", "stem", "files", "bytes", "large", "large_bytes",
+                                                   "dirs", "parts", "part_table", "next_part", "changes",
+                                                   "changes_key")})
     removed = []
     for folder in plan.get("removed", []):
         record = records.get_json(layout.removed(gen, folder["stem"]))
@@ -624,7 +612,7 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
             raise RecordError(layout.removed(gen, folder["stem"]), "not a removed-folder record")
         removed.append({k: record.get(k) for k in ("name", "stem", "changes", "changes_key")})
     index = {"generation": gen, "created_at": plan["created_at"], "completed_at": utc_now(),
-             "source": cfg.source, "previous": plan.get("previous"), "folders": folders,
+             "source": ctx.cfg.source, "previous": plan.get("previous"), "folders": folders,
              "removed": removed, "retired_stems": plan.get("retired_stems", {}),
              "totals": {k: sum(f[k] or 0 for f in folders) for k in ("files", "bytes", "large",
                                                                       "large_bytes", "dirs")}}
@@ -633,14 +621,16 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
     if not records.put_json_once(layout.index(gen), index):
         log.info("generation %d was completed by another worker; its index is kept", gen)
         index = records.get_json(layout.index(gen))
-    write_folder_list(records, layout, index)
-    warn_if_shrunk(records, layout, index)
+    return index
+
+
+def say_complete(index: dict) -> None:
     t = index["totals"]
     log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "
-             "%d empty directories, %d new parts", gen, len(folders), t["files"], t["bytes"] / (1 << 20),
-             t["large"], t["dirs"], sum(len(f["parts"] or []) for f in folders))
-    if index.get("changes"):
-        c = index["changes"]
+             "%d empty directories, %d new parts", index["generation"], len(index["folders"]), t["files"],
+             t["bytes"] / (1 << 20), t["large"], t["dirs"], sum(len(f["parts"] or []) for f in index["folders"]))
+    c = index.get("changes")
+    if c:
         log.info("since generation %d: %d files added (%s), %d changed (%s), %d deleted (%s), %d unchanged; "
                  "%d folders added, %d removed; %d empty directories added, %d removed", index["previous"],
                  c["added"], human_bytes(c["added_bytes"]), c["changed"], human_bytes(c["changed_bytes"]),
@@ -649,6 +639,56 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         if c["deleted"] or c["dirs_removed"]:
             log.warning("files deleted at SOURCE stay at DESTINATION unless python_unzipper.py runs with "
                         "PROPAGATE_DELETES=1 (it then deletes only copies that still match what was restored)")
+
+
+def map_is_complete(ctx: Run, latest: tuple[int, dict]) -> int:
+    """Nothing to map: the latest generation is complete and no rescan was asked for."""
+    gen, index = latest
+    if index.get("source") != ctx.cfg.source:
+        raise ConfigError(f"SOURCE={ctx.cfg.source!r} differs from the map's source {index.get('source')!r}; "
+                          "set FORCE_RESCAN=1 to map the new SOURCE as a new generation")
+    if not ctx.cfg.dry_run:
+        write_folder_list(ctx.records, ctx.layout, index)
+    log.info("the map is complete (generation %d, %d folders); set FORCE_RESCAN=1 to list SOURCE again",
+             gen, len(index["folders"]))
+    return EXIT_OK
+
+
+def run(ctx: Run) -> int:
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
+    start_run(ctx)
+    latest = latest_generation(records, layout)
+    gens = all_generations(records, layout)
+    unfinished = [g for g in gens if records.get_json(layout.index(g)) is None and (latest is None or g > latest[0])]
+    if latest and not cfg.force_rescan and not unfinished:
+        return map_is_complete(ctx, latest)
+    plan = open_generation(ctx, latest, gens, unfinished)
+    work = Mapping(ctx, plan, latest, source_hash_kinds(ctx))
+    if ctx.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+                 len(work.mine), len(plan["folders"]))
+    done = work.done_now()
+    ctx.runtime.progress.plan(sum(1 for j in work.mine if j.unit_key not in done), 0,
+                              skipped=sum(1 for j in work.mine if j.unit_key in done))
+    passes = Passes(ctx, SCRIPT)
+    outcomes = passes.run(work.units)
+    failed = [u for u, r in outcomes if isinstance(r, Exception) and not isinstance(r, StopRequested)]
+    for unit, result in outcomes:
+        if unit in failed:
+            log.error("folder %r was not mapped: %s", unit.folder or ROOT_LABEL, result)
+    if cfg.dry_run:
+        print_plan(plan["generation"], [r for u, r in outcomes if u.kind == "folder" and isinstance(r, dict)])
+        return EXIT_PARTIAL if failed or passes.plan_errors else EXIT_OK
+    if failed or passes.plan_errors:
+        log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
+                  "(the folders already mapped are kept)", len(failed) + len(passes.plan_errors))
+        return EXIT_PARTIAL
+    if wait_for_other_shards(ctx, work):
+        return EXIT_WAITING
+    index = write_index(ctx, plan)
+    write_folder_list(records, layout, index)
+    warn_if_shrunk(records, layout, index)
+    say_complete(index)
     log.info("next: run python_zipper.py")
     return EXIT_OK
 
@@ -681,28 +721,28 @@ def change_totals(folders: list[dict], removed: list[dict]) -> dict:
     return totals
 
 
-def wait_for_other_shards(cfg: Config, records: Records, runtime: Runtime, units: list[dict],
-                          mapped: Any, unit_key: Any) -> list[dict]:
+def wait_for_other_shards(ctx: Run, work: Mapping) -> list[FolderJob]:
     """Static shards: the index needs every folder's manifest, and the other workers map theirs.
     Wait while they make progress (a new manifest at least every LEASE_SECONDS); return the
     folders still unmapped when they stop making any (exit 4: run the missing shards)."""
-    missing = [f for f in units if unit_key(f) not in mapped()]
-    if not missing or records.mode != "shards":
+    cfg, runtime = ctx.cfg, ctx.runtime
+    missing = [j for j in work.jobs if j.unit_key not in work.mapped()]
+    if not missing or ctx.mode != "shards":
         return missing
     wait, longest = 0.5, max(0.5, min(10.0, cfg.lease_seconds / 6))
     last_change = time.monotonic()
     while missing:
         if time.monotonic() - last_change > cfg.lease_seconds:
-            shards = sorted({shard_of(f["name"], cfg.worker_count) for f in missing})
+            shards = sorted({shard_of(j.name, cfg.worker_count) for j in missing})
             log.warning("%d folders of other shards are not mapped yet (first: %r; shards %s); the index "
                         "is written by whichever worker of this stage ends last: run those workers",
-                        len(missing), missing[0]["name"], ", ".join(map(str, shards)))
+                        len(missing), missing[0].name, ", ".join(map(str, shards)))
             return missing
-        log.info("waiting for %d folders of other shards (first: %r)", len(missing), missing[0]["name"])
+        log.info("waiting for %d folders of other shards (first: %r)", len(missing), missing[0].name)
         runtime.stop.wait(wait)
         runtime.check()
         wait = min(longest, wait * 2)
-        now = [f for f in units if unit_key(f) not in mapped()]
+        now = [j for j in work.jobs if j.unit_key not in work.mapped()]
         if len(now) < len(missing):
             last_change = time.monotonic()
         missing = now

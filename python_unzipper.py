@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -42,12 +43,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_WAITING, MIB, Claims, Config, DiskGate, FolderIndex,
-                       Layout, MigrationError, Rclone, RcloneError, RecordError, Records, Runtime, Skipped, StopRequested,
-                       WorkerPool, all_generations, in_shard, format_mtime, human_bytes, is_local_path, large_file_id,
-                       latest_generation, load_manifest, local_name, log_context, mtime_ns, new_run_id, out,
-                       describe_proof, parse_mtime, plain_local_name, proof_warnings, read_jsonl_gz, remote_join, run_script, sanitize_name,
-                       staging_dir, start_run, utc_now)
+from common_s3 import (all_generations, Config, count, describe_proof, DiskGate, EXIT_OK, EXIT_PARTIAL,
+                       EXIT_USAGE, EXIT_WAITING, FolderIndex, format_mtime, human_bytes,
+                       is_local_path, large_file_id, latest_generation, Layout, load_manifest, local_name,
+                       log_context, MIB, MigrationError, mtime_ns, new_run_id, out, parse_mtime, Passes,
+                       plain_local_name, proof_warnings, Rclone, RcloneError, read_jsonl_gz, RecordError,
+                       Records, remote_join, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
+                       staging_dir, start_run, StopRequested, Unit, utc_now, WorkerPool)
 
 log = logging.getLogger("python_unzipper")
 
@@ -321,8 +323,10 @@ def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> 
     return record, entries
 
 
-def restore_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-                 gate: DiskGate, job: RestoreJob) -> dict:
+def restore_part(ctx: Run, job: RestoreJob) -> dict:
+    """Restore one part (for a repair, only the damaged files of it) into DESTINATION; record it."""
+    cfg, records, layout, rclone, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime
+    gate = ctx.gate if ctx.gate is not None else DiskGate(cfg, runtime)
     nbytes = sum(r["size"] for r in job.keep.values())
     with runtime.progress.unit(f"{job.folder or ROOT_LABEL}/{job.part}", job.folder, nbytes), \
             log_context(folder=job.folder, part=job.part):
@@ -539,13 +543,13 @@ def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: di
     return result
 
 
-def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str, stem: str,
-                  index: FolderIndex, dest_features: dict,
+def verify_folder(ctx: Run, folder: str, stem: str, index: FolderIndex, dest_features: dict,
                   deletions: "Deletions | None" = None, *, thorough: bool = False) -> dict:
     """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared.
     With ``deletions`` (files deleted at SOURCE in this or an earlier generation), copies of
     those are set apart from the extra files and, when the folder matches and
     PROPAGATE_DELETES=1, deleted where they still match what was restored."""
+    cfg, records, layout, rclone = ctx.cfg, ctx.records, ctx.layout, ctx.rclone
     parts = {r["part"] for r in index.rows("f")}
     load_part_md5s(cfg, records, layout, stem, parts, index)
     source_kinds: set[str] = set()
@@ -618,8 +622,7 @@ def verify_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
         present = {p: (size, mtime, h) for p, size, mtime, h in db.execute(
             "SELECT path, size, mtime, hash FROM dest WHERE path NOT IN (SELECT path FROM e)")}
         keep_dirs = needed_dirs(r["path"] for r in index.rows())
-        report["deleted_at_source"] = deletions.apply(cfg, records, layout, rclone, folder, present, kind,
-                                                      check_mtime, keep_dirs, act=report["ok"])
+        report["deleted_at_source"] = deletions.apply(ctx, folder, present, listed, keep_dirs, act=report["ok"])
     return report
 
 
@@ -723,13 +726,14 @@ class Deletions:
             return f"{kind} {dhash} != restored {want}"
         return None
 
-    def apply(self, cfg: Config, records: Records, layout: Layout, rclone: Rclone, folder: str,
-              present: dict[str, tuple], kind: str | None, check_mtime: bool, keep_dirs: set[str],
-              *, act: bool) -> dict:
+    def apply(self, ctx: Run, folder: str, present: dict[str, tuple], listed: "DestListing",
+              keep_dirs: set[str], *, act: bool) -> dict:
         """Sort DESTINATION's copies of deleted files: kept (PROPAGATE_DELETES is off), deleted,
         or kept because they changed at DESTINATION since they were restored. Deletes with
         PROPAGATE_DELETES=1 and ``act`` (the folder verified), then removes the directories left
         empty that SOURCE no longer has. Returns the summary for the report."""
+        cfg, records, layout, rclone = ctx.cfg, ctx.records, ctx.layout, ctx.rclone
+        kind, check_mtime = listed.kind, listed.check_mtime
         here = sorted(p for p in self.files if p in present)
         out: dict[str, Any] = {"files": len(self.files), "absent": len(self.files) - len(here),
                                "kept": [], "deleted": [], "changed_at_destination": [], "dirs_removed": []}
@@ -878,11 +882,11 @@ def record_deletions(records: Records, layout: Layout, cfg: Config, gen: int, na
         **{k: summary.get(k) for k in ("files", "absent", "deleted", "changed_at_destination", "dirs_removed")}})
 
 
-def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, name: str,
-                   stem: str, deletions: Deletions, dest_features: dict) -> dict:
+def finish_removed(ctx: Run, gen: int, name: str, stem: str, deletions: Deletions, dest_features: dict) -> dict:
     """A folder SOURCE no longer has: its copies at DESTINATION are reported, or with
     PROPAGATE_DELETES=1 deleted where they still match what was restored, and the folder
     removed once empty."""
+    cfg, records, layout, rclone = ctx.cfg, ctx.records, ctx.layout, ctx.rclone
     with log_context(folder=name):
         if not cfg.propagate_deletes:
             kept = sorted(deletions.files)
@@ -893,10 +897,10 @@ def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone
                                           "changed_at_destination": [], "dirs_removed": []}}
         kinds = {k for w in deletions.files.values() for k in (w.get("h") or {})}
         listed = list_destination(cfg, rclone, name, dest_features, kinds)
-        kind, check_mtime = listed.kind, listed.check_mtime
+        kind = listed.kind
         present = {e["Path"]: (int(e.get("Size", -1)), e.get("ModTime", ""),
                                (e.get("Hashes") or {}).get(kind) if kind else None) for e in listed.entries}
-        summary = deletions.apply(cfg, records, layout, rclone, name, present, kind, check_mtime, set(), act=True)
+        summary = deletions.apply(ctx, name, present, listed, set(), act=True)
         others = sorted(p for p in present if p not in deletions.files)
         if not others and not summary["changed_at_destination"]:
             summary["dirs_removed"] += remove_empty_dirs(cfg, rclone, "", [name])
@@ -908,11 +912,11 @@ def finish_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone
                 "extra": others, "deleted_at_source": summary}
 
 
-def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone, gen: int, folder: dict,
-                  larges_done: set[str], dest_features: dict, *, repaired: bool = False,
-                  deletions: Deletions | None = None) -> dict:
+def finish_folder(ctx: Run, gen: int, folder: dict, larges_done: set[str], dest_features: dict, *,
+                  repaired: bool = False, deletions: Deletions | None = None) -> dict:
     """Recreate empty directories and verify a folder whose parts are all restored; with
     ``deletions``, handle the copies of files deleted at SOURCE too."""
+    cfg, records, layout, rclone = ctx.cfg, ctx.records, ctx.layout, ctx.rclone
     name, stem = folder["name"], folder["stem"]
     with log_context(folder=name):
         _header, index = load_manifest(records, layout.manifest(gen, stem),
@@ -926,7 +930,7 @@ def finish_folder(cfg: Config, records: Records, layout: Layout, rclone: Rclone,
             create_dirs(cfg, rclone, name, stem, index)
             if deletions is not None:
                 deletions.load(records, index)
-            report = verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features, deletions)
+            report = verify_folder(ctx, name, stem, index, dest_features, deletions)
         finally:
             index.close()
         report["state"] = "verified" if report["ok"] else "failed"
@@ -996,96 +1000,197 @@ class Finisher:
             return exc
 
 
-def iter_restores(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-                  gate: DiskGate, gen: int, folders: list[dict], zipped: dict, restored: dict,
-                  repairs: dict[str, dict], state: dict, finisher: Finisher,
-                  local: str | None, claims: Claims | None = None,
-                  tried: set = frozenset()) -> Iterator[tuple[Any, Any]]:
-    """One task per part to restore; for a folder under repair, only the parts holding damaged
-    files, and only those files. A folder whose every part is zipped is verified after its
-    last restore (a folder with nothing left to restore, by a task of its own). ``local`` is
-    the local DESTINATION files are renamed into, or None when rclone uploads them. Each
-    restore holds its part's claim where claims are in use; parts in ``tried`` failed earlier
-    in this run and are not tried again."""
-    for folder in folders:
+class Restoring:
+    """The unzipper's units of one map generation, planned afresh for each pass from a fresh
+    listing of the records (the first pass uses the listing made at start): per pending folder,
+    one unit per part to restore (for a folder under repair, only the parts holding damaged
+    files, and only those files) and, for a folder with nothing left to restore, its
+    verification. A folder whose every part is zipped is verified by the worker that restores
+    its last part (``Finisher``), so verification overlaps the transfers."""
+
+    def __init__(self, ctx: Run, gen: int, index: dict, folders: list[dict], passes: Passes):
+        records, layout = ctx.records, ctx.layout
+        self.ctx, self.gen, self.index, self.folders, self.passes = ctx, gen, index, folders, passes
+        # Files deleted at SOURCE, per folder stem, over every generation; with PROPAGATE_DELETES=1
+        # a folder with deletions is pending until they are handled for this generation.
+        self.sources = deletion_sources(records, layout, gen)
+        self.deleted_done = {layout.stem_of(k["Key"]) for k in records.list_keys(layout.deletions_of(gen))}
+        self.local = local_destination(ctx.cfg, folders)
+        self.dest_features: dict = {}
+        self.verified_now: dict[str, Any] = {}
+        self.failed_parts: dict[str, list] = {}
+        self.problems: list[tuple[str, str]] = []
+        self.refresh()
+        self.pending = [f for f in folders if f["stem"] not in self.verified or f["stem"] in self.repairs
+                        or self.to_delete(f["stem"])]
+        self.pending_stems = {f["stem"] for f in self.pending}
+        latest_stems = {f["stem"] for f in index["folders"]}
+        self.removed = sorted({(src[-1]["name"], stem) for stem, src in self.sources.items()
+                               if stem not in latest_stems and ctx.in_shard(src[-1]["name"])})
+        self.finisher = Finisher(self.verify)
+
+    def refresh(self) -> None:
+        records, layout = self.ctx.records, self.ctx.layout
+        self.zipped = records.record_names(layout.parts_root)
+        self.larges = records.record_names(layout.large_root)
+        self.restored = records.record_names(layout.restored_root)
+        self.verified = {layout.stem_of(k["Key"]) for k in records.list_keys(layout.verified_of(self.gen))}
+        self.repairs = list_repairs(records, layout, self.gen)
+        self._fresh = True
+
+    def to_delete(self, stem: str) -> bool:
+        return self.ctx.cfg.propagate_deletes and stem in self.sources and stem not in self.deleted_done
+
+    def units(self) -> Iterator[Unit]:
+        if not self._fresh:  # a pass before this one: look at the records again
+            self.refresh()
+            self.pending = [f for f in self.pending if f["stem"] not in self.verified or f["stem"] in self.repairs]
+            self.problems = [p for p in self.problems if not p[0].startswith("folder ")]
+        self._fresh = False
+        self.finisher = Finisher(self.verify)
+        for folder in self.pending:
+            yield from self._folder_units(folder)
+
+    def _failed(self, stem: str, part: str) -> bool:
+        return (SCRIPT, stem, part) in self.passes.failed
+
+    def _folder_units(self, folder: dict) -> Iterator[Unit]:
         name, stem = folder["name"], folder["stem"]
-        repair = repairs.get(stem)
-        all_zipped = all(p["name"] in zipped.get(stem, set()) for p in folder.get("part_table") or [])
-        todo = [p["name"] for p in folder.get("part_table") or []
-                if p["name"] in zipped.get(stem, set()) and p["name"] not in restored.get(stem, set())
-                and ("part", name, p["name"]) not in tried]
-        if any(("part", name, p["name"]) in tried for p in folder.get("part_table") or []):
-            all_zipped = False  # a part failed in this run: the folder cannot be verified now
-        if not todo and not repair:
+        table = [p["name"] for p in folder.get("part_table") or []]
+        zipped, restored = self.zipped.get(stem, set()), self.restored.get(stem, set())
+        # A part that failed in this run: the folder cannot be verified now.
+        all_zipped = all(p in zipped for p in table) and not any(self._failed(stem, p) for p in table)
+        todo = [p for p in table if p in zipped and p not in restored and not self._failed(stem, p)]
+        jobs = self._jobs(folder, todo) if todo or stem in self.repairs else []
+        if jobs is None:  # the manifest could not be read
+            return
+        if not jobs:
             if all_zipped:
-                yield ("folder", name, ""), lambda f=folder: finisher.finish(f)
-            continue
+                yield self._verify_unit(folder)
+            return
+        self.finisher.expect(stem, len(jobs) if all_zipped else len(jobs) + 1)  # + 1: never verified now
+        for job in jobs:
+            yield Unit(SCRIPT, "part", name, stem, job.part, f"part {job.part} of folder {name!r}",
+                       functools.partial(restore_part, self.ctx, job),
+                       () if job.repair else (self.ctx.layout.restored_record(stem, job.part),),
+                       after=functools.partial(self._after_restore, self.finisher, folder, job))
+
+    def _jobs(self, folder: dict, todo: list[str]) -> list[RestoreJob] | None:
+        """The restore jobs of a folder, from its manifest; None (reported) when it cannot be read."""
+        ctx, name, stem, gen = self.ctx, folder["name"], folder["stem"], self.gen
         try:
-            _header, index = load_manifest(records, layout.manifest(gen, stem),
-                                           os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite")))
+            _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem),
+                                           os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite")))
         except Exception as exc:
-            state["failed"].append((f"folder {name!r}", str(exc)))
+            self.problems.append((f"folder {name!r}", str(exc)))
             log.error("folder %r: %s", name, exc)
-            continue
+            return None
         try:
-            if repair:
-                damaged: dict[str, dict[str, dict]] = {}
-                for path in repair["paths"]:
-                    row = index.get(path)
-                    if row is None:
-                        continue
-                    if row["kind"] == "l":
-                        # --verify deleted the copy record before it wrote the repair; a repair
-                        # written by an older version that left it is handled here, once: a record
-                        # older than the repair is the damaged copy, a newer one is the new copy.
-                        if repair.get("large_records_deleted"):
-                            continue
-                        large_key = layout.large_record(stem, large_file_id(row["path"], row["size"], row["mtime"]))
-                        head = records.head(large_key)
-                        if head is not None and head["LastModified"] < repair["listed_at"]:
-                            log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it "
-                                        "again", path)
-                            records.delete(large_key)
-                    elif row["kind"] == "f" and row["part"] in zipped.get(stem, set()):
-                        damaged.setdefault(row["part"], {})[path] = row
-                todo = sorted(set(todo) | set(damaged))
+            repair = self.repairs.get(stem)
+            damaged = self._damaged(folder, index, repair) if repair else {}
             jobs = []
-            for part in todo:
-                if repair and part in damaged and part in restored.get(stem, set()):
+            for part in sorted(set(todo) | set(damaged)) if repair else todo:
+                if repair and part in damaged and part in self.restored.get(stem, set()):
                     keep, force = damaged[part], True
                 else:
                     keep, force = {r["path"]: r for r in index.rows("f", part)}, False
                 jobs.append(RestoreJob(folder=name, stem=stem, part=part, gen=gen, keep=keep, repair=force,
-                                       local=local))
+                                       local=self.local))
+            return jobs
         finally:
             index.close()
-        if not jobs:
-            if all_zipped:
-                yield ("folder", name, ""), lambda f=folder: finisher.finish(f)
-            continue
-        finisher.expect(stem, len(jobs) if all_zipped else len(jobs) + 1)  # + 1: never verified now
 
-        def task(job: RestoreJob, folder: dict = folder) -> dict | Skipped:
-            def restore() -> dict:
-                return restore_part(cfg, records, layout, rclone, runtime, gate, job)
-            try:
-                if claims is None:
-                    result = restore()
-                else:
-                    result = claims.run(job.stem, job.part, restore, done=lambda: not job.repair and records.head(
-                        layout.restored_record(job.stem, job.part)) is not None)
-            except BaseException:
-                finisher.part_done(folder, False)
-                raise
-            if isinstance(result, Skipped) and result.why != "done":
-                finisher.part_done(folder, False)  # another worker has it: verified in a later pass
-                return result
-            if isinstance(result, Skipped):  # restored by another worker meanwhile
-                result = {"stem": job.stem, "part": job.part, "folder": job.folder, "by_another_worker": True}
-            result["verification"] = finisher.part_done(folder, True)
+    def _damaged(self, folder: dict, index: FolderIndex, repair: dict) -> dict[str, dict[str, dict]]:
+        """{part: {path: row}} of the damaged files a repair restores again from zipped parts."""
+        records, layout, stem = self.ctx.records, self.ctx.layout, folder["stem"]
+        damaged: dict[str, dict[str, dict]] = {}
+        for path in repair["paths"]:
+            row = index.get(path)
+            if row is None:
+                continue
+            if row["kind"] == "l":
+                # --verify deleted the copy record before it wrote the repair; a repair written by an
+                # older version that left it is handled here, once: a record older than the repair is
+                # the damaged copy, a newer one is the new copy.
+                if repair.get("large_records_deleted"):
+                    continue
+                large_key = layout.large_record(stem, large_file_id(row["path"], row["size"], row["mtime"]))
+                head = records.head(large_key)
+                if head is not None and head["LastModified"] < repair["listed_at"]:
+                    log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it again", path)
+                    records.delete(large_key)
+            elif row["kind"] == "f" and row["part"] in self.zipped.get(stem, set()):
+                damaged.setdefault(row["part"], {})[path] = row
+        return damaged
+
+    @staticmethod
+    def _after_restore(finisher: "Finisher", folder: dict, job: RestoreJob, result: Any) -> Any:
+        """Count the part for its folder's verification (run by this worker after the last one)."""
+        if isinstance(result, BaseException) or (isinstance(result, Skipped) and result.why != "done"):
+            finisher.part_done(folder, False)  # failed, or another worker has it: verified in a later pass
             return result
-        for job in jobs:
-            yield ("part", name, job.part), lambda job=job, task=task: task(job)
+        if isinstance(result, Skipped):  # restored by another worker meanwhile
+            result = {"stem": job.stem, "part": job.part, "folder": job.folder, "by_another_worker": True}
+        result["verification"] = finisher.part_done(folder, True)
+        return result
+
+    # A folder's verification, under its "verify" claim
+    def _verify_done_keys(self, stem: str) -> tuple[str, ...]:
+        if stem in self.repairs:
+            return ()
+        layout = self.ctx.layout
+        return (layout.verified_record(self.gen, stem),) + (
+            (layout.deletions(self.gen, stem),) if self.to_delete(stem) else ())
+
+    def _verify_unit(self, folder: dict) -> Unit:
+        name, stem = folder["name"], folder["stem"]
+        return Unit("verify", "folder", name, stem, "folder", f"verification of {name!r}",
+                    functools.partial(self.check, folder), self._verify_done_keys(stem))
+
+    def verify(self, folder: dict) -> Any:
+        """The folder's verification right after its last part, in the worker that restored it."""
+        keys = self._verify_done_keys(folder["stem"])
+        return self.passes.claims("verify").run(folder["stem"], "folder", functools.partial(self.check, folder),
+                                                done=functools.partial(self.ctx.exists, *keys) if keys
+                                                else (lambda: False))
+
+    def check(self, folder: dict) -> dict:
+        ctx, stem = self.ctx, folder["stem"]
+        previous = unchanged_since(folder, self.index)
+        if previous is not None and stem not in self.repairs and not self.to_delete(stem):
+            carried = carry_verification(ctx.records, ctx.layout, self.gen, folder, previous)
+            if carried is not None:
+                return carried
+        # A repair deletes the copy records of damaged large files before its restores start.
+        done = ctx.records.record_names(ctx.layout.large_root) if stem in self.repairs else self.larges
+        return finish_folder(ctx, self.gen, folder, done.get(stem, set()), self.dest_features,
+                             repaired=stem in self.repairs,
+                             deletions=Deletions(stem, self.sources[stem]) if stem in self.sources else None)
+
+    def held(self, result: Any) -> Skipped | None:
+        """A unit held by another worker, or a part whose folder's verification is."""
+        for r in (result, result.get("verification") if isinstance(result, dict) else None):
+            if isinstance(r, Skipped) and r.why != "done":
+                return r
+        return None
+
+    def take(self, outcomes: list[tuple[Unit, Any]], plan_errors: list) -> None:
+        """Note each outcome: parts restored or failed, folders verified (or why not)."""
+        self.problems += [("listing of parts", str(e)) for e in plan_errors]
+        for unit, result in outcomes:
+            if isinstance(result, StopRequested):
+                continue
+            verification = result
+            if unit.kind == "part" and isinstance(result, dict):
+                self.restored.setdefault(result["stem"], set()).add(result["part"])
+                verification = result.get("verification")
+            elif unit.kind == "part" and isinstance(result, Exception):
+                self.problems.append((unit.what, str(result)))
+                log.error("%s failed: %s", unit.what, result)
+                self.failed_parts.setdefault(unit.folder, []).append(unit.name)
+                continue
+            if verification is not None and not isinstance(verification, Skipped):
+                self.verified_now[unit.folder] = verification  # a folder's report, or why it was not verified
 
 
 def folder_state(folder: dict, zipped: dict, restored: dict, failed_parts: dict) -> tuple[str, dict]:
@@ -1145,23 +1250,34 @@ def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
     return out
 
 
-def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-                gen: int, folders: list[dict]) -> int:
+def check_folder(ctx: Run, gen: int, folder: dict, dest_features: dict) -> dict:
+    """``--verify`` of one folder: DESTINATION against its manifest, slow hashes included."""
+    name, stem = folder["name"], folder["stem"]
+    with log_context(folder=name):
+        _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem),
+                                       os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "check.sqlite")))
+        try:
+            return verify_folder(ctx, name, stem, index, dest_features, thorough=True)
+        finally:
+            index.close()
+
+
+def verify_only(ctx: Run, gen: int, folders: list[dict]) -> int:
     """``--verify``: compare DESTINATION with the map, transfer nothing, print every problem."""
-    dest_features = rclone.features(destination_root(cfg)) if local_destination(cfg, folders) is None else {}
-
-    def check(folder: dict) -> dict:
-        name, stem = folder["name"], folder["stem"]
-        with log_context(folder=name):
-            _header, index = load_manifest(records, layout.manifest(gen, stem),
-                                           os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "check.sqlite")))
-            try:
-                return verify_folder(cfg, records, layout, rclone, name, stem, index, dest_features, thorough=True)
-            finally:
-                index.close()
-
-    results = WorkerPool(cfg.max_parallel_workers, runtime).run([(f, lambda f=f: check(f)) for f in folders])
+    cfg, runtime = ctx.cfg, ctx.runtime
+    dest_features = ctx.rclone.features(destination_root(cfg)) if local_destination(cfg, folders) is None else {}
+    results = WorkerPool(cfg.max_parallel_workers, runtime).run(
+        [(f, functools.partial(check_folder, ctx, gen, f, dest_features)) for f in folders])
     runtime.check()
+    report_folders, problems, unmade = mark_repairs(ctx, gen, results)
+    return conclude_check(ctx, gen, report_folders, problems, unmade)
+
+
+def mark_repairs(ctx: Run, gen: int, results: list[tuple[dict, Any]]) -> tuple[list[dict], int, int]:
+    """Print every problem found; write each damaged folder's repair record (its damaged large
+    files' copy records deleted first) and delete those of folders found whole. Returns the
+    report's folders, the folders with problems, and those not zipped in full yet."""
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     repairs = list_repairs(records, layout, gen)
     report_folders, problems, unmade = [], 0, 0
     for folder, result in results:
@@ -1200,6 +1316,12 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
         elif not damaged and folder["stem"] in repairs and not cfg.dry_run:
             records.delete(marker)  # what an earlier --verify found is repaired: nothing is pending
             log.info("folder %r: the repair found by an earlier --verify is done", folder["name"])
+    return report_folders, problems, unmade
+
+
+def conclude_check(ctx: Run, gen: int, report_folders: list[dict], problems: int, unmade: int) -> int:
+    """``--verify``'s report (local, S3, stdout), its proof, and its exit code."""
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     report = make_report(cfg, gen, report_folders, [], mode="verify")
     path = write_report(cfg, records, layout, report)
     print_report(report)
@@ -1213,7 +1335,7 @@ def verify_only(cfg: Config, records: Records, layout: Layout, rclone: Rclone, r
     if problems:
         return EXIT_PARTIAL
     log.info("DESTINATION matches the map: %d files in %d folders (compared: %s)",
-             report["totals"]["files_verified"], len(folders),
+             report["totals"]["files_verified"], len(report_folders),
              "; ".join(" + ".join(c["by"]) for c in (report["proof"] or {}).get("compared") or []) or "nothing")
     return EXIT_OK
 
@@ -1315,10 +1437,11 @@ def _zip_mtime(info: zipfile.ZipInfo) -> float:
     return time.mktime(info.date_time + (0, 0, -1))
 
 
-def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: Runtime, gate: DiskGate,
-                        folder: str, key: str, listed: set[str]) -> dict:
+def restore_legacy_part(ctx: Run, folder: str, key: str, listed: set[str]) -> dict:
     """Download one original part (a temporary file of at most one part), test every CRC,
     refuse unsafe names and zip bombs, extract with mtimes, upload to DESTINATION/<folder>."""
+    cfg, records, rclone, runtime = ctx.cfg, ctx.records, ctx.rclone, ctx.runtime
+    gate = ctx.gate if ctx.gate is not None else DiskGate(cfg, runtime)
     head = records.head(key)
     if head is None:
         raise PartDamaged(key, "it disappeared from the bucket")
@@ -1375,10 +1498,56 @@ def restore_legacy_part(cfg: Config, records: Records, rclone: Rclone, runtime: 
         return {"key": key, "etag": head.get("ETag", "").strip('"'), "files": written, "restored_at": utc_now()}
 
 
-def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-               verify: bool) -> int:
+def read_legacy_folder(records: Records, layout: Layout, stem: str) -> tuple[set[str], dict[str, int], bool] | None:
+    """An original folder's ``_List.txt`` paths, ``_LargeFiles.json`` sizes, and whether the original
+    zipper marked it complete; None without a list (the original mapper has not mapped it)."""
+    list_raw = records.get_bytes(layout.list_txt(stem))
+    if list_raw is None:
+        return None
+    try:
+        listed = {p for p in list_raw.decode("utf-8").split("\n") if p}
+    except UnicodeDecodeError as exc:
+        raise RecordError(layout.list_txt(stem), f"not UTF-8 text: {exc}") from None
+    large_raw = records.get_bytes(layout.large_json(stem))
+    larges: dict[str, int] = {}
+    if large_raw is not None:
+        try:
+            larges = {d["path"]: int(d["size"]) for d in json.loads(large_raw)}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise RecordError(layout.large_json(stem), f"not a list of {{path, size}}: {exc}") from None
+    progress = records.get_json(layout.legacy_progress(stem, "zipper"))
+    if progress is not None and not isinstance(progress, dict):
+        raise RecordError(layout.legacy_progress(stem, "zipper"), "not a JSON object")
+    return listed, larges, bool(progress and progress.get("folder_complete"))
+
+
+def restore_legacy_parts(ctx: Run, folder: str, keys: list[str], listed: set[str], done: set[str],
+                         entry: dict, errors: list) -> None:
+    """Restore the original parts of a folder that no record says were restored (a record per
+    key and ETag, so a part replaced on S3 is restored again); failures go into ``errors``."""
+    records, layout, stem = ctx.records, ctx.layout, sanitize_name(folder)
+    for key in keys:
+        head = records.head(key)
+        if head is None:
+            continue
+        etag = head["ETag"].strip('"')
+        record_name = hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:32]
+        if record_name in done:
+            continue
+        try:
+            result = restore_legacy_part(ctx, folder, key, listed)
+        except (MigrationError, OSError) as exc:
+            log.error("%s", exc)
+            errors.append((key, str(exc)))
+            entry["state"] = "failed"
+            continue
+        records.put_json_once(layout.legacy_restored(stem, record_name), result)
+
+
+def run_legacy(ctx: Run, verify: bool) -> int:
     """Restore and verify a bucket the original scripts wrote: ``folder_list.txt``, ``_List.txt``,
     ``_Full``/``_PartN``/``_SplitM`` parts and their progress JSON; no map of ours."""
+    cfg, records, layout, rclone, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime
     raw = records.get_bytes(layout.folder_list)
     try:
         text = raw.decode("utf-8")
@@ -1394,7 +1563,6 @@ def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
         log.error("part %r could belong to several folders (the original split naming); it was not restored",
                   key)
     done = records.record_names(layout.restored_root + "legacy/")
-    gate = DiskGate(cfg, runtime)
     dest_features = rclone.features(destination_root(cfg))
     entries = []
     errors: list[tuple[str, str]] = [(k, "ambiguous part") for k in ambiguous]
@@ -1409,42 +1577,13 @@ def run_legacy(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
             entry.update(state="failed", error=msg)
             errors.append((folder, msg))
             continue
-        list_raw = records.get_bytes(layout.list_txt(stem))
-        if list_raw is None:
+        legacy = read_legacy_folder(records, layout, stem)
+        if legacy is None:
             entry.update(state="waiting", error="no _List.txt: the original mapper has not mapped it")
             continue
-        try:
-            listed = {p for p in list_raw.decode("utf-8").split("\n") if p}
-        except UnicodeDecodeError as exc:
-            raise RecordError(layout.list_txt(stem), f"not UTF-8 text: {exc}") from None
-        large_raw = records.get_bytes(layout.large_json(stem))
-        larges: dict[str, int] = {}
-        if large_raw is not None:
-            try:
-                larges = {d["path"]: int(d["size"]) for d in json.loads(large_raw)}
-            except (ValueError, TypeError, KeyError) as exc:
-                raise RecordError(layout.large_json(stem), f"not a list of {{path, size}}: {exc}") from None
-        progress = records.get_json(layout.legacy_progress(stem, "zipper"))
-        if progress is not None and not isinstance(progress, dict):
-            raise RecordError(layout.legacy_progress(stem, "zipper"), "not a JSON object")
-        zipper_done = bool(progress and progress.get("folder_complete"))
+        listed, larges, zipper_done = legacy
         if not verify:
-            for key in parts[folder]:
-                head = records.head(key)
-                if head is None:
-                    continue
-                etag = head["ETag"].strip('"')
-                record_name = hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:32]
-                if record_name in done.get(stem, set()):
-                    continue
-                try:
-                    result = restore_legacy_part(cfg, records, rclone, runtime, gate, folder, key, listed)
-                except (MigrationError, OSError) as exc:
-                    log.error("%s", exc)
-                    errors.append((key, str(exc)))
-                    entry["state"] = "failed"
-                    continue
-                records.put_json_once(layout.legacy_restored(stem, record_name), result)
+            restore_legacy_parts(ctx, folder, parts[folder], listed, done.get(stem, set()), entry, errors)
         if entry.get("state") == "failed":
             continue
         report = verify_legacy(cfg, rclone, folder, listed, larges, dest_features)
@@ -1492,197 +1631,112 @@ def verify_legacy(cfg: Config, rclone: Rclone, folder: str, listed: set[str], la
             "ok": not missing and not differing}
 
 
-def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-        argv: Sequence[str]) -> int:
-    start_run(records, layout, runtime)
-    latest = latest_generation(records, layout)
-    if latest is None:
-        if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
-            return run_legacy(cfg, records, layout, rclone, runtime, verify="--verify" in argv or cfg.dry_run)
-        log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
-        return EXIT_WAITING
-    gen, index = latest
-    if local_destination(cfg) is None:  # a remote that is not configured: exit 2 now, not 3 per part
-        rclone.features(destination_root(cfg), "DESTINATION")
-    folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
-    if records.mode == "shards":
-        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
-                 len(folders), len(index["folders"]))
-    if "--verify" in argv:
-        return verify_only(cfg, records, layout, rclone, runtime, gen, folders)
-    zipped = records.record_names(layout.parts_root)
-    larges = records.record_names(layout.large_root)
-    restored = records.record_names(layout.restored_root)
-    verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")]
-                for k in records.list_keys(layout.verified_of(gen))}
-    repairs = list_repairs(records, layout, gen)
-    # Files deleted at SOURCE, per folder stem, over every generation; with PROPAGATE_DELETES=1 a
-    # folder with deletions is pending until they are handled for this generation.
-    sources = deletion_sources(records, layout, gen)
-    deleted_done = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.deletions_of(gen))}
+def print_plan(ctx: Run, work: Restoring, to_restore: list[tuple[dict, dict]]) -> None:
+    """DRY_RUN: the parts to restore, the folders to verify and those waiting for the zipper."""
+    out.info(f"plan for map generation {work.gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
+    for f, p in to_restore:
+        out.info(f"restore part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
+                 f"{human_bytes(p['bytes'])} -> {destination_root(ctx.cfg)}\n")
+    waiting = 0
+    for f in work.pending:
+        table = [p["name"] for p in f.get("part_table") or []]
+        unzipped = [p for p in table if p not in work.zipped.get(f["stem"], set())]
+        large_left = max(0, int(f.get("large", 0)) - len(work.larges.get(f["stem"], set())))
+        label = f["name"] or ROOT_LABEL
+        if unzipped or large_left:
+            waiting += 1
+            out.info(f"wait for the zipper: folder {label}: {len(table) - len(unzipped)} of "
+                     f"{count(len(table), 'part')} zipped, {count(large_left, 'large file')} not copied yet\n")
+        else:
+            out.info(f"verify folder {label}: {count(f.get('files', 0) + f.get('large', 0), 'file')}"
+                     + (" (repair)" if f["stem"] in work.repairs else "") + "\n")
+    restore = count(len(to_restore), 'part')
+    if waiting:
+        out.info(f"{restore} to restore, {count(len(work.pending) - waiting, 'folder')} to verify, "
+                 f"{count(waiting, 'folder')} waiting for the zipper (the real run would exit 4 for those)\n")
+    else:
+        out.info(f"{restore} to restore, {count(len(work.pending), 'folder')} to verify\n")
 
-    def to_delete(stem: str) -> bool:
-        return cfg.propagate_deletes and stem in sources and stem not in deleted_done
 
-    pending = [f for f in folders if f["stem"] not in verified or f["stem"] in repairs or to_delete(f["stem"])]
-    pending_stems = {f["stem"] for f in pending}
-    latest_stems = {f["stem"] for f in index["folders"]}
-    removed = sorted({(src[-1]["name"], stem) for stem, src in sources.items() if stem not in latest_stems
-                      and in_shard(cfg, records.mode, src[-1]["name"])})
-    log.info("map generation %d: %d folders, %d verified, %d to repair%s", gen, len(folders),
-             len(folders) - len(pending), len(repairs),
-             f"; deletions at SOURCE in {len(sources)} folders ({len(removed)} removed folders), "
+def announce(ctx: Run, work: Restoring) -> list[tuple[dict, dict]]:
+    """Say what this run has to do, guard the deletions it would make, plan the progress
+    display; return the parts to restore."""
+    cfg, folders, sources = ctx.cfg, work.folders, work.sources
+    log.info("map generation %d: %d folders, %d verified, %d to repair%s", work.gen, len(folders),
+             len(folders) - len(work.pending), len(work.repairs),
+             f"; deletions at SOURCE in {len(sources)} folders ({len(work.removed)} removed folders), "
              + ("PROPAGATE_DELETES=1: copies still as restored are deleted" if cfg.propagate_deletes
                 else "kept at DESTINATION (PROPAGATE_DELETES=0)") if sources else "")
-    doomed = planned_deletions(records, layout, gen, index, sources, deleted_done, removed) \
-        if cfg.propagate_deletes else {}
-    guard_deletions(cfg, records, layout, index, doomed)
-    to_restore = [(f, p) for f in pending for p in f.get("part_table") or []
-                  if p["name"] in zipped.get(f["stem"], set()) and p["name"] not in restored.get(f["stem"], set())]
-    runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
-                          skipped=len(folders) - len(pending))
-    if cfg.dry_run:
-        out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
-        for f, p in to_restore:
-            out.info(f"restore part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
-                             f"{human_bytes(p['bytes'])} -> {destination_root(cfg)}\n")
-        waiting = 0
-        for f in pending:
-            table = [p["name"] for p in f.get("part_table") or []]
-            unzipped = [p for p in table if p not in zipped.get(f["stem"], set())]
-            large_left = max(0, int(f.get("large", 0)) - len(larges.get(f["stem"], set())))
-            label = f["name"] or ROOT_LABEL
-            if unzipped or large_left:
-                waiting += 1
-                out.info(f"wait for the zipper: folder {label}: {len(table) - len(unzipped)} of "
-                         f"{count(len(table), 'part')} zipped, {count(large_left, 'large file')} not copied yet\n")
-            else:
-                out.info(f"verify folder {label}: {count(f.get('files', 0) + f.get('large', 0), 'file')}"
-                         + (" (repair)" if f["stem"] in repairs else "") + "\n")
-        out.info(f"{count(len(to_restore), 'part')} to restore, {count(len(pending) - waiting, 'folder')} to verify, "
-                 f"{count(waiting, 'folder')} waiting for the zipper (the real run would exit 4 for those)\n"
-                 if waiting else f"{count(len(to_restore), 'part')} to restore, "
-                 f"{count(len(pending), 'folder')} to verify\n")
-        return EXIT_OK
-    gate = DiskGate(cfg, runtime)
-    state: dict = {"failed": []}
-    local = local_destination(cfg, folders)
-    dest_features = rclone.features(destination_root(cfg)) if pending and local is None else {}
-    claims = Claims(records, layout, runtime, SCRIPT)
-    verifier = Claims(records, layout, runtime, "verify")
+    doomed = planned_deletions(ctx.records, ctx.layout, work.gen, work.index, sources, work.deleted_done,
+                               work.removed) if cfg.propagate_deletes else {}
+    guard_deletions(cfg, ctx.records, ctx.layout, work.index, doomed)
+    to_restore = [(f, p) for f in work.pending for p in f.get("part_table") or []
+                  if p["name"] in work.zipped.get(f["stem"], set())
+                  and p["name"] not in work.restored.get(f["stem"], set())]
+    ctx.runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
+                              skipped=len(folders) - len(work.pending))
+    return to_restore
 
-    def verify(folder: dict) -> dict | Skipped:
-        stem = folder["stem"]
 
-        def check() -> dict:
-            previous = unchanged_since(folder, index)
-            if previous is not None and stem not in repairs and not to_delete(stem):
-                carried = carry_verification(records, layout, gen, folder, previous)
-                if carried is not None:
-                    return carried
-            # A repair deletes the copy records of damaged large files before its restores start.
-            done = records.record_names(layout.large_root) if stem in repairs else larges
-            return finish_folder(cfg, records, layout, rclone, gen, folder, done.get(stem, set()),
-                                 dest_features, repaired=stem in repairs,
-                                 deletions=Deletions(stem, sources[stem]) if stem in sources else None)
-
-        def finished() -> bool:
-            if stem in repairs or records.head(layout.verified_record(gen, stem)) is None:
-                return False
-            return not to_delete(stem) or records.head(layout.deletions(gen, stem)) is not None
-        return verifier.run(stem, "folder", check, done=finished)
-
-    failed_parts: dict[str, list] = {}
-    verified_now: dict[str, Any] = {}
-    tried: set = set()  # parts that failed in this run: reported, not tried again
-    while True:
-        held: list[Skipped] = []
-        finisher = Finisher(verify)
-        for label, result in WorkerPool(cfg.max_parallel_workers, runtime).run(
-                iter_restores(cfg, records, layout, rclone, runtime, gate, gen, pending, zipped, restored,
-                              repairs, state, finisher, local, claims, tried)):
-            if isinstance(result, StopRequested):
-                continue
-            verification = result
-            if label and label[0] == "part" and isinstance(result, dict):
-                restored.setdefault(result["stem"], set()).add(result["part"])
-                verification = result.get("verification")
-            elif label and label[0] == "part" and isinstance(result, Exception):
-                what = f"part {label[2]} of folder {label[1]!r}"
-                state["failed"].append((what, str(result)))
-                log.error("%s failed: %s", what, result)
-                failed_parts.setdefault(label[1], []).append(label[2])
-                tried.add(label)
-                continue
-            elif label is None:
-                state["failed"].append(("listing of parts", str(result)))
-                continue
-            if isinstance(verification, Skipped):
-                if verification.why != "done":
-                    held.append(verification)
-            elif verification is not None:  # a folder's report, or why it could not be verified
-                verified_now[label[1]] = verification
-        runtime.check()
-        if not held:
-            break
-        claims.pause(len(held), held[0])  # then look again: finished, or stale and ours to take
-        zipped = records.record_names(layout.parts_root)
-        larges = records.record_names(layout.large_root)
-        restored = records.record_names(layout.restored_root)
-        verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.verified_of(gen))}
-        repairs = list_repairs(records, layout, gen)
-        pending = [f for f in pending if f["stem"] not in verified or f["stem"] in repairs]
-        state["failed"] = [f for f in state["failed"] if not f[0].startswith("folder ")]
-    verified = {k["Key"].rsplit("/", 1)[1][:-len(".json")] for k in records.list_keys(layout.verified_of(gen))}
-    restored = records.record_names(layout.restored_root)
-    removed_report = handle_removed(cfg, records, layout, rclone, runtime, gen, removed, sources, deleted_done,
-                                    dest_features, verifier, state)
-
-    entries: dict[str, dict] = {}
-    for folder in folders:
+def folder_entries(work: Restoring) -> list[dict]:
+    """Each folder's line of the report: its verification now, verified before, or where it stands."""
+    entries = []
+    for folder in work.folders:
         name, stem = folder["name"], folder["stem"]
-        entries[stem] = {"folder": name, "stem": stem}
-        result = verified_now.get(name)
+        entry: dict[str, Any] = {"folder": name, "stem": stem}
+        entries.append(entry)
+        result = work.verified_now.get(name)
         if isinstance(result, dict):
-            entries[stem].update(result)
+            entry.update(result)
             continue
-        if stem not in pending_stems or stem in verified:
-            entries[stem].update(state="verified", files=folder.get("files", 0) + folder.get("large", 0))
+        if stem not in work.pending_stems or stem in work.verified:
+            entry.update(state="verified", files=folder.get("files", 0) + folder.get("large", 0))
             continue
-        where, details = folder_state(folder, zipped, restored, failed_parts)
-        entries[stem].update(state=where, **details)
+        where, details = folder_state(folder, work.zipped, work.restored, work.failed_parts)
+        entry.update(state=where, **details)
         if where != "ready":
             continue
-        entry = entries[stem]
         if result is None or isinstance(result, StopRequested):  # ready, but not reached before a stop
             entry["state"] = "failed"
         else:
             log.error("folder %r could not be verified: %s", name, result)
-            state["failed"].append((f"verification of {name!r}", str(result)))
+            work.problems.append((f"verification of {name!r}", str(result)))
             entry.update(state="failed", error=str(result))
-    if local is not None:
+    return entries
+
+
+def deletion_totals(report: dict, summaries: list[dict]) -> None:
+    t = report["totals"]
+    t["deleted_files"] = sum(len(d.get("deleted") or []) for d in summaries)
+    t["deleted_dirs"] = sum(len(d.get("dirs_removed") or []) for d in summaries)
+    t["kept_deleted_at_source"] = sum(len(d.get("kept") or []) + len(d.get("changed_at_destination") or [])
+                                      for d in summaries)
+
+
+def conclude(ctx: Run, work: Restoring) -> int:
+    """After the passes: removed folders, the report (local, S3, stdout), the proof, the exit code."""
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
+    work.verified = {layout.stem_of(k["Key"]) for k in records.list_keys(layout.verified_of(work.gen))}
+    work.restored = records.record_names(layout.restored_root)
+    removed_report = handle_removed(ctx, work)
+    entries = folder_entries(work)
+    if work.local is not None:
         # Every folder of the map, not only this worker's shard: others may still be staging.
-        remove_local_tmp(local, everything=not state["failed"] and all(
-            e["state"] == "verified" for e in entries.values())
-            and all(f["stem"] in verified for f in index["folders"]), worker_id=cfg.worker_id)
-    report = make_report(cfg, gen, list(entries.values()), state["failed"], mode="restore")
+        remove_local_tmp(work.local, everything=not work.problems and all(e["state"] == "verified" for e in entries)
+                         and all(f["stem"] in work.verified for f in work.index["folders"]), worker_id=cfg.worker_id)
+    report = make_report(cfg, work.gen, entries, work.problems, mode="restore")
     report["removed_folders"] = removed_report
-    summaries = [e.get("deleted_at_source") for e in [*entries.values(), *removed_report]]
-    summaries = [d for d in summaries if isinstance(d, dict)]
-    report["totals"]["deleted_files"] = sum(len(d.get("deleted") or []) for d in summaries)
-    report["totals"]["deleted_dirs"] = sum(len(d.get("dirs_removed") or []) for d in summaries)
-    report["totals"]["kept_deleted_at_source"] = sum(len(d.get("kept") or []) + len(d.get("changed_at_destination") or [])
-                                                     for d in summaries)
+    deletion_totals(report, [d for d in (e.get("deleted_at_source") for e in [*entries, *removed_report])
+                             if isinstance(d, dict)])
+    t = report["totals"]
     if cfg.propagate_deletes:
         log.info("deleted at DESTINATION: %d files and %d folders; %d files deleted at SOURCE kept there",
-                 report["totals"]["deleted_files"], report["totals"]["deleted_dirs"],
-                 report["totals"]["kept_deleted_at_source"])
+                 t["deleted_files"], t["deleted_dirs"], t["kept_deleted_at_source"])
     path = write_report(cfg, records, layout, report)
     print_report(report)
     tell_proof(records, layout, report["proof"])
     log.info("report written to %s and s3://%s/%s", path, cfg.bucket, layout.report(report["run_id"]))
-    t = report["totals"]
-    if t["failed"] or state["failed"]:
+    if t["failed"] or work.problems:
         log.error("%d folders failed; run python_unzipper.py again to retry (restored parts are kept)", t["failed"])
         return EXIT_PARTIAL
     if t["waiting"]:
@@ -1690,6 +1744,37 @@ def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: 
         return EXIT_WAITING
     log.info("all %d folders restored and verified", t["verified"])
     return EXIT_OK
+
+
+def run(ctx: Run) -> int:
+    cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
+    start_run(ctx)
+    latest = latest_generation(records, layout)
+    if latest is None:
+        if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
+            return run_legacy(ctx, verify="--verify" in ctx.argv or cfg.dry_run)
+        log.error("no complete map on S3 under %r: run master_mapper.py, then python_zipper.py", cfg.prefix)
+        return EXIT_WAITING
+    gen, index = latest
+    if local_destination(cfg) is None:  # a remote that is not configured: exit 2 now, not 3 per part
+        ctx.rclone.features(destination_root(cfg), "DESTINATION")
+    folders = [f for f in index["folders"] if ctx.in_shard(f["name"])]
+    if ctx.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+                 len(folders), len(index["folders"]))
+    if "--verify" in ctx.argv:
+        return verify_only(ctx, gen, folders)
+    passes = Passes(ctx, SCRIPT)
+    work = Restoring(ctx, gen, index, folders, passes)
+    to_restore = announce(ctx, work)
+    if cfg.dry_run:
+        print_plan(ctx, work, to_restore)
+        return EXIT_OK
+    if work.pending and work.local is None:
+        work.dest_features = ctx.rclone.features(destination_root(cfg))
+    passes.held_of = work.held
+    work.take(passes.run(work.units), passes.plan_errors)
+    return conclude(ctx, work)
 
 
 def planned_deletions(records: Records, layout: Layout, gen: int, index: dict, sources: dict,
@@ -1769,40 +1854,44 @@ def deletion_sources(records: Records, layout: Layout, gen: int) -> dict[str, li
     return out
 
 
-def handle_removed(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime, gen: int,
-                   removed: list[tuple[str, str]], sources: dict, deleted_done: set[str], dest_features: dict,
-                   verifier: Claims, state: dict) -> list[dict]:
+def handle_removed(ctx: Run, work: Restoring) -> list[dict]:
     """Folders SOURCE no longer has: reported; with PROPAGATE_DELETES=1 their copies deleted (each
     under a claim, once per generation)."""
-    if removed and cfg.propagate_deletes and not dest_features and local_destination(cfg) is None:
-        dest_features = rclone.features(destination_root(cfg))
+    cfg = ctx.cfg
+    if work.removed and cfg.propagate_deletes and not work.dest_features and local_destination(cfg) is None:
+        work.dest_features = ctx.rclone.features(destination_root(cfg))
+    tasks = [((name, stem), functools.partial(_handle_removed, ctx, work, name, stem)) for name, stem in work.removed]
     results = []
-
-    def handle(name: str, stem: str) -> dict | Skipped:
-        def work() -> dict:
-            return finish_removed(cfg, records, layout, rclone, gen, name, stem,
-                                  Deletions(stem, sources[stem]).load(records, None), dest_features)
-        if not cfg.propagate_deletes:
-            return work()
-        if stem in deleted_done:
-            record = records.get_json(layout.deletions(gen, stem)) or {}
-            return {"folder": name, "stem": stem, "destination": "removed earlier",
-                    "deleted_at_source": {k: record.get(k) for k in ("files", "absent", "deleted",
-                                                                     "changed_at_destination", "dirs_removed")}}
-        return verifier.run(stem, "removed", work, done=lambda: records.head(layout.deletions(gen, stem)) is not None)
-
-    for (name, stem), result in WorkerPool(cfg.max_parallel_workers, runtime).run(
-            [((n, st), lambda n=n, st=st: handle(n, st)) for n, st in removed]):
+    for (name, stem), result in WorkerPool(cfg.max_parallel_workers, ctx.runtime).run(tasks):
         if isinstance(result, Skipped):
             results.append({"folder": name, "stem": stem, "destination": f"handled by another worker ({result.why})"})
         elif isinstance(result, BaseException):
             log.error("removed folder %r: %s", name, result)
-            state["failed"].append((f"removed folder {name!r}", str(result)))
+            work.problems.append((f"removed folder {name!r}", str(result)))
             results.append({"folder": name, "stem": stem, "destination": "failed", "error": str(result)})
         else:
             results.append(result)
-    runtime.check()
+    ctx.runtime.check()
     return results
+
+
+def _handle_removed(ctx: Run, work: Restoring, name: str, stem: str) -> dict | Skipped:
+    gen, records, layout = work.gen, ctx.records, ctx.layout
+    job = functools.partial(_finish_removed_now, ctx, work, name, stem)
+    if not ctx.cfg.propagate_deletes:
+        return job()
+    if stem in work.deleted_done:
+        record = records.get_json(layout.deletions(gen, stem)) or {}
+        return {"folder": name, "stem": stem, "destination": "removed earlier",
+                "deleted_at_source": {k: record.get(k) for k in ("files", "absent", "deleted",
+                                                                 "changed_at_destination", "dirs_removed")}}
+    return work.passes.claims("verify").run(stem, "removed", job,
+                                            done=functools.partial(ctx.exists, layout.deletions(gen, stem)))
+
+
+def _finish_removed_now(ctx: Run, work: Restoring, name: str, stem: str) -> dict:
+    deletions = Deletions(stem, work.sources[stem]).load(ctx.records, None)
+    return finish_removed(ctx, work.gen, name, stem, deletions, work.dest_features)
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -36,11 +37,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from common_s3 import (ROOT_LABEL, count, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING, MIB, Claims, Config, ConfigError, DiskGate,
-                       Layout, MigrationError, MultipartUpload, Rclone, RcloneError, RecordExists, Records, Runtime, S3Error, Skipped,
-                       StopRequested, WorkerPool, human_bytes, in_shard, is_local_path, jsonl_gz_bytes, large_file_id, latest_generation,
-                       load_manifest, local_name, log_context, out, parse_mtime, plan_drift, plain_local_name, remote_join,
-                       run_script, staging_dir, start_run, utc_now)
+from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
+                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id,
+                       latest_generation, Layout, load_manifest, local_name, log_context, MIB,
+                       MigrationError, MultipartUpload, out, parse_mtime, Passes, plain_local_name,
+                       plan_drift, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
+                       run_script, Runtime, S3Error, Skipped, staging_dir, start_run, StopRequested, Unit,
+                       utc_now)
 
 log = logging.getLogger("python_zipper")
 
@@ -124,6 +127,17 @@ class ObjectExists(MigrationError):
         self.key = key
 
 
+@dataclass(frozen=True)
+class SinkOptions:
+    """How an S3Sink sends: Content-MD5 with each chunk, uploader threads, whether it hashes the
+    whole object's MD5 too, and whether the object may appear only where none is (fencing)."""
+
+    send_md5: bool = True
+    uploaders: int = 2
+    whole_md5: bool = True
+    create_only: bool = False
+
+
 class S3Sink:
     """A write-only file for zipfile that streams into one S3 object.
 
@@ -136,9 +150,10 @@ class S3Sink:
     whose multipart ETags are MD5-of-chunk-MD5s do not need it).
     """
 
-    def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime, *,
-                 send_md5: bool = True, uploaders: int = 2, whole_md5: bool = True,
-                 create_only: bool = False):
+    def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime,
+                 options: SinkOptions | None = None):
+        opts = options or SinkOptions()
+        send_md5, uploaders, whole_md5, create_only = opts.send_md5, opts.uploaders, opts.whole_md5, opts.create_only
         self.records = records
         self.key = key
         self.chunk = chunk_bytes
@@ -624,11 +639,10 @@ class EtagStyle:
             self.chunked = True
 
 
-def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-             gate: DiskGate, job: PartJob, etags: EtagStyle | None = None) -> dict:
+def zip_part(ctx: Run, job: PartJob, etags: EtagStyle | None = None) -> dict:
     """Make one part: read (or stage) its files, check them, stream the zip to S3, verify it,
     record it."""
-    key = layout.part_object(job.stem, job.part)
+    cfg, runtime = ctx.cfg, ctx.runtime
     staging = os.path.join(cfg.tmp_dir, local_name(job.stem, job.part))
     list_path = staging + ".files"
     what = f"part {job.part} of {job.folder or ROOT_LABEL}"
@@ -636,6 +650,7 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
     base = local_source_dir(cfg, job.folder)
     where, fetch = split_local(job.files, base) if base is not None else ({}, list(job.files))
     fetch_bytes = sum(f["size"] for f in fetch)
+    gate = ctx.gate if ctx.gate is not None else DiskGate(cfg, runtime)
     with runtime.progress.unit(f"{job.folder or ROOT_LABEL}/{job.part}", job.folder, job.bytes), \
             log_context(folder=job.folder, part=job.part), \
             (gate.reserve(int(fetch_bytes * 1.05) + MIB, what) if fetch else contextlib.nullcontext()), \
@@ -647,71 +662,15 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
                 if base is not None:
                     log.info("%d of %d files are not plain files as mapped at the local SOURCE; "
                              "rclone fetches them (first: %r)", len(fetch), len(job.files), fetch[0]["path"])
-                failure = None
-                try:
-                    stage_files(cfg, rclone, job, fetch, staging, list_path)
-                except RcloneError as exc:
-                    if exc.timed_out or exc.quota or exc.disk_full:
-                        raise
-                    failure = exc  # some files may have failed only: the check below tells
-                bad = check_staged(fetch, staging)
-                if failure is not None and not bad:
-                    raise failure  # every file arrived, yet rclone failed: not a file's trouble
-                if bad:
-                    job.skipped = classify_missing(cfg, rclone, job, bad, cfg.tmp_dir, failure)
-                    for s in job.skipped:
-                        log.error("left out of the part: %r: %s", s["path"], s["reason"])
+                job.skipped = fetch_files(ctx, job, fetch, staging, list_path)
                 where.update((f["path"], os.path.join(staging, f["path"])) for f in fetch)
-            skip = {s["path"] for s in job.skipped}
-            kept = [f for f in job.files if f["path"] not in skip]
             staged_at = time.monotonic()
-            abort_uploads(records, key, job.stale_uploads)
-            estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
-            send_md5 = cfg.s3_checksums != "off"
-            # The whole object's MD5 is one more pass over the bytes, needed only to check a
-            # server that gives it as a multipart ETag without checking each chunk's MD5.
-            chunks_checked = send_md5 and records.caps.md5_checked
-            sink = S3Sink(records, key, chunk_size_for(estimate), runtime, send_md5=send_md5,
-                          uploaders=1, whole_md5=not (etags.chunked or chunks_checked),
-                          create_only=records.caps.create_only)
-            entries = write_zip(sink, job, where, skip, runtime)
-            try:
-                sink.finish()
-            except ObjectExists:
-                recorded = clear_unrecorded(records, layout, runtime, job, sink)
-                if recorded is not None:
-                    return recorded
-            head = records.head(key)
-            if head is None or head["ContentLength"] != sink.total:
-                raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
-                                     f"upload, {sink.total} were sent")
-            got = head.get("ETag", "").strip('"')
-            check_etag(key, got, expected_etag(sink.chunk_md5s, multipart=sink.multipart), sink.whole_md5(),
-                       chunks_checked=chunks_checked)
-            etags.learn(sink, got)
-            entries_body = jsonl_gz_bytes(entries)
-            entries_sha256 = hashlib.sha256(entries_body).hexdigest()
-            entries_key = layout.part_entries(job.stem, job.part, entries_sha256)
-            runtime.confirm_claim()
-            records.put_bytes(entries_key, entries_body, content_type="application/gzip")
-            record = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
-                      "key": key, "size": sink.total, "etag": got, "sha256": sink.sha256.hexdigest(),
-                      "entries_key": entries_key,
-                      "entries_sha256": entries_sha256,
-                      "files": len(entries), "bytes": sum(e["size"] for e in entries),
-                      "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
-            unreadable = [sk for sk in job.skipped if sk.get("unreadable")]
-            if unreadable:  # before the record: a mapper's FORCE_RESCAN=1 pass packs them again
-                runtime.confirm_claim()
-                records.put_json(layout.left_out(job.stem, job.part),
-                                 {"folder": job.folder, "part": job.part, "generation": job.gen,
-                                  "files": unreadable, "at": utc_now(), "worker": cfg.worker_id})
-            runtime.confirm_claim()
-            if not records.put_json_once(layout.part_record(job.stem, job.part), record):
-                log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
-            elapsed = time.monotonic() - started
+            sink, entries = stream_part(ctx, job, where, etags)
+            if sink is None:  # recorded by another worker meanwhile
+                return entries
+            record = publish_part(ctx, job, sink, entries, etags)
             log.info("part uploaded: %s, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
-                     count(len(entries), "file"), human_bytes(sink.total), elapsed,
+                     count(len(entries), "file"), human_bytes(sink.total), time.monotonic() - started,
                      f"download of {count(len(fetch), 'file')}" if fetch else "nothing to download",
                      staged_at - started, time.monotonic() - staged_at)
             return record
@@ -722,6 +681,89 @@ def zip_part(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runt
         finally:
             if os.path.exists(list_path):
                 os.remove(list_path)
+
+
+def fetch_files(ctx: Run, job: PartJob, fetch: list[dict], staging: str, list_path: str) -> list[dict]:
+    """Stage the files rclone must fetch and check them against the map; return the files
+    left out (gone or changed at SOURCE, or unreadable there after every retry)."""
+    failure = None
+    try:
+        stage_files(ctx.cfg, ctx.rclone, job, fetch, staging, list_path)
+    except RcloneError as exc:
+        if exc.timed_out or exc.quota or exc.disk_full:
+            raise
+        failure = exc  # some files may have failed only: the check below tells
+    bad = check_staged(fetch, staging)
+    if failure is not None and not bad:
+        raise failure  # every file arrived, yet rclone failed: not a file's trouble
+    if not bad:
+        return []
+    skipped = classify_missing(ctx.cfg, ctx.rclone, job, bad, ctx.cfg.tmp_dir, failure)
+    for s in skipped:
+        log.error("left out of the part: %r: %s", s["path"], s["reason"])
+    return skipped
+
+
+def stream_part(ctx: Run, job: PartJob, where: dict[str, str], etags: EtagStyle) -> tuple[S3Sink | None, Any]:
+    """The zip of the part's kept files, streamed into its object and published create-only:
+    (the sink, the entries); or (None, the record) when another worker recorded the part first."""
+    cfg, records = ctx.cfg, ctx.records
+    key = ctx.layout.part_object(job.stem, job.part)
+    skip = {s["path"] for s in job.skipped}
+    kept = [f for f in job.files if f["path"] not in skip]
+    abort_uploads(records, key, job.stale_uploads)
+    estimate = sum(f["size"] for f in kept) + zip_overhead([f["path"] for f in kept])
+    send_md5 = cfg.s3_checksums != "off"
+    # The whole object's MD5 is one more pass over the bytes, needed only to check a server
+    # that gives it as a multipart ETag without checking each chunk's MD5.
+    chunks_checked = send_md5 and records.caps.md5_checked
+    sink = S3Sink(records, key, chunk_size_for(estimate), ctx.runtime,
+                  SinkOptions(send_md5=send_md5, uploaders=1, whole_md5=not (etags.chunked or chunks_checked),
+                              create_only=records.caps.create_only))
+    entries = write_zip(sink, job, where, skip, ctx.runtime)
+    try:
+        sink.finish()
+    except ObjectExists:
+        recorded = clear_unrecorded(records, ctx.layout, ctx.runtime, job, sink)
+        if recorded is not None:
+            sink.abort()
+            return None, recorded
+    return sink, entries
+
+
+def publish_part(ctx: Run, job: PartJob, sink: S3Sink, entries: list[dict], etags: EtagStyle) -> dict:
+    """Check the object on S3 (size, ETag), then write its entries, its left-out marker and,
+    last, its completion record, each after confirming the unit's claim."""
+    cfg, records, layout, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.runtime
+    key = sink.key
+    head = records.head(key)
+    if head is None or head["ContentLength"] != sink.total:
+        raise MigrationError(f"s3 key {key!r} has {head and head['ContentLength']} bytes after "
+                             f"upload, {sink.total} were sent")
+    got = head.get("ETag", "").strip('"')
+    check_etag(key, got, expected_etag(sink.chunk_md5s, multipart=sink.multipart), sink.whole_md5(),
+               chunks_checked=cfg.s3_checksums != "off" and records.caps.md5_checked)
+    etags.learn(sink, got)
+    entries_body = jsonl_gz_bytes(entries)
+    entries_sha256 = hashlib.sha256(entries_body).hexdigest()
+    entries_key = layout.part_entries(job.stem, job.part, entries_sha256)
+    runtime.confirm_claim()
+    records.put_bytes(entries_key, entries_body, content_type="application/gzip")
+    record = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
+              "key": key, "size": sink.total, "etag": got, "sha256": sink.sha256.hexdigest(),
+              "entries_key": entries_key, "entries_sha256": entries_sha256,
+              "files": len(entries), "bytes": sum(e["size"] for e in entries),
+              "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
+    unreadable = [sk for sk in job.skipped if sk.get("unreadable")]
+    if unreadable:  # before the record: a mapper's FORCE_RESCAN=1 pass packs them again
+        runtime.confirm_claim()
+        records.put_json(layout.left_out(job.stem, job.part),
+                         {"folder": job.folder, "part": job.part, "generation": job.gen,
+                          "files": unreadable, "at": utc_now(), "worker": cfg.worker_id})
+    runtime.confirm_claim()
+    if not records.put_json_once(layout.part_record(job.stem, job.part), record):
+        log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
+    return record
 
 
 def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: PartJob,
@@ -760,8 +802,7 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
 
 # Large files
 
-def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-               folder: str, stem: str, row: dict) -> dict:
+def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> dict:
     """rclone copyto SOURCE -> DESTINATION, then prove the copy: a hash kind both ends offer,
     else both files read back and their MD5s compared.
 
@@ -769,6 +810,7 @@ def copy_large(cfg: Config, records: Records, layout: Layout, rclone: Rclone, ru
     says it was, so whatever DESTINATION holds under that name is not known to be it, and
     DESTINATION without hashes or settable mtimes would let rclone skip a changed file of the
     same size. Size alone is never taken as proof."""
+    cfg, records, layout, rclone, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime
     rel = row["path"]
     src = remote_join(cfg.source, folder, rel) if folder else remote_join(cfg.source, rel)
     dst = remote_join(cfg.destination, folder, rel) if folder else remote_join(cfg.destination, rel)
@@ -823,50 +865,64 @@ def read_back_md5(rclone: Rclone, src: str, dst: str, rel: str, timeout_s: float
 
 # The run
 
-def iter_units(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-               gate: DiskGate, gen: int, folders: list[dict], done_parts: dict, done_large: dict,
-               stale: dict, stats: dict, claims: Claims, etags: EtagStyle,
-               tried: set) -> Iterator[tuple[Any, Any]]:
-    """Yield one task per unit still to do, loading each folder's manifest only when reached.
+class Zipping:
+    """The zipper's units of one map generation, planned afresh for each pass from a fresh
+    listing of the part and large-file records (the first pass uses the listing made at start).
+    A folder's manifest is loaded only when the plan reaches it."""
 
-    Each task holds its unit's claim where claims are in use (it returns a Skipped when another
-    worker holds or finished the unit). Units in ``tried`` failed earlier in this run and are
-    not tried again.
-    """
-    for folder in folders:
-        name, stem = folder["name"], folder["stem"]
-        want_parts = [p["name"] for p in folder.get("part_table") or []]
-        missing_parts = [p for p in want_parts if p not in done_parts.get(stem, set())
-                         and ("part", name, p) not in tried]
-        if not missing_parts and not folder.get("large"):
-            continue
-        index_path = os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite"))
+    def __init__(self, ctx: Run, gen: int, folders: list[dict], failed: set):
+        self.ctx, self.gen, self.folders, self.failed = ctx, gen, folders, failed
+        self.etags = EtagStyle()
+        self.stale: dict[str, list[str]] = {}
+        self.problems: list[tuple[str, str]] = []  # folders whose manifest could not be read
+        self._fresh = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        records, layout = self.ctx.records, self.ctx.layout
+        self.done_parts = records.record_names(layout.parts_root)
+        self.done_large = records.record_names(layout.large_root)
+        self._fresh = True
+
+    def parts_to_make(self, folder: dict) -> list[str]:
+        return [p["name"] for p in folder.get("part_table") or []
+                if p["name"] not in self.done_parts.get(folder["stem"], set())]
+
+    def units(self) -> Iterator[Unit]:
+        if not self._fresh:
+            self.refresh()
+        self._fresh = False
+        self.problems = []
+        for folder in self.folders:
+            missing = [p for p in self.parts_to_make(folder) if (SCRIPT, folder["stem"], p) not in self.failed]
+            if missing or folder.get("large"):
+                yield from self._folder_units(folder, missing)
+
+    def _folder_units(self, folder: dict, missing: list[str]) -> Iterator[Unit]:
+        ctx, name, stem, gen = self.ctx, folder["name"], folder["stem"], self.gen
+        index_path = os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite"))
         try:
-            _header, index = load_manifest(records, layout.manifest(gen, stem), index_path)
+            _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem), index_path)
         except Exception as exc:
-            stats["failed"].append((name, str(exc)))
+            self.problems.append((f"folder {name!r}", str(exc)))
             log.error("folder %r: %s", name, exc)
-            continue
+            return
         try:
-            larges = [r for r in index.rows("l")
-                      if large_file_id(r["path"], r["size"], r["mtime"]) not in done_large.get(stem, set())
-                      and ("large", name, r["path"]) not in tried]
-            for row in larges:
+            for row in index.rows("l"):
                 file_id = large_file_id(row["path"], row["size"], row["mtime"])
-                # Every name is bound now: the generator moves on to other folders before it runs.
-                yield (("large", name, row["path"]), lambda row=row, file_id=file_id, name=name, stem=stem:
-                       claims.run(stem, f"large-{file_id}",
-                                  lambda: copy_large(cfg, records, layout, rclone, runtime, name, stem, row),
-                                  done=lambda: records.head(layout.large_record(stem, file_id)) is not None))
-            for part in missing_parts:
+                unit = f"large-{file_id}"
+                if file_id in self.done_large.get(stem, set()) or (SCRIPT, stem, unit) in self.failed:
+                    continue
+                yield Unit(SCRIPT, "large", name, stem, unit, f"large file {row['path']!r} of folder {name!r}",
+                           functools.partial(copy_large, ctx, name, stem, row),
+                           (ctx.layout.large_record(stem, file_id),))
+            for part in missing:
                 files = list(index.rows("f", part))
                 job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,
                               bytes=sum(f["size"] for f in files),
-                              stale_uploads=stale.get(layout.part_object(stem, part), []))
-                yield (("part", name, part), lambda job=job: claims.run(
-                    job.stem, job.part,
-                    lambda: zip_part(cfg, records, layout, rclone, runtime, gate, job, etags),
-                    done=lambda: records.head(layout.part_record(job.stem, job.part)) is not None))
+                              stale_uploads=self.stale.get(ctx.layout.part_object(stem, part), []))
+                yield Unit(SCRIPT, "part", name, stem, part, f"part {part!r} of folder {name!r}",
+                           functools.partial(zip_part, ctx, job, self.etags), (ctx.layout.part_record(stem, part),))
         finally:
             index.close()
 
@@ -885,122 +941,122 @@ def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: 
         "folder_complete": True, "updated_at": utc_now()})
 
 
-def run(cfg: Config, records: Records, layout: Layout, rclone: Rclone, runtime: Runtime,
-        argv: Sequence[str]) -> int:
-    start_run(records, layout, runtime)
-    latest = latest_generation(records, layout)
-    if latest is None:
-        log.error("no complete map on S3 under %r: run master_mapper.py first", cfg.prefix)
-        return EXIT_WAITING
-    gen, index = latest
+def check_against_map(ctx: Run, gen: int, index: dict) -> None:
+    """SOURCE must be the one mapped (exit 2 if not); planning variables changed since are
+    warned of; a remote DESTINATION that is not configured is exit 2 now, not 3 per file."""
+    cfg = ctx.cfg
     if index.get("source") != cfg.source:
         raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
                           "the zipper must read the SOURCE that was mapped")
-    plan = records.get_json(layout.plan(gen))
+    plan = ctx.records.get_json(ctx.layout.plan(gen))
     for line in plan_drift(cfg.environ, plan if isinstance(plan, dict) else {}):
         log.warning("%s", line)
-    if not is_local_path(cfg.destination):  # a remote that is not configured: exit 2 now, not 3 per file
-        rclone.features(cfg.destination, "DESTINATION")
-    folders = [f for f in index["folders"] if in_shard(cfg, records.mode, f["name"])]
-    if records.mode == "shards":
-        log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
+    if not is_local_path(cfg.destination):
+        ctx.rclone.features(cfg.destination, "DESTINATION")
+
+
+def announce(ctx: Run, work: Zipping, index: dict) -> int:
+    """Log what this run has to do and plan the progress display; the number of parts to make."""
+    folders = work.folders
+    if ctx.mode == "shards":
+        log.info("static shard %d of %d: %d of the %d folders", ctx.cfg.worker_index, ctx.cfg.worker_count,
                  len(folders), len(index["folders"]))
-    done_parts = records.record_names(layout.parts_root)
-    done_large = records.record_names(layout.large_root)
     total_parts = sum(len(f.get("part_table") or []) for f in folders)
-    todo_parts = sum(1 for f in folders for p in f.get("part_table") or []
-                     if p["name"] not in done_parts.get(f["stem"], set()))
+    todo = {f["stem"]: set(work.parts_to_make(f)) for f in folders}
+    todo_parts = sum(len(v) for v in todo.values())
     log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
-             gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
+             work.gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
     # Large files still to copy, as far as the index tells (a changed file keeps old records too).
-    todo_large = [f for f in folders if f.get("large", 0) > len(done_large.get(f["stem"], set()))]
-    runtime.progress.plan(
-        todo_parts + sum(f["large"] - len(done_large.get(f["stem"], set())) for f in todo_large),
-        sum(p["bytes"] for f in folders for p in f.get("part_table") or []
-            if p["name"] not in done_parts.get(f["stem"], set()))
-        + sum(f.get("large_bytes", 0) for f in todo_large),
+    large_left = {f["stem"]: f["large"] - len(work.done_large.get(f["stem"], set())) for f in folders
+                  if f.get("large", 0) > len(work.done_large.get(f["stem"], set()))}
+    ctx.runtime.progress.plan(
+        todo_parts + sum(large_left.values()),
+        sum(p["bytes"] for f in folders for p in f.get("part_table") or [] if p["name"] in todo[f["stem"]])
+        + sum(f.get("large_bytes", 0) for f in folders if f["stem"] in large_left),
         skipped=total_parts - todo_parts)
-    if cfg.dry_run:
-        out.info(f"plan for map generation {gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
-        for f in folders:
-            for p in f.get("part_table") or []:
-                if p["name"] not in done_parts.get(f["stem"], set()):
-                    out.info(f"part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
-                                     f"{human_bytes(p['bytes'])} -> s3://{cfg.bucket}/"
-                                     f"{layout.part_object(f['stem'], p['name'])}\n")
-            if f.get("large"):
-                out.info(f"large files of {f['name'] or ROOT_LABEL}: {f['large']} "
-                                 f"({human_bytes(f.get('large_bytes', 0))}), "
-                                 f"{len(done_large.get(f['stem'], set()))} copy records exist\n")
-        out.info(f"{todo_parts} of {total_parts} parts to make\n")
-        return EXIT_OK
-    gate = DiskGate(cfg, runtime)
-    stats: dict = {"failed": []}
-    stale = list_stale_uploads(records, cfg.prefix) if todo_parts else {}
-    claims = Claims(records, layout, runtime, SCRIPT)
-    etags = EtagStyle()
-    results: list[tuple[Any, Any]] = []
-    tried: set = set()  # units that failed in this run: reported, not tried again
-    while True:
-        held: list[Skipped] = []
-        for label, result in WorkerPool(cfg.max_parallel_workers, runtime).run(
-                iter_units(cfg, records, layout, rclone, runtime, gate, gen, folders, done_parts, done_large,
-                           stale, stats, claims, etags, tried)):
-            if isinstance(result, Skipped):
-                if result.why != "done":
-                    held.append(result)
-                continue
-            results.append((label, result))
-            if isinstance(result, Exception) and label:
-                tried.add(label)
-        runtime.check()
-        if not held:
-            break
-        claims.pause(len(held), held[0])  # then look again: finished, or stale and ours to take
-        done_parts = records.record_names(layout.parts_root)
-        done_large = records.record_names(layout.large_root)
-        stats["failed"] = []
-    made = skipped_files = 0
+    return todo_parts
+
+
+def print_plan(ctx: Run, work: Zipping) -> None:
+    """DRY_RUN: every part still to make and every folder's large files, to stdout."""
+    out.info(f"plan for map generation {work.gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
+    total = made = 0
+    for f in work.folders:
+        todo = set(work.parts_to_make(f))
+        for p in f.get("part_table") or []:
+            total += 1
+            if p["name"] in todo:
+                made += 1
+                out.info(f"part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
+                         f"{human_bytes(p['bytes'])} -> s3://{ctx.cfg.bucket}/"
+                         f"{ctx.layout.part_object(f['stem'], p['name'])}\n")
+        if f.get("large"):
+            out.info(f"large files of {f['name'] or ROOT_LABEL}: {f['large']} "
+                     f"({human_bytes(f.get('large_bytes', 0))}), "
+                     f"{len(work.done_large.get(f['stem'], set()))} copy records exist\n")
+    out.info(f"{made} of {total} parts to make\n")
+
+
+def summarise(ctx: Run, work: Zipping, outcomes: list[tuple[Unit, Any]], plan_errors: list) -> int:
+    """Say what was made, what failed and what was left out; the legacy progress objects of the
+    folders finished now; the exit code."""
+    made = skipped_files = unreadable = 0
+    failed = list(work.problems) + [("listing of units", str(e)) for e in plan_errors]
     touched: set[str] = set()
-    failed = list(stats["failed"])
-    for label, result in results:
-        if isinstance(result, StopRequested):
+    failed_folders: set[str] = set()
+    for unit, result in outcomes:
+        if isinstance(result, (StopRequested, Skipped)):
             continue
         if isinstance(result, Exception):
-            what = f"{label[0]} {label[2]!r} of folder {label[1]!r}" if label else "listing of units"
-            failed.append((what, str(result)))
-            log.error("%s failed: %s", what, result)
+            failed.append((unit.what, str(result)))
+            failed_folders.add(unit.folder)
+            log.error("%s failed: %s", unit.what, result)
             continue
-        touched.add(label[1])
-        if label[0] == "part":
+        touched.add(unit.folder)
+        if unit.kind == "part":
             made += 1
-            skipped_files += len(result.get("skipped") or [])
-            done_parts.setdefault(result["stem"], set()).add(result["part"])
-        else:
-            done_large.setdefault(result["stem"], set()).add(result["id"])
-    runtime.check()
-    failed_folders = {label[1] for label, result in results if label and isinstance(result, Exception)}
-    for folder in folders:
-        if folder["name"] in touched and folder["name"] not in failed_folders:
-            write_legacy_progress(records, layout, folder, done_parts.get(folder["stem"], set()))
-    unreadable = sum(1 for _label, r in results if isinstance(r, dict)
-                     for sk in r.get("skipped") or [] if sk.get("unreadable"))
+            skipped = result.get("skipped") or []
+            skipped_files += len(skipped)
+            unreadable += sum(1 for sk in skipped if sk.get("unreadable"))
+            work.done_parts.setdefault(result["stem"], set()).add(result["part"])
+    ctx.runtime.check()
+    for folder in work.folders:
+        if folder["name"] in touched - failed_folders:
+            write_legacy_progress(ctx.records, ctx.layout, folder, work.done_parts.get(folder["stem"], set()))
     log.info("zipper finished: %d parts made, %d failed, %d files left out (%d changed or gone at SOURCE, "
              "%d unreadable there)", made, len(failed), skipped_files, skipped_files - unreadable, unreadable)
-    if failed or skipped_files:
-        for what, why in failed:
-            log.error("unfinished: %s: %s", what, why)
-        if unreadable:
-            log.error("%d files could not be read at SOURCE and were left out of their parts (each is named "
-                      "above, with rclone's words); the rest of each part is uploaded. Once SOURCE gives them "
-                      "(see the hint above, if any), run master_mapper.py with FORCE_RESCAN=1, then "
-                      "python_zipper.py and python_unzipper.py: only what is missing moves", unreadable)
-        log.error("run python_zipper.py again to retry what failed%s",
-                  "; files changed at SOURCE need FORCE_RESCAN=1 on the mapper" if skipped_files > unreadable
-                  else "")
-        return EXIT_PARTIAL
-    log.info("next: run python_unzipper.py")
-    return EXIT_OK
+    if not failed and not skipped_files:
+        log.info("next: run python_unzipper.py")
+        return EXIT_OK
+    for what, why in failed:
+        log.error("unfinished: %s: %s", what, why)
+    if unreadable:
+        log.error("%d files could not be read at SOURCE and were left out of their parts (each is named "
+                  "above, with rclone's words); the rest of each part is uploaded. Once SOURCE gives them "
+                  "(see the hint above, if any), run master_mapper.py with FORCE_RESCAN=1, then "
+                  "python_zipper.py and python_unzipper.py: only what is missing moves", unreadable)
+    log.error("run python_zipper.py again to retry what failed%s",
+              "; files changed at SOURCE need FORCE_RESCAN=1 on the mapper" if skipped_files > unreadable else "")
+    return EXIT_PARTIAL
+
+
+def run(ctx: Run) -> int:
+    start_run(ctx)
+    latest = latest_generation(ctx.records, ctx.layout)
+    if latest is None:
+        log.error("no complete map on S3 under %r: run master_mapper.py first", ctx.cfg.prefix)
+        return EXIT_WAITING
+    gen, index = latest
+    check_against_map(ctx, gen, index)
+    passes = Passes(ctx, SCRIPT)
+    work = Zipping(ctx, gen, [f for f in index["folders"] if ctx.in_shard(f["name"])], passes.failed)
+    todo_parts = announce(ctx, work, index)
+    if ctx.cfg.dry_run:
+        print_plan(ctx, work)
+        return EXIT_OK
+    work.stale = list_stale_uploads(ctx.records, ctx.cfg.prefix) if todo_parts else {}
+    outcomes = passes.run(work.units)
+    return summarise(ctx, work, outcomes, passes.plan_errors)
 
 
 def main(argv: Sequence[str] | None = None, environ: dict | None = None) -> int:

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from common_s3 import _start_time, EXIT_LOCKED, InstanceLock, LockHeldError, Runtime, end_orphans
+from common_s3 import _start_time, EXIT_TEMPORARY, InstanceLock, LockHeldError, Runtime, end_orphans
 
 
 class Clock:
@@ -68,7 +68,7 @@ def test_second_instance_is_refused_naming_the_holder(work, held):
     with pytest.raises(LockHeldError) as info:
         other.acquire()
     err = info.value
-    assert err.exit_code == EXIT_LOCKED == 75
+    assert err.exit_code == EXIT_TEMPORARY == 75
     assert str(os.getpid()) in str(err)
     assert socket.gethostname() in str(err)
     assert held.path in str(err)

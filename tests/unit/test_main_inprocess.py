@@ -168,7 +168,8 @@ def run_body(env, body, *, options=()):
 
 
 def raising(exc):
-    def body(cfg, records, layout, rclone, runtime, argv):
+    def body(ctx):
+        cfg, records, layout, rclone, runtime, argv = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime, ctx.argv
         raise exc
     return body
 
@@ -221,7 +222,8 @@ def test_unexpected_error_is_logged_with_its_traceback(capsys, body_env):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_stop_request_during_the_body_wins_over_its_result(body_env, signum, code):
-    def body(cfg, records, layout, rclone, runtime, argv):
+    def body(ctx):
+        cfg, records, layout, rclone, runtime, argv = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime, ctx.argv
         runtime.request_stop(signum)
         return 0
     assert run_body(body_env, body) == code
@@ -230,7 +232,8 @@ def test_stop_request_during_the_body_wins_over_its_result(body_env, signum, cod
 def test_a_real_signal_becomes_a_stop_request(body_env):
     seen = {}
 
-    def body(cfg, records, layout, rclone, runtime, argv):
+    def body(ctx):
+        cfg, records, layout, rclone, runtime, argv = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime, ctx.argv
         os.kill(os.getpid(), signal.SIGTERM)
         seen["stop"] = runtime.stop.is_set()
         return 0
@@ -241,7 +244,8 @@ def test_a_real_signal_becomes_a_stop_request(body_env):
 def test_body_gets_working_collaborators(body_env, s3):
     seen = {}
 
-    def body(cfg, records, layout, rclone, runtime, argv):
+    def body(ctx):
+        cfg, records, layout, rclone, runtime, argv = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime, ctx.argv
         records.put_json(layout.report("r1"), {"ok": True})
         seen.update(cfg=cfg, layout=layout, rclone=rclone, tmp=os.path.isdir(cfg.tmp_dir))
         return 0
@@ -257,7 +261,8 @@ def test_body_gets_working_collaborators(body_env, s3):
 def test_read_only_option_takes_no_lock(body_env, capsys):
     calls = []
 
-    def body(cfg, records, layout, rclone, runtime, argv):
+    def body(ctx):
+        cfg, records, layout, rclone, runtime, argv = ctx.cfg, ctx.records, ctx.layout, ctx.rclone, ctx.runtime, ctx.argv
         calls.append(argv)
         return 3
     with InstanceLock(body_env["WORK_DIR"], "zipper"):

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 import python_unzipper
-from common_s3 import Layout, RecordError, Runtime, assign_stems, jsonl_gz_bytes, large_file_id, mtime_ns
+from common_s3 import Layout, RecordError, Run, Runtime, assign_stems, jsonl_gz_bytes, large_file_id, mtime_ns
 
 MTIME = "2001-09-09T01:46:40Z"
 FILES = {"a.txt": b"hello", "sub/b c.txt": b"second file", "日本/語.txt": b"unicode"}
@@ -71,8 +71,8 @@ class Folder:
 
     def finish(self, cfg, rclone, *, features=None, larges_done=()):
         features = {"Hashes": ["md5"], "Precision": 1} if features is None else features
-        return python_unzipper.finish_folder(cfg, self.records, self.layout, rclone, 1, self.table,
-                                             set(larges_done), features)
+        ctx = Run(cfg, self.records, self.layout, rclone, Runtime())
+        return python_unzipper.finish_folder(ctx, 1, self.table, set(larges_done), features)
 
     def verified(self):
         return self.records.get_json(self.layout.verified_record(1, self.stem))
@@ -237,7 +237,7 @@ def restore(cfg, records, folder, entries_rows, *, size=1000):
     job = python_unzipper.RestoreJob(folder=folder.name, stem=folder.stem, part="Full", gen=1, keep={})
     rclone = FakeRclone([])
     with pytest.raises(python_unzipper.PartDamaged) as info:
-        python_unzipper.restore_part(cfg, records, folder.layout, rclone, Runtime(), None, job)
+        python_unzipper.restore_part(Run(cfg, records, folder.layout, rclone, Runtime()), job)
     assert rclone.calls == []
     assert folder.layout.part_object(folder.stem, "Full") in str(info.value)
     return info.value

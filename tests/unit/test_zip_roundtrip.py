@@ -26,7 +26,7 @@ from botocore.stub import Stubber
 
 import python_unzipper
 import python_zipper
-from common_s3 import (MIB, DiskGate, Layout, MigrationError, Records, Runtime, S3AuthError, StopRequested,
+from common_s3 import (MIB, DiskGate, Layout, MigrationError, Records, Run, Runtime, S3AuthError, StopRequested,
                        jsonl_gz_bytes, mtime_ns, parse_mtime, read_jsonl_gz)
 
 BUCKET = "unit-bucket"
@@ -196,7 +196,7 @@ def test_sink_is_not_seekable(records):
 
 
 def test_sink_without_md5_still_checks_the_etag(records):
-    sink = python_zipper.S3Sink(records, "nomd5", CHUNK, Runtime(), send_md5=False)
+    sink = python_zipper.S3Sink(records, "nomd5", CHUNK, Runtime(), python_zipper.SinkOptions(send_md5=False))
     data = rand_bytes(CHUNK + 10, 3)
     sink.write(data)
     sink.finish()
@@ -438,7 +438,7 @@ def gated(stub_client, make_cfg, instant_stop):
     records = Records(stub_client, make_cfg(), stop=instant_stop)
     gate = threading.Event()
     stub_client.meta.events.register("before-parameter-build.s3.UploadPart", lambda **kw: gate.wait(10))
-    sink = python_zipper.S3Sink(records, "k.zip", 4, Runtime(), uploaders=1)
+    sink = python_zipper.S3Sink(records, "k.zip", 4, Runtime(), python_zipper.SinkOptions(uploaders=1))
     with Stubber(stub_client) as stubber:
         stubber.add_response("create_multipart_upload", {"UploadId": "u1"},
                              {"Bucket": BUCKET, "Key": "k.zip", "ContentType": "application/zip"})
@@ -611,7 +611,7 @@ def test_zip_part_records_a_part_the_unzipper_can_restore(zipper_env, tmp_path, 
         cfg = dataclasses.replace(cfg, source=":local:" + source)
     job = make_job(source, SMALL_FILES)
     rclone = CopyingRclone()
-    record = python_zipper.zip_part(cfg, records, layout, rclone, runtime, gate, job)
+    record = python_zipper.zip_part(Run(cfg, records, layout, rclone, runtime, gate), job)
     assert record["key"] == layout.part_object("F", "Full")
     assert record["files"] == len(SMALL_FILES)
     if form == "local path":  # read in place: no rclone process, no staging copy
@@ -658,7 +658,7 @@ def test_zip_part_at_a_local_source_fetches_only_what_is_not_plain_as_mapped(zip
 
     rclone = FollowingRclone()
     rclone.lsjson = Relisting().lsjson
-    record = python_zipper.zip_part(cfg, records, layout, rclone, runtime, gate, job)
+    record = python_zipper.zip_part(Run(cfg, records, layout, rclone, runtime, gate), job)
     assert len(rclone.calls) == 1
     assert record["files"] == len(SMALL_FILES) - 1
     assert [s["path"] for s in record["skipped"]] == [second]
@@ -682,7 +682,7 @@ def test_zip_part_of_exactly_one_chunk(zipper_env):
     size = python_zipper.MIN_CHUNK - overhead
     job = make_job(source, [("f.bin", rand_bytes(size, 9), "2001-09-09T01:46:40Z")])
     assert python_zipper.chunk_size_for(size + python_zipper.zip_overhead(["f.bin"])) == python_zipper.MIN_CHUNK
-    record = python_zipper.zip_part(cfg, records, layout, CopyingRclone(), runtime, gate, job)
+    record = python_zipper.zip_part(Run(cfg, records, layout, CopyingRclone(), runtime, gate), job)
     assert record["size"] == python_zipper.MIN_CHUNK
 
 

@@ -56,8 +56,9 @@ import time
 import unicodedata
 import urllib.parse
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
@@ -203,6 +204,12 @@ class RecordError(MigrationError):
     def __init__(self, key: str, problem: str):
         self.key = key
         super().__init__(f"record s3 key {key!r} is malformed ({problem}); it was left as it is")
+
+
+class NewerFormat(MigrationError):
+    """A record written by a newer version of these scripts: a person must run that version."""
+
+    exit_code = EXIT_USAGE
 
 
 class RcloneError(MigrationError):
@@ -386,21 +393,22 @@ def near_misses(environ: Mapping[str, str]) -> list[str]:
     return found
 
 
-def plan_drift(environ: Mapping[str, str], plan: Mapping[str, Any]) -> list[str]:
+def plan_drift(environ: Mapping[str, str], plan: "PlanRecord | None") -> list[str]:
     """Planning variables set now to other values than the map was planned with: the map keeps its plan."""
     checks = (("SPLIT_THRESHOLD", "split_threshold", 1), ("MAX_ZIP_SIZE_GB", "max_zip_bytes", GIB),
               ("LARGE_FILE_THRESHOLD_GB", "large_file_threshold_bytes", GIB))
     found = []
-    for var, key, unit in checks:
-        if environ.get(var) in (None, "") or not isinstance(plan.get(key), (int, float)):
+    for var, attr, unit in checks:
+        planned = getattr(plan, attr, None)
+        if environ.get(var) in (None, "") or not isinstance(planned, (int, float)):
             continue
         try:
             now = int(float(environ[var]) * unit)
         except ValueError:
             continue
-        if now != plan[key]:
+        if now != planned:
             found.append(f"{var}={environ[var]} differs from the value the map was planned with "
-                         f"({plan[key] / unit:g}); the map keeps its plan (parts and large files as mapped). "
+                         f"({planned / unit:g}); the map keeps its plan (parts and large files as mapped). "
                          f"A new plan needs a new map: master_mapper.py with FORCE_RESCAN=1 plans only what "
                          f"changed with the new value")
     return found
@@ -553,6 +561,72 @@ def variables_help(script: str) -> str:
     return "\n".join(lines)
 
 
+def _env_bucket(environ: Mapping[str, str]) -> tuple[str, str | None, str]:
+    """S3_BUCKET, S3_ENDPOINT and S3_PREFIX, checked."""
+    bucket = env_str(environ, "S3_BUCKET", required=True)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket or ""):
+        raise ConfigError(f"S3_BUCKET={bucket!r} is not a valid bucket name")
+    endpoint = env_str(environ, "S3_ENDPOINT")
+    if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
+        raise ConfigError(f"S3_ENDPOINT={endpoint!r} needs its scheme and host: http://{endpoint} or "
+                          f"https://{endpoint}")
+    prefix = environ.get("S3_PREFIX", "work_files_zips/")
+    if len(prefix.encode()) > 200:
+        raise ConfigError("S3_PREFIX is longer than 200 bytes; S3 keys would not fit")
+    return bucket or "", endpoint, prefix
+
+
+def _env_part_sizes(environ: Mapping[str, str]) -> tuple[float, float]:
+    """LARGE_FILE_THRESHOLD_GB and MAX_ZIP_SIZE_GB: a file just under the threshold must fit in a part."""
+    large = env_number(environ, "LARGE_FILE_THRESHOLD_GB", 20, minimum=0)
+    max_zip = env_number(environ, "MAX_ZIP_SIZE_GB", 20, minimum=0)
+    if max_zip <= 0:
+        raise ConfigError(f"MAX_ZIP_SIZE_GB={max_zip!r} must be above 0")
+    if max_zip < large:
+        raise ConfigError(
+            f"MAX_ZIP_SIZE_GB={max_zip:g} is below LARGE_FILE_THRESHOLD_GB={large:g}: a file "
+            "just under the threshold could never fit in a part")
+    return large, max_zip
+
+
+def _env_disk(environ: Mapping[str, str]) -> tuple[float, float]:
+    """DISK_LIMIT_PERCENT and DISK_BACKPRESSURE_PERCENT (not above the limit)."""
+    limit = env_number(environ, "DISK_LIMIT_PERCENT", 80, minimum=1, maximum=100)
+    back = env_number(environ, "DISK_BACKPRESSURE_PERCENT", 70, minimum=1, maximum=100)
+    if back > limit:
+        raise ConfigError(f"DISK_BACKPRESSURE_PERCENT={back:g} is above DISK_LIMIT_PERCENT={limit:g}")
+    return limit, back
+
+
+def _env_worker(environ: Mapping[str, str]) -> tuple[int, int, str]:
+    """WORKER_COUNT, this worker's index (WORKER_INDEX or a job array's own) and WORKER_ID."""
+    worker_count = int(env_number(environ, "WORKER_COUNT", 1, minimum=1, integer=True))
+    index_var = next((v for v in ("WORKER_INDEX", "JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
+                      if environ.get(v)), "WORKER_INDEX")
+    worker_index = int(env_number(environ, index_var, 0, minimum=0, integer=True))
+    if worker_index >= worker_count:
+        raise ConfigError(f"{index_var}={worker_index} must be below WORKER_COUNT={worker_count}")
+    worker_id = env_str(environ, "WORKER_ID") or (
+        f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", worker_id):
+        raise ConfigError(f"WORKER_ID={worker_id!r} may hold only letters, digits and ._-")
+    return worker_count, worker_index, worker_id
+
+
+def _env_words(environ: Mapping[str, str]) -> tuple[str, str, str]:
+    """LOG_LEVEL, LOG_FORMAT and S3_CHECKSUMS, each one of its few words."""
+    log_format = (environ.get("LOG_FORMAT") or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={log_format!r} must be text or json")
+    log_level = (environ.get("LOG_LEVEL") or "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
+    if checksums not in ("auto", "off"):
+        raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
+    return log_level, log_format, checksums
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every variable of SPEC.md, parsed and validated up front."""
@@ -609,49 +683,12 @@ class Config:
 
         source = env_str(environ, "SOURCE", required=need("SOURCE"))
         destination = env_str(environ, "DESTINATION", required=need("DESTINATION"))
-        bucket = env_str(environ, "S3_BUCKET", required=True)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket or ""):
-            raise ConfigError(f"S3_BUCKET={bucket!r} is not a valid bucket name")
-        endpoint = env_str(environ, "S3_ENDPOINT")
-        if endpoint and not re.match(r"https?://[^/\s]+", endpoint):
-            raise ConfigError(f"S3_ENDPOINT={endpoint!r} needs its scheme and host: http://{endpoint} or "
-                              f"https://{endpoint}")
-        prefix = environ.get("S3_PREFIX", "work_files_zips/")
-        if len(prefix.encode()) > 200:
-            raise ConfigError("S3_PREFIX is longer than 200 bytes; S3 keys would not fit")
+        bucket, endpoint, prefix = _env_bucket(environ)
         work_dir = os.path.abspath(env_str(environ, "WORK_DIR") or _default_work_dir())
-        large = env_number(environ, "LARGE_FILE_THRESHOLD_GB", 20, minimum=0)
-        max_zip = env_number(environ, "MAX_ZIP_SIZE_GB", 20, minimum=0)
-        if max_zip <= 0:
-            raise ConfigError(f"MAX_ZIP_SIZE_GB={max_zip!r} must be above 0")
-        if max_zip < large:
-            raise ConfigError(
-                f"MAX_ZIP_SIZE_GB={max_zip:g} is below LARGE_FILE_THRESHOLD_GB={large:g}: a file "
-                "just under the threshold could never fit in a part")
-        limit = env_number(environ, "DISK_LIMIT_PERCENT", 80, minimum=1, maximum=100)
-        back = env_number(environ, "DISK_BACKPRESSURE_PERCENT", 70, minimum=1, maximum=100)
-        if back > limit:
-            raise ConfigError(
-                f"DISK_BACKPRESSURE_PERCENT={back:g} is above DISK_LIMIT_PERCENT={limit:g}")
-        worker_count = int(env_number(environ, "WORKER_COUNT", 1, minimum=1, integer=True))
-        index_var = next((v for v in ("WORKER_INDEX", "JOB_COMPLETION_INDEX", "AWS_BATCH_JOB_ARRAY_INDEX")
-                          if environ.get(v)), "WORKER_INDEX")
-        worker_index = int(env_number(environ, index_var, 0, minimum=0, integer=True))
-        if worker_index >= worker_count:
-            raise ConfigError(f"{index_var}={worker_index} must be below WORKER_COUNT={worker_count}")
-        log_format = (environ.get("LOG_FORMAT") or "text").strip().lower()
-        if log_format not in ("text", "json"):
-            raise ConfigError(f"LOG_FORMAT={log_format!r} must be text or json")
-        log_level = (environ.get("LOG_LEVEL") or "INFO").strip().upper()
-        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
-        checksums = (environ.get("S3_CHECKSUMS") or "auto").strip().lower()
-        if checksums not in ("auto", "off"):
-            raise ConfigError(f"S3_CHECKSUMS={checksums!r} must be auto or off")
-        worker_id = env_str(environ, "WORKER_ID") or (
-            f"{socket.gethostname()}-{os.getpid()}-{random.randrange(16**6):06x}")
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", worker_id):
-            raise ConfigError(f"WORKER_ID={worker_id!r} may hold only letters, digits and ._-")
+        large, max_zip = _env_part_sizes(environ)
+        limit, back = _env_disk(environ)
+        worker_count, worker_index, worker_id = _env_worker(environ)
+        log_level, log_format, checksums = _env_words(environ)
         return cls(
             script=script,
             source=_normalise_remote(source) if source else None,
@@ -1679,9 +1716,10 @@ class Claims:
 
     # S3
     def _body(self, unit: str, taken_at: str) -> dict:
-        return {"worker": self.cfg.worker_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "run": self.runtime.run_token, "stage": self.stage, "unit": unit, "lease_seconds": self.lease, "taken_at": taken_at,
-                "renewed_at": utc_now(), "nonce": f"{random.randrange(16**16):016x}"}
+        return ClaimRecord(worker=self.cfg.worker_id, unit=unit, nonce=f"{random.randrange(16**16):016x}",
+                           host=socket.gethostname(), pid=os.getpid(), run=self.runtime.run_token or "",
+                           stage=self.stage, lease_seconds=self.lease, taken_at=taken_at,
+                           renewed_at=utc_now()).to_json()
 
     def _put(self, key: str, body: dict, **condition: str) -> str | None:
         """The new ETag, or None when the condition did not hold (412, or 409: a concurrent
@@ -1691,15 +1729,12 @@ class Claims:
         except RecordExists:
             return None
 
-    def _read(self, key: str) -> tuple[str, dict] | None:
+    def _read(self, key: str) -> tuple[str, ClaimRecord | None] | None:
+        """(ETag, the claim, None when unreadable: an unknown holder), or None when released."""
         got = self.records.get(key)
         if got is None:
             return None
-        try:
-            body = json.loads(got.body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            body = {}
-        return got.etag, body if isinstance(body, dict) else {}
+        return got.etag, ClaimRecord.read(key, got.body)
 
     # Taking, renewing, releasing
     def take(self, stem: str, unit: str) -> Claim | Skipped:
@@ -1714,16 +1749,17 @@ class Claims:
             if found is None:
                 continue
             etag, other = found
-            if other.get("nonce") == body["nonce"]:  # our create landed, its answer was lost: retried, 412
+            if other is not None and other.nonce == body["nonce"]:  # our create landed, its answer was lost
                 return self._hold(Claim(key, unit, etag, body, started))
-            holder = str(other.get("worker", "?"))
+            holder = other.worker if other is not None else "?"
             if holder == self.cfg.worker_id and key not in self._held:
                 holder += " (this worker's name, left by an earlier run)"
             now = lease_clock()
             # A killed earlier run of this WORK_DIR, or this very run (a claim whose release failed):
             # nobody is working on it.
-            dead = other.get("run") in self.runtime.dead_runs or (
-                bool(self.runtime.run_token) and other.get("run") == self.runtime.run_token
+            run = other.run if other is not None else None
+            dead = run in self.runtime.dead_runs or (
+                bool(self.runtime.run_token) and run == self.runtime.run_token
                 and key not in self._held)
             seen = self._seen.get(key)
             if not dead:
@@ -1773,10 +1809,11 @@ class Claims:
                 return True
             if etag is None:
                 found = self._read(claim.key)
-                if found is not None and found[1].get("nonce") == body["nonce"]:  # ours after all
+                theirs = found[1] if found is not None else None
+                if found is not None and theirs is not None and theirs.nonce == body["nonce"]:  # ours after all
                     etag = found[0]
                 else:
-                    holder = found[1].get("worker", "?") if found else "nobody"
+                    holder = (theirs.worker if theirs is not None else "?") if found else "nobody"
                     self._lose(claim, f"taken over by {holder}")
                     return False
             claim.etag, claim.body, claim.renewed_at = etag, body, started
@@ -2447,6 +2484,304 @@ def large_file_id(path: str, size: int, mtime: str) -> str:
 
 
 
+# Record formats
+
+# The manifest format this code writes and reads; a newer one is refused, never half-read.
+MANIFEST_VERSION = 1
+
+_JSON_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict,
+                               "list": list, "Any": object}
+
+
+class Record:
+    """Base of the typed records: each kind is a dataclass whose fields are its JSON keys.
+
+    ``from_json(key, obj)`` checks that ``obj`` is an object holding every field without a
+    default, each of its declared type (``X | None`` admits null; ``list[R]`` of a Record kind
+    is read element by element), and raises RecordError naming the key otherwise; keys it does
+    not know are ignored, so an older reader keeps reading a newer record of the same version.
+    ``to_json()`` is what is written: fields left at a default of None are left out."""
+
+    KIND: ClassVar[str] = "record"
+
+    @classmethod
+    def from_json(cls, key: str, obj: Any) -> Any:
+        if not isinstance(obj, dict):
+            raise RecordError(key, f"not a {cls.KIND}: a JSON object was expected")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in obj:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise RecordError(key, f"a {cls.KIND} without {f.name!r}")
+                continue
+            values[f.name] = _typed(key, cls.KIND, f.name, str(f.type), obj[f.name])
+        record = cls(**values)
+        record.check(key)
+        return record
+
+    def check(self, key: str) -> None:
+        """Rules across fields; raises RecordError."""
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            out[f.name] = ([v.to_json() if isinstance(v, Record) else v for v in value]
+                           if isinstance(value, list) else value)
+        return out
+
+
+def _typed(key: str, kind: str, name: str, declared: str, value: Any) -> Any:
+    """``value`` checked against the declared type of field ``name``."""
+    options = [t.strip() for t in declared.split("|")]
+    if value is None and "None" in options:
+        return None
+    base, _, inner = options[0].partition("[")
+    if base == "list" and inner[:-1] in _RECORD_KINDS:
+        if not isinstance(value, list):
+            raise RecordError(key, f"{kind} field {name!r} is not a list")
+        return [_RECORD_KINDS[inner[:-1]].from_json(key, v) for v in value]
+    expected = _JSON_TYPES.get(base, object)
+    if not isinstance(value, expected) or (base in ("int", "float") and isinstance(value, bool)):
+        raise RecordError(key, f"{kind} field {name!r} is {type(value).__name__}, {declared} was expected")
+    return value
+
+
+@dataclass(frozen=True)
+class PlanRecord(Record):
+    """``P_map/gN/plan.json``: the folders and stems of a generation, written first."""
+
+    KIND: ClassVar[str] = "map plan"
+    generation: int
+    created_at: str
+    source: str
+    folders: list
+    previous: int | None = None
+    removed: list = field(default_factory=list)
+    retired_stems: dict = field(default_factory=dict)
+    large_file_threshold_bytes: int | None = None
+    split_threshold: int | None = None
+    max_zip_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ManifestHeader(Record):
+    """The first line of a folder manifest ``P_map/gN/folders/<stem>.jsonl.gz``."""
+
+    KIND: ClassVar[str] = "folder manifest header"
+    type: str
+    name: str = ""
+    stem: str = ""
+    generation: int = 0
+    files: int = 0
+    bytes: int = 0
+    large: int = 0
+    large_bytes: int = 0
+    dirs: int = 0
+    version: int = 1
+    source: str | None = None
+    parts: list = field(default_factory=list)
+    part_table: list = field(default_factory=list)
+    next_part: int = 1
+    changes: dict | None = None
+    changes_key: str | None = None
+    previous_generation: int | None = None
+
+    def check(self, key: str) -> None:
+        if self.type != "folder":
+            raise RecordError(key, "the first line is not a folder header")
+        if self.version > MANIFEST_VERSION:
+            raise NewerFormat(f"the manifest {key!r} is of format version {self.version}, newer than this "
+                                 f"code reads ({MANIFEST_VERSION}): it was written by a newer version of these "
+                                 "scripts; run that version (every machine of a migration runs the same one)")
+
+
+@dataclass(frozen=True)
+class PartRecord(Record):
+    """``P_parts/<stem>/<part>.json``: a part object the zipper made and checked on S3; what
+    the unzipper trusts (size, ETag, SHA-256, and the entries named by their digest)."""
+
+    KIND: ClassVar[str] = "part record"
+    key: str
+    size: int
+    sha256: str
+    entries_key: str
+    etag: str = ""
+    entries_sha256: str | None = None
+    folder: str = ""
+    stem: str = ""
+    part: str = ""
+    generation: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped: list = field(default_factory=list)
+    created_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class LargeRecord(Record):
+    """``P_large/<stem>/<id>.json``: a large file copied SOURCE to DESTINATION and proven."""
+
+    KIND: ClassVar[str] = "large-file record"
+    path: str
+    size: int
+    id: str = ""
+    folder: str = ""
+    stem: str = ""
+    mtime: str = ""
+    md5: str | None = None
+    checked_by: str = ""
+    created_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreRecord(Record):
+    """``P_restored/<stem>/<part>.json``: a part restored into DESTINATION."""
+
+    KIND: ClassVar[str] = "restore record"
+    key: str
+    folder: str = ""
+    stem: str = ""
+    part: str = ""
+    generation: int = 0
+    etag: str | None = None
+    sha256: str = ""
+    files: int = 0
+    restored_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class VerifiedRecord(Record):
+    """``P_verified/gN/<stem>.json``: a folder verified at DESTINATION against generation N
+    (``carried_from``: unchanged since a generation that verified it)."""
+
+    KIND: ClassVar[str] = "verified record"
+    folder: str
+    generation: int
+    verified_at: str
+    files: int | None = None
+    bytes: int | None = None
+    matched_by_hash: int | None = None
+    matched_by_size: int | None = None
+    hash_kind: str | None = None
+    compared: list | None = None
+    not_kept: list | None = None
+    read_back: bool | None = None
+    extra: int | None = None
+    carried_from: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRecord(Record):
+    """``P_claims/<stage>/<stem>/<unit>.json``: who holds a unit; each renewal a new nonce."""
+
+    KIND: ClassVar[str] = "claim"
+    worker: str
+    nonce: str
+    unit: str = ""
+    host: str = ""
+    pid: int = 0
+    run: str = ""
+    stage: str = ""
+    lease_seconds: float = 0
+    taken_at: str = ""
+    renewed_at: str = ""
+
+    @classmethod
+    def read(cls, key: str, raw: bytes) -> "ClaimRecord | None":
+        """A claim's body, or None when it cannot be read (an unknown holder, held all the same)."""
+        try:
+            return cls.from_json(key, json.loads(raw))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
+            return None
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord(Record):
+    """``P_status/<script>/<worker>.json``: a worker's state and progress (``Progress.snapshot``)."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    script: str
+    worker: str
+    state: str
+    host: str = ""
+    pid: int = 0
+    interval_s: float | None = None
+    started_at: str = ""
+    updated_at: str = ""
+    elapsed_s: float = 0
+    current: list = field(default_factory=list)
+    units_done: int = 0
+    units_failed: int = 0
+    units_interrupted: int = 0
+    units_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    bytes_per_s: float = 0
+    units_per_s: float = 0
+    last_error: str | None = None
+    errors: dict = field(default_factory=dict)
+    exit_code: int | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class FolderEntry(Record):
+    """A folder in a generation's index: its totals and part table, from its manifest header."""
+
+    KIND: ClassVar[str] = "index entry"
+    name: str
+    stem: str
+    files: int = 0
+    bytes: int = 0
+    large: int = 0
+    large_bytes: int = 0
+    dirs: int = 0
+    parts: list | None = None
+    part_table: list | None = None
+    next_part: int | None = None
+    changes: dict | None = None
+    changes_key: str | None = None
+
+    @property
+    def part_names(self) -> list[str]:
+        return [p["name"] for p in self.part_table or []]
+
+    @property
+    def label(self) -> str:
+        """The folder's name as people read it."""
+        return self.name or ROOT_LABEL
+
+
+@dataclass(frozen=True)
+class IndexRecord(Record):
+    """``P_map/gN/index.json``: written after every folder manifest of generation N, so its
+    presence means the generation is complete."""
+
+    KIND: ClassVar[str] = "map index"
+    generation: int
+    folders: list[FolderEntry]
+    totals: dict
+    source: str | None = None
+    created_at: str = ""
+    completed_at: str = ""
+    previous: int | None = None
+    removed: list = field(default_factory=list)
+    retired_stems: dict = field(default_factory=dict)
+    changes: dict | None = None
+
+    def total(self, what: str) -> int:
+        return int(self.totals.get(what, 0) or 0)
+
+
+_RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
+
+
 # Time and ids
 
 def parse_mtime(text: str) -> float:
@@ -2605,15 +2940,16 @@ class FolderIndex:
         self.close()
 
 
-def load_manifest(records: Records, key: str, index_path: str) -> tuple[dict, FolderIndex]:
+def load_manifest(records: Records, key: str, index_path: str) -> tuple[ManifestHeader, FolderIndex]:
     """Read a folder manifest from S3 into a FolderIndex; return (header, index)."""
     data = records.get_bytes(key)
     if data is None:
         raise RecordError(key, "the manifest is missing although the map's index names it")
     rows = read_jsonl_gz(data, key)
-    header = next(rows, None)
-    if not header or header.get("type") != "folder":
+    first = next(rows, None)
+    if not first:
         raise RecordError(key, "the first line is not a folder header")
+    header = ManifestHeader.from_json(key, first)
     index = FolderIndex(index_path)
     try:
         for row in rows:
@@ -2632,30 +2968,29 @@ def load_manifest(records: Records, key: str, index_path: str) -> tuple[dict, Fo
 
 
 
-def latest_generation(records: Records, layout: Layout) -> tuple[int, dict] | None:
-    """The newest complete map generation (its index.json), or None when there is none yet."""
-    gens = []
-    for item in records.list_keys(layout.map_root, delimiter="/"):
-        m = re.fullmatch(re.escape(layout.map_root) + r"g(\d{6})/", item.get("Prefix", ""))
-        if m:
-            gens.append(int(m.group(1)))
-    for gen in sorted(gens, reverse=True):
-        index = records.get_json(layout.index(gen))
-        if index is not None:
-            if not isinstance(index, dict) or not isinstance(index.get("folders"), list):
-                raise RecordError(layout.index(gen), "no folder table")
-            return gen, index
-    return None
-
-
 def all_generations(records: Records, layout: Layout) -> list[int]:
+    """Every map generation begun on S3 (``_map/gNNNNNN/``), complete or not, in order."""
     gens = []
     for item in records.list_keys(layout.map_root, delimiter="/"):
-        m = re.fullmatch(re.escape(layout.map_root) + r"g(\d{6})/", item.get("Prefix", ""))
-        if m:
-            gens.append(int(m.group(1)))
+        gen = layout.generation_of(item.get("Prefix", ""))
+        if gen is not None:
+            gens.append(gen)
     return sorted(gens)
 
+
+def read_index(records: Records, layout: Layout, gen: int) -> IndexRecord | None:
+    """Generation ``gen``'s index, or None while the generation is unfinished."""
+    body = records.get_json(layout.index(gen))
+    return None if body is None else IndexRecord.from_json(layout.index(gen), body)
+
+
+def latest_generation(records: Records, layout: Layout) -> tuple[int, IndexRecord] | None:
+    """The newest complete map generation (its index.json), or None when there is none yet."""
+    for gen in reversed(all_generations(records, layout)):
+        index = read_index(records, layout, gen)
+        if index is not None:
+            return gen, index
+    return None
 
 
 # The run: its context and its passes
@@ -2880,8 +3215,9 @@ class Heartbeat:
     def write(self, state: str) -> None:
         if self.cfg.dry_run:
             return
-        body = {"script": self.cfg.script, "worker": self.cfg.worker_id, "host": socket.gethostname(),
-                "pid": os.getpid(), "state": state, "interval_s": self.interval_s, **self.progress.snapshot()}
+        body = HeartbeatRecord(script=self.cfg.script, worker=self.cfg.worker_id, state=state,
+                               host=socket.gethostname(), pid=os.getpid(), interval_s=self.interval_s,
+                               **self.progress.snapshot()).to_json()
         try:
             self.records.put_json(self.key, body)
         except (MigrationError, OSError) as exc:
@@ -3181,25 +3517,25 @@ def collect_status(records: Records, layout: Layout) -> dict:
             for folder, err in (beat.get("errors") or {}).items():
                 errors[folder] = f"{script}: {err}"
     status["generation"] = gen
-    status["mapped_at"] = index.get("completed_at")
+    status["mapped_at"] = index.completed_at
     status["history"] = generation_history(records, layout, status["generations"], zipped, restored,
                                            names(f"{layout.prefix}_verified/"), names(f"{layout.prefix}_deleted/"))
-    for f in index["folders"]:
-        stem = f["stem"]
-        parts = [p["name"] for p in f.get("part_table") or []]
-        part_bytes = {p["name"]: p["bytes"] for p in f.get("part_table") or []}
+    for f in index.folders:
+        stem = f.stem
+        parts = [p["name"] for p in f.part_table or []]
+        part_bytes = {p["name"]: p["bytes"] for p in f.part_table or []}
         up = [p for p in parts if p in zipped.get(stem, set())]
         back = [p for p in parts if p in restored.get(stem, set())]
         status["folders"].append({
-            "folder": f["name"], "stem": stem, "files": f.get("files", 0) + f.get("large", 0),
-            "bytes": f.get("bytes", 0) + f.get("large_bytes", 0), "parts": len(parts),
-            "uploaded": len(up), "restored": len(back), "large": f.get("large", 0),
-            "large_done": min(f.get("large", 0), len(larges.get(stem, set()))),
+            "folder": f.name, "stem": stem, "files": f.files + f.large,
+            "bytes": f.bytes + f.large_bytes, "parts": len(parts),
+            "uploaded": len(up), "restored": len(back), "large": f.large,
+            "large_done": min(f.large, len(larges.get(stem, set()))),
             "verified": "repair" if stem in repairs else ("yes" if stem in verified else "no"),
             "bytes_to_upload": sum(part_bytes[p] for p in parts if p not in up)
-                               + (f.get("large_bytes", 0) if len(larges.get(stem, set())) < f.get("large", 0) else 0),
+                               + (f.large_bytes if len(larges.get(stem, set())) < f.large else 0),
             "bytes_to_restore": sum(part_bytes[p] for p in parts if p not in back),
-            "last_error": errors.get(f["name"], ""),
+            "last_error": errors.get(f.name, ""),
         })
     return status
 
@@ -3210,18 +3546,18 @@ def generation_history(records: Records, layout: Layout, gens: list[int], zipped
     before), and how far its new parts and its verification got."""
     history = []
     for g in gens:
-        index = records.get_json(layout.index(g))
-        if not isinstance(index, dict):
+        index = read_index(records, layout, g)
+        if index is None:
             plan = records.get_json(layout.plan(g))
             history.append({"generation": g, "state": "mapping",
                             "started_at": plan.get("created_at") if isinstance(plan, dict) else None})
             continue
-        folders = index.get("folders") or []
-        new_parts = [(f["stem"], p["name"]) for f in folders for p in f.get("parts") or []]
+        folders = index.folders
+        new_parts = [(f.stem, p["name"]) for f in folders for p in f.parts or []]
         history.append({
-            "generation": g, "state": "mapped", "mapped_at": index.get("completed_at"),
-            "previous": index.get("previous"), "changes": index.get("changes"),
-            "files": (index.get("totals") or {}).get("files", 0) + (index.get("totals") or {}).get("large", 0),
+            "generation": g, "state": "mapped", "mapped_at": index.completed_at,
+            "previous": index.previous, "changes": index.changes,
+            "files": index.total("files") + index.total("large"),
             "folders": len(folders), "new_parts": len(new_parts),
             "uploaded": sum(1 for stem, p in new_parts if p in zipped.get(stem, set())),
             "restored": sum(1 for stem, p in new_parts if p in restored.get(stem, set())),

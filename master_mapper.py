@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (all_generations, assign_stems, Config, ConfigError, count, EXIT_OK, EXIT_PARTIAL,
-                       EXIT_WAITING, FolderIndex, GIB, human_bytes, is_local_path,
-                       latest_generation, Layout, load_manifest, local_name, log_context, MigrationError,
-                       out, Passes, Rclone, RcloneError, RecordError, Records, remote_join, ROOT_LABEL, Run,
-                       run_script, shard_of, start_run, StopRequested, Unit, utc_now)
+                       EXIT_WAITING, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
+                       latest_generation, Layout, load_manifest, local_name, log_context, MANIFEST_VERSION,
+                       ManifestHeader, MigrationError, out, Passes, PlanRecord, Rclone, RcloneError,
+                       read_index, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script, shard_of,
+                       start_run, StopRequested, Unit, utc_now)
 
 log = logging.getLogger("master_mapper")
 
 SCRIPT = "mapper"
-MANIFEST_VERSION = 1
 
 
 # Pure planning
@@ -272,12 +272,12 @@ def write_manifest(ctx: Run, job: FolderJob, index: FolderIndex, header_extra: d
     files, nbytes = index.count("f")
     large, large_bytes = index.count("l")
     dirs, _ = index.count("d")
-    header = {"type": "folder", "version": MANIFEST_VERSION, "name": name, "stem": stem,
-              "generation": gen, "files": files, "bytes": nbytes, "large": large,
-              "large_bytes": large_bytes, "dirs": dirs, "source": cfg.source, **header_extra}
+    header = ManifestHeader(type="folder", version=MANIFEST_VERSION, name=name, stem=stem, generation=gen,
+                            files=files, bytes=nbytes, large=large, large_bytes=large_bytes, dirs=dirs,
+                            source=cfg.source, **header_extra)
     path = os.path.join(tmp, local_name(stem, "manifest.gz"))
     with gzip.open(path, "wb", compresslevel=6) as gz:
-        gz.write(json.dumps(header, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+        gz.write(json.dumps(header.to_json(), ensure_ascii=False, sort_keys=True).encode() + b"\n")
         for row in index.rows():
             out: dict[str, Any] = {"t": row["kind"], "p": row["path"]}
             if row["kind"] != "d":
@@ -484,18 +484,19 @@ class FolderJob:
         return ("removed:" if self.removed else "") + self.stem
 
 
-def open_generation(ctx: Run, latest: tuple[int, dict] | None, gens: list[int], unfinished: list[int]) -> dict:
+def open_generation(ctx: Run, latest: tuple[int, IndexRecord] | None, gens: list[int],
+                    unfinished: list[int]) -> PlanRecord:
     """The plan of the generation this run maps: the unfinished one, or a new one, written
     create-only (a mapper that started the same generation at the same moment is joined)."""
     cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     if unfinished:
         gen = unfinished[-1]
-        plan = records.get_json(layout.plan(gen))
-        if plan is None or not isinstance(plan.get("folders"), list):
+        found = records.get_json(layout.plan(gen))
+        if found is None:
             raise RecordError(layout.plan(gen), "an unfinished generation without a readable plan")
-        if plan.get("source") != cfg.source:
-            raise ConfigError(f"SOURCE={cfg.source!r} differs from the unfinished map's source "
-                              f"{plan.get('source')!r}")
+        plan = PlanRecord.from_json(layout.plan(gen), found)
+        if plan.source != cfg.source:
+            raise ConfigError(f"SOURCE={cfg.source!r} differs from the unfinished map's source {plan.source!r}")
         log.info("continuing unfinished map generation %d", gen)
         return plan
     gen = (gens[-1] + 1) if gens else 1
@@ -505,16 +506,18 @@ def open_generation(ctx: Run, latest: tuple[int, dict] | None, gens: list[int], 
     # Folders of the previous generation that SOURCE no longer has: their files are deleted
     # at SOURCE, recorded as units of their own (a removed record and its changes file).
     removed = [{"name": n, "stem": previous_stems[n]} for n in sorted(previous) if n and n not in stems]
-    plan = {"generation": gen, "created_at": utc_now(), "source": cfg.source,
-            "previous": latest[0] if latest else None,
-            "folders": [{"name": n, "stem": stems[n]} for n in [""] + names],
-            "removed": removed, "retired_stems": {n: s for n, s in previous_stems.items() if n not in stems},
-            "large_file_threshold_bytes": cfg.large_file_threshold_bytes,
-            "split_threshold": cfg.split_threshold, "max_zip_bytes": cfg.max_zip_bytes}
-    if not cfg.dry_run and not records.put_json_once(layout.plan(gen), plan):
-        theirs = records.get_json(layout.plan(gen))
-        if not isinstance(theirs, dict) or theirs.get("source") != cfg.source \
-                or not isinstance(theirs.get("folders"), list):
+    plan = PlanRecord(generation=gen, created_at=utc_now(), source=cfg.source,
+                      folders=[{"name": n, "stem": stems[n]} for n in [""] + names],
+                      previous=latest[0] if latest else None, removed=removed,
+                      retired_stems={n: s for n, s in previous_stems.items() if n not in stems},
+                      large_file_threshold_bytes=cfg.large_file_threshold_bytes,
+                      split_threshold=cfg.split_threshold, max_zip_bytes=cfg.max_zip_bytes)
+    if not cfg.dry_run and not records.put_json_once(layout.plan(gen), plan.to_json()):
+        try:
+            theirs = PlanRecord.from_json(layout.plan(gen), records.get_json(layout.plan(gen)))
+        except RecordError:
+            theirs = None
+        if theirs is None or theirs.source != cfg.source:
             raise MigrationError(f"another mapper started generation {gen} at the same moment, of "
                                  f"another SOURCE or unreadable ({layout.plan(gen)!r}); run again")
         plan = theirs
@@ -523,17 +526,17 @@ def open_generation(ctx: Run, latest: tuple[int, dict] | None, gens: list[int], 
     return plan
 
 
-def previous_folders(ctx: Run, latest: tuple[int, dict] | None) -> tuple[dict[str, str], dict[str, dict]]:
+def previous_folders(ctx: Run, latest: tuple[int, IndexRecord] | None) -> tuple[dict[str, str], dict[str, dict]]:
     """From the latest complete generation: every stem ever given to a name ({name: stem}, so a
     folder keeps its stem), and each folder's manifest, next part number and generation."""
     stems: dict[str, str] = {}
     folders: dict[str, dict] = {}
     if latest:
-        for f in latest[1]["folders"]:
-            stems[f["name"]] = f["stem"]
-            folders[f["name"]] = {"manifest": ctx.layout.manifest(latest[0], f["stem"]),
-                                  "next_part": f.get("next_part", 1), "generation": latest[0]}
-        stems.update(latest[1].get("retired_stems", {}))
+        for f in latest[1].folders:
+            stems[f.name] = f.stem
+            folders[f.name] = {"manifest": ctx.layout.manifest(latest[0], f.stem),
+                               "next_part": f.next_part or 1, "generation": latest[0]}
+        stems.update(latest[1].retired_stems)
     return stems, folders
 
 
@@ -559,13 +562,14 @@ class Mapping:
     """The mapper's units of one generation, planned afresh for each pass from a fresh listing
     of the folder manifests and removed records written so far."""
 
-    def __init__(self, ctx: Run, plan: dict, latest: tuple[int, dict] | None, hashes: tuple[str, ...]):
-        self.ctx, self.gen = ctx, plan["generation"]
+    def __init__(self, ctx: Run, plan: PlanRecord, latest: tuple[int, IndexRecord] | None,
+                 hashes: tuple[str, ...]):
+        self.ctx, self.gen = ctx, plan.generation
         previous = previous_folders(ctx, latest)[1]
         self.jobs = [FolderJob(self.gen, f["name"], f["stem"], hashes, previous.get(f["name"]))
-                     for f in plan["folders"]]
+                     for f in plan.folders]
         self.jobs += [FolderJob(self.gen, r["name"], r["stem"], previous=previous[r["name"]], removed=True)
-                      for r in plan.get("removed", [])]
+                      for r in plan.removed]
         self.mine = [j for j in self.jobs if ctx.in_shard(j.name)]
         self._done: set[str] | None = None
 
@@ -595,44 +599,43 @@ class Mapping:
                            functools.partial(map_folder, self.ctx, job), (layout.manifest(self.gen, job.stem),))
 
 
-def write_index(ctx: Run, plan: dict) -> dict:
+def write_index(ctx: Run, plan: PlanRecord) -> IndexRecord:
     """Every manifest exists: the generation's index from their headers (also those of earlier
     runs), written create-only; the index that stands is returned."""
-    records, layout, gen = ctx.records, ctx.layout, plan["generation"]
+    records, layout, gen = ctx.records, ctx.layout, plan.generation
     folders = []
-    for folder in plan["folders"]:
-        header = read_manifest_header(records, layout.manifest(gen, folder["stem"]))
-        folders.append({k: header.get(k) for k in ("name", "stem", "files", "bytes", "large", "large_bytes",
-                                                   "dirs", "parts", "part_table", "next_part", "changes",
-                                                   "changes_key")})
+    for folder in plan.folders:
+        h = read_manifest_header(records, layout.manifest(gen, folder["stem"]))
+        folders.append(FolderEntry(name=h.name, stem=h.stem, files=h.files, bytes=h.bytes, large=h.large,
+                                   large_bytes=h.large_bytes, dirs=h.dirs, parts=h.parts, part_table=h.part_table,
+                                   next_part=h.next_part, changes=h.changes, changes_key=h.changes_key))
     removed = []
-    for folder in plan.get("removed", []):
+    for folder in plan.removed:
         record = records.get_json(layout.removed(gen, folder["stem"]))
         if not isinstance(record, dict) or not isinstance(record.get("changes"), dict):
             raise RecordError(layout.removed(gen, folder["stem"]), "not a removed-folder record")
         removed.append({k: record.get(k) for k in ("name", "stem", "changes", "changes_key")})
-    index = {"generation": gen, "created_at": plan["created_at"], "completed_at": utc_now(),
-             "source": ctx.cfg.source, "previous": plan.get("previous"), "folders": folders,
-             "removed": removed, "retired_stems": plan.get("retired_stems", {}),
-             "totals": {k: sum(f[k] or 0 for f in folders) for k in ("files", "bytes", "large",
-                                                                      "large_bytes", "dirs")}}
-    if plan.get("previous") is not None:
-        index["changes"] = change_totals(folders, removed)
-    if not records.put_json_once(layout.index(gen), index):
+    index = IndexRecord(generation=gen, folders=folders, created_at=plan.created_at, completed_at=utc_now(),
+                        source=ctx.cfg.source, previous=plan.previous, removed=removed,
+                        retired_stems=plan.retired_stems,
+                        totals={k: sum(getattr(f, k) or 0 for f in folders)
+                                for k in ("files", "bytes", "large", "large_bytes", "dirs")},
+                        changes=change_totals(folders, removed) if plan.previous is not None else None)
+    if not records.put_json_once(layout.index(gen), index.to_json()):
         log.info("generation %d was completed by another worker; its index is kept", gen)
-        index = records.get_json(layout.index(gen))
+        index = read_index(records, layout, gen) or index
     return index
 
 
-def say_complete(index: dict) -> None:
-    t = index["totals"]
+def say_complete(index: IndexRecord) -> None:
+    t = index.totals
     log.info("map generation %d complete: %d folders, %d files (%.1f MiB), %d large files, "
-             "%d empty directories, %d new parts", index["generation"], len(index["folders"]), t["files"],
-             t["bytes"] / (1 << 20), t["large"], t["dirs"], sum(len(f["parts"] or []) for f in index["folders"]))
-    c = index.get("changes")
+             "%d empty directories, %d new parts", index.generation, len(index.folders), t["files"],
+             t["bytes"] / (1 << 20), t["large"], t["dirs"], sum(len(f.parts or []) for f in index.folders))
+    c = index.changes
     if c:
         log.info("since generation %d: %d files added (%s), %d changed (%s), %d deleted (%s), %d unchanged; "
-                 "%d folders added, %d removed; %d empty directories added, %d removed", index["previous"],
+                 "%d folders added, %d removed; %d empty directories added, %d removed", index.previous,
                  c["added"], human_bytes(c["added_bytes"]), c["changed"], human_bytes(c["changed_bytes"]),
                  c["deleted"], human_bytes(c["deleted_bytes"]), c["unchanged"], len(c["folders_added"]),
                  len(c["folders_removed"]), c["dirs_added"], c["dirs_removed"])
@@ -641,16 +644,16 @@ def say_complete(index: dict) -> None:
                         "PROPAGATE_DELETES=1 (it then deletes only copies that still match what was restored)")
 
 
-def map_is_complete(ctx: Run, latest: tuple[int, dict]) -> int:
+def map_is_complete(ctx: Run, latest: tuple[int, IndexRecord]) -> int:
     """Nothing to map: the latest generation is complete and no rescan was asked for."""
     gen, index = latest
-    if index.get("source") != ctx.cfg.source:
-        raise ConfigError(f"SOURCE={ctx.cfg.source!r} differs from the map's source {index.get('source')!r}; "
+    if index.source != ctx.cfg.source:
+        raise ConfigError(f"SOURCE={ctx.cfg.source!r} differs from the map's source {index.source!r}; "
                           "set FORCE_RESCAN=1 to map the new SOURCE as a new generation")
     if not ctx.cfg.dry_run:
         write_folder_list(ctx.records, ctx.layout, index)
     log.info("the map is complete (generation %d, %d folders); set FORCE_RESCAN=1 to list SOURCE again",
-             gen, len(index["folders"]))
+             gen, len(index.folders))
     return EXIT_OK
 
 
@@ -659,14 +662,14 @@ def run(ctx: Run) -> int:
     start_run(ctx)
     latest = latest_generation(records, layout)
     gens = all_generations(records, layout)
-    unfinished = [g for g in gens if records.get_json(layout.index(g)) is None and (latest is None or g > latest[0])]
+    unfinished = [g for g in gens if (latest is None or g > latest[0]) and records.head(layout.index(g)) is None]
     if latest and not cfg.force_rescan and not unfinished:
         return map_is_complete(ctx, latest)
     plan = open_generation(ctx, latest, gens, unfinished)
     work = Mapping(ctx, plan, latest, source_hash_kinds(ctx))
     if ctx.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
-                 len(work.mine), len(plan["folders"]))
+                 len(work.mine), len(plan.folders))
     done = work.done_now()
     ctx.runtime.progress.plan(sum(1 for j in work.mine if j.unit_key not in done), 0,
                               skipped=sum(1 for j in work.mine if j.unit_key in done))
@@ -677,7 +680,7 @@ def run(ctx: Run) -> int:
         if unit in failed:
             log.error("folder %r was not mapped: %s", unit.folder or ROOT_LABEL, result)
     if cfg.dry_run:
-        print_plan(plan["generation"], [r for u, r in outcomes if u.kind == "folder" and isinstance(r, dict)])
+        print_plan(plan.generation, [r for u, r in outcomes if u.kind == "folder" and isinstance(r, dict)])
         return EXIT_PARTIAL if failed or passes.plan_errors else EXIT_OK
     if failed or passes.plan_errors:
         log.error("%d folders could not be listed; they have no map yet. Run again to retry them "
@@ -693,30 +696,27 @@ def run(ctx: Run) -> int:
     return EXIT_OK
 
 
-def warn_if_shrunk(records: Records, layout: Layout, index: dict) -> None:
+def warn_if_shrunk(records: Records, layout: Layout, index: IndexRecord) -> None:
     """A generation that holds far fewer files than the one before it is more often an expired
     token or a failed mount than a real cleanup: say so before anyone propagates deletes."""
-    if index.get("previous") is None:
+    before = read_index(records, layout, index.previous) if index.previous is not None else None
+    if before is None:
         return
-    before = records.get_json(layout.index(index["previous"]))
-    if not isinstance(before, dict):
-        return
-    count = lambda i: int(i["totals"].get("files", 0)) + int(i["totals"].get("large", 0))  # noqa: E731
-    now, then = count(index), count(before)
+    now, then = (i.total("files") + i.total("large") for i in (index, before))
     if then >= 10 and now < then / 2:
         log.warning("map generation %d holds %d files, the one before it %d: if SOURCE did not really lose "
                     "them (an expired token, a failed mount, the wrong SOURCE), do not propagate deletes; "
                     "python_unzipper.py with PROPAGATE_DELETES=1 deletes no more than MAX_DELETE",
-                    index["generation"], now, then)
+                    index.generation, now, then)
 
 
-def change_totals(folders: list[dict], removed: list[dict]) -> dict:
+def change_totals(folders: list[FolderEntry], removed: list[dict]) -> dict:
     """The generation's difference from the previous one, summed over its folders."""
     keys = ("added", "added_bytes", "changed", "changed_bytes", "unchanged", "deleted", "deleted_bytes",
             "dirs_added", "dirs_removed")
-    every = [f.get("changes") or {} for f in folders] + [r["changes"] for r in removed]
+    every = [f.changes or {} for f in folders] + [r["changes"] for r in removed]
     totals: dict[str, Any] = {k: sum(int(c.get(k, 0)) for c in every) for k in keys}
-    totals["folders_added"] = [f["name"] for f in folders if f["name"] and (f.get("changes") or {}).get("new_folder")]
+    totals["folders_added"] = [f.name for f in folders if f.name and (f.changes or {}).get("new_folder")]
     totals["folders_removed"] = [r["name"] for r in removed]
     return totals
 
@@ -769,23 +769,21 @@ def print_plan(gen: int, planned: list[dict]) -> None:
                       "goes SOURCE to DESTINATION directly\n")
 
 
-def read_manifest_header(records: Records, key: str) -> dict:
+def read_manifest_header(records: Records, key: str) -> ManifestHeader:
+    """The first line of a folder manifest (a gzip member starts there: nothing more is read)."""
     data = records.get_bytes(key)
     if data is None:
         raise RecordError(key, "missing")
     try:
-        first = gzip.GzipFile(fileobj=io.BytesIO(data)).readline()
-        header = json.loads(first)
+        first = json.loads(gzip.GzipFile(fileobj=io.BytesIO(data)).readline())
     except (OSError, EOFError, zlib.error, json.JSONDecodeError) as exc:
         raise RecordError(key, f"unreadable header: {exc}") from None
-    if not isinstance(header, dict) or header.get("type") != "folder":
-        raise RecordError(key, "the first line is not a folder header")
-    return header
+    return ManifestHeader.from_json(key, first)
 
 
-def write_folder_list(records: Records, layout: Layout, index: dict) -> None:
+def write_folder_list(records: Records, layout: Layout, index: IndexRecord) -> None:
     """``_index/folder_list.txt``: the real folder names of the latest generation."""
-    body = "\n".join(f["name"] for f in index["folders"] if f["name"]).encode("utf-8")
+    body = "\n".join(f.name for f in index.folders if f.name).encode("utf-8")
     current = records.get_bytes(layout.folder_list)
     if current != body:
         records.put_bytes(layout.folder_list, body, content_type="text/plain; charset=utf-8")

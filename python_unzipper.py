@@ -44,12 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from common_s3 import (all_generations, Config, count, describe_proof, DiskGate, EXIT_OK, EXIT_PARTIAL,
-                       EXIT_USAGE, EXIT_WAITING, FolderIndex, format_mtime, human_bytes,
-                       is_local_path, large_file_id, latest_generation, Layout, load_manifest, local_name,
-                       log_context, MIB, MigrationError, mtime_ns, new_run_id, out, parse_mtime, Passes,
-                       plain_local_name, proof_warnings, Rclone, RcloneError, read_jsonl_gz, RecordError,
-                       Records, remote_join, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
-                       staging_dir, start_run, StopRequested, Unit, utc_now, WorkerPool)
+                       EXIT_USAGE, EXIT_WAITING, FolderEntry, FolderIndex, format_mtime, human_bytes,
+                       IndexRecord, is_local_path, large_file_id, LargeRecord, latest_generation, Layout,
+                       load_manifest, local_name, log_context, MIB, MigrationError, mtime_ns, new_run_id,
+                       out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
+                       RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
+                       RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
+                       staging_dir, start_run, StopRequested, Unit, utc_now, VerifiedRecord, WorkerPool)
 
 log = logging.getLogger("python_unzipper")
 
@@ -103,11 +104,11 @@ def destination_root(cfg: Config) -> str:
 LOCAL_TMP = ".python_unzipper.tmp"
 
 
-def local_destination(cfg: Config, folders: Sequence[dict] = ()) -> str | None:
+def local_destination(cfg: Config, folders: Sequence[FolderEntry] = ()) -> str | None:
     """DESTINATION as a directory to write into directly (a plain local path), or None when
     rclone uploads (a remote, or a map whose top-level folder has our temporary name)."""
     root = destination_root(cfg)
-    if not is_local_path(root) or any(f["name"] == LOCAL_TMP for f in folders):
+    if not is_local_path(root) or any(f.name == LOCAL_TMP for f in folders):
         return None
     return root
 
@@ -268,25 +269,25 @@ def _extract_entries(stream: "_Stream", key: str, entries: list[dict], keep: dic
     return written
 
 
-def extract_part(records: Records, record: dict, entries: list[dict], keep: dict[str, dict],
+def extract_part(records: Records, record: PartRecord, entries: list[dict], keep: dict[str, dict],
                  staging: str, runtime: Runtime, names: list[str] | None = None) -> int:
     """One streamed GET of the part; write the kept entries into staging, checking everything.
 
     ``keep`` maps path -> map row for the entries this generation takes from this part.
     Returns the number of files written; their paths are appended to ``names``.
     """
-    key = record["key"]
+    key = record.key
     with records.open(key) as (body, etag):
-        if record.get("etag") and etag != record["etag"]:
-            raise PartDamaged(key, f"ETag {etag} differs from the recorded {record['etag']}")
+        if record.etag and etag != record.etag:
+            raise PartDamaged(key, f"ETag {etag} differs from the recorded {record.etag}")
         stream = _Stream(body)
         try:
             written = _extract_entries(stream, key, entries, keep, staging, runtime, names)
         except EOFError as exc:
             raise PartDamaged(key, f"the object is shorter than recorded ({exc})") from None
-    if stream.pos != record["size"]:
-        raise PartDamaged(key, f"{stream.pos} bytes read, recorded {record['size']}")
-    if stream.sha256.hexdigest() != record["sha256"]:
+    if stream.pos != record.size:
+        raise PartDamaged(key, f"{stream.pos} bytes read, recorded {record.size}")
+    if stream.sha256.hexdigest() != record.sha256:
         raise PartDamaged(key, "SHA-256 of the object differs from the record")
     return written
 
@@ -302,24 +303,23 @@ class RestoreJob:
     local: str | None = None  # DESTINATION's directory, when files are placed without rclone
 
 
-def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> tuple[dict, list[dict]]:
+def read_part_record(records: Records, layout: Layout, stem: str, part: str) -> tuple[PartRecord, list[dict]]:
     """The zipper's record and entries of a part, checked against each other."""
     rkey = layout.part_record(stem, part)
-    record = records.get_json(rkey)
-    if record is None:
+    found = records.get_json(rkey)
+    if found is None:
         raise PartNotMade(f"part {part} of this folder has not been made yet (no {rkey!r}): "
-                             "run python_zipper.py, then python_unzipper.py")
-    if not isinstance(record, dict) or not all(k in record for k in ("key", "size", "sha256", "entries_key")):
-        raise RecordError(rkey, "not a part record")
-    body = records.get_bytes(record["entries_key"])
+                          "run python_zipper.py, then python_unzipper.py")
+    record = PartRecord.from_json(rkey, found)
+    body = records.get_bytes(record.entries_key)
     if body is None:
-        raise RecordError(record["entries_key"], "missing, although the part record names it")
-    if hashlib.sha256(body).hexdigest() != record.get("entries_sha256"):
-        raise RecordError(record["entries_key"], "its SHA-256 differs from the part record")
-    entries = list(read_jsonl_gz(body, record["entries_key"]))
+        raise RecordError(record.entries_key, "missing, although the part record names it")
+    if hashlib.sha256(body).hexdigest() != record.entries_sha256:
+        raise RecordError(record.entries_key, "its SHA-256 differs from the part record")
+    entries = list(read_jsonl_gz(body, record.entries_key))
     for e in entries:
         if not isinstance(e.get("path"), str) or not isinstance(e.get("offset"), int):
-            raise RecordError(record["entries_key"], f"an entry without path or offset: {e!r:.200}")
+            raise RecordError(record.entries_key, f"an entry without path or offset: {e!r:.200}")
     return record, entries
 
 
@@ -331,15 +331,15 @@ def restore_part(ctx: Run, job: RestoreJob) -> dict:
     with runtime.progress.unit(f"{job.folder or ROOT_LABEL}/{job.part}", job.folder, nbytes), \
             log_context(folder=job.folder, part=job.part):
         record, entries = read_part_record(records, layout, job.stem, job.part)
-        key = record["key"]
+        key = record.key
         for e in entries:
             reason = unsafe_reason(e["path"])
             if reason:
                 raise PartDamaged(key, f"entry {e['path']!r} has {reason}")
         claimed = sum(int(e.get("size", 0)) for e in entries)
-        if record["size"] and claimed > cfg.max_zip_bomb_ratio * record["size"]:
+        if record.size and claimed > cfg.max_zip_bomb_ratio * record.size:
             raise PartDamaged(key, f"entries claim {claimed} bytes, over MAX_ZIP_BOMB_RATIO="
-                                   f"{cfg.max_zip_bomb_ratio:g} times the part's {record['size']}")
+                                   f"{cfg.max_zip_bomb_ratio:g} times the part's {record.size}")
         recorded = {e["path"] for e in entries}
         missing = [p for p in job.keep if p not in recorded]
         if missing:
@@ -378,9 +378,9 @@ def restore_part(ctx: Run, job: RestoreJob) -> dict:
                 upload_staging(cfg, rclone, staging, job.folder, f"upload of part {job.part}", need,
                                ["--no-check-dest"])
         save_sums(cfg, job.stem, job.part, entries)
-        out = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
-               "key": key, "etag": record.get("etag"), "sha256": record["sha256"], "files": written,
-               "restored_at": utc_now(), "worker": cfg.worker_id}
+        out = RestoreRecord(key=key, folder=job.folder, stem=job.stem, part=job.part, generation=job.gen,
+                            etag=record.etag, sha256=record.sha256, files=written, restored_at=utc_now(),
+                            worker=cfg.worker_id).to_json()
         if not job.repair:
             records.put_json_once(layout.restored_record(job.stem, job.part), out)
         log.info("part restored: %s, %s in %.1fs (read %.1fs, upload %.1fs)", count(written, "file"),
@@ -543,6 +543,48 @@ def list_destination(cfg: Config, rclone: Rclone, folder: str, dest_features: di
     return result
 
 
+def compare_rows(ctx: Run, stem: str, index: FolderIndex, listed: DestListing, report: dict) -> dict[str, dict]:
+    """Each file of the map against DESTINATION's listing (table ``dest``): missing, differing
+    (size, the hash kind compared, mtime where kept), or matched by hash or by size; counted
+    into ``report``. Returns the folder's large files {path: row}."""
+    kind, check_mtime = listed.kind, listed.check_mtime
+    larges: dict[str, dict] = {}
+    rows = index.db.execute(
+        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
+        "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
+        "WHERE e.kind IN ('f', 'l') ORDER BY e.path")
+    for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
+        report["files"] += 1
+        report["bytes"] += size
+        if k == "l":
+            larges[path] = {"path": path, "size": size, "mtime": mtime}
+        if dsize is None:
+            report["missing"].append(path)
+            continue
+        if dsize != size:
+            report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
+            continue
+        want = None
+        if kind == "md5":
+            want = md5 or json.loads(hashes or "{}").get("md5") or (large_md5(ctx.records, ctx.layout, stem, path, size, mtime)
+                                                                  if k == "l" else None)
+        elif kind == "crc32":
+            want = crc32
+        elif kind:
+            want = json.loads(hashes or "{}").get(kind)
+        if want and dhash:
+            if dhash.lower() != want.lower():
+                report["differing"].append({"path": path, "why": f"{kind} {dhash} != {want}"})
+                continue
+            report["matched_by_hash"] += 1
+        else:
+            report["matched_by_size"] += 1
+        if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
+            report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
+            report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
+    return larges
+
+
 def verify_folder(ctx: Run, folder: str, stem: str, index: FolderIndex, dest_features: dict,
                   deletions: "Deletions | None" = None, *, thorough: bool = False) -> dict:
     """Compare DESTINATION/<folder> with the map: paths, sizes, hashes where a kind is shared.
@@ -569,40 +611,7 @@ def verify_folder(ctx: Run, folder: str, stem: str, index: FolderIndex, dest_fea
               "slow_hash_skipped": listed.slow_hash_skipped,
               "files": 0, "bytes": 0, "dirs": 0, "matched_by_hash": 0, "matched_by_size": 0,
               "missing": [], "differing": [], "extra": []}
-    larges: dict[str, dict] = {}
-    rows = db.execute(
-        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
-        "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
-        "WHERE e.kind IN ('f', 'l') ORDER BY e.path")
-    for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
-        report["files"] += 1
-        report["bytes"] += size
-        if k == "l":
-            larges[path] = {"path": path, "size": size, "mtime": mtime}
-        if dsize is None:
-            report["missing"].append(path)
-            continue
-        if dsize != size:
-            report["differing"].append({"path": path, "why": f"size {dsize} != {size}"})
-            continue
-        want = None
-        if kind == "md5":
-            want = md5 or json.loads(hashes or "{}").get("md5") or (large_md5(records, layout, stem, path, size, mtime)
-                                                                  if k == "l" else None)
-        elif kind == "crc32":
-            want = crc32
-        elif kind:
-            want = json.loads(hashes or "{}").get(kind)
-        if want and dhash:
-            if dhash.lower() != want.lower():
-                report["differing"].append({"path": path, "why": f"{kind} {dhash} != {want}"})
-                continue
-            report["matched_by_hash"] += 1
-        else:
-            report["matched_by_size"] += 1
-        if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
-            report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
-            report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
+    larges = compare_rows(ctx, stem, index, listed, report)
     # Empty directories are part of the proof, and so is the folder itself.
     if folder and not listed.exists:
         report["missing"].append("")
@@ -639,8 +648,9 @@ def left_out_reasons(records: Records, layout: Layout, stem: str) -> dict[str, s
 
 def large_md5(records: Records, layout: Layout, stem: str, path: str, size: int, mtime: str) -> str | None:
     """The MD5 the zipper took of a large file when it read both ends back after its copy."""
-    record = records.get_json(layout.large_record(stem, large_file_id(path, size, mtime)))
-    return record.get("md5") if isinstance(record, dict) else None
+    key = layout.large_record(stem, large_file_id(path, size, mtime))
+    found = records.get_json(key)
+    return LargeRecord.from_json(key, found).md5 if found is not None else None
 
 
 def needed_dirs(paths: Iterable[str]) -> set[str]:
@@ -843,11 +853,11 @@ def list_local(top: str, *, recursive: bool, skip: Sequence[str] = (), dirs: set
                    "ModTime": format_mtime(st.st_mtime), "Hashes": {"crc32": f"{crc:08x}"}}
 
 
-def unchanged_since(folder: dict, index: dict) -> int | None:
+def unchanged_since(folder: FolderEntry, index: IndexRecord) -> int | None:
     """The previous generation when this folder is exactly as it was there (nothing added,
     changed or deleted, no empty directory added or removed), else None."""
-    c = folder.get("changes")
-    previous = index.get("previous")
+    c = folder.changes
+    previous = index.previous
     if not isinstance(c, dict) or previous is None or c.get("new_folder") or "dirs_added" not in c:
         return None  # (a map made before directories and large files were counted: verify in full)
     if any(c.get(k) for k in ("added", "changed", "deleted", "dirs_added", "dirs_removed")):
@@ -855,21 +865,24 @@ def unchanged_since(folder: dict, index: dict) -> int | None:
     return int(previous)
 
 
-def carry_verification(records: Records, layout: Layout, gen: int, folder: dict, previous: int) -> dict | None:
+def carry_verification(records: Records, layout: Layout, gen: int, folder: FolderEntry,
+                       previous: int) -> dict | None:
     """A folder unchanged since a generation in which it was verified stays verified: its files,
     parts and DESTINATION copies are the ones checked then (``--verify`` reads DESTINATION again).
     Returns the report entry, or None when the previous generation was not verified."""
-    before = records.get_json(layout.verified_record(previous, folder["stem"]))
-    if not isinstance(before, dict):
+    key = layout.verified_record(previous, folder.stem)
+    found = records.get_json(key)
+    if found is None:
         return None
-    record = {**{k: before.get(k) for k in ("files", "bytes", "matched_by_hash", "matched_by_size",
-                                           "hash_kind", "extra")},
-              "folder": folder["name"], "generation": gen, "verified_at": utc_now(),
-              "carried_from": before.get("carried_from", previous)}
-    records.put_json_once(layout.verified_record(gen, folder["stem"]), record)
-    log.info("folder %r is unchanged since generation %d, verified then; kept as verified", folder["name"], previous)
-    return {"folder": folder["name"], "stem": folder["stem"], "state": "verified", "ok": True,
-            "files": record["files"] or 0, "carried_from": record["carried_from"], "missing": [],
+    before = VerifiedRecord.from_json(key, found)
+    record = VerifiedRecord(folder=folder.name, generation=gen, verified_at=utc_now(), files=before.files,
+                            bytes=before.bytes, matched_by_hash=before.matched_by_hash,
+                            matched_by_size=before.matched_by_size, hash_kind=before.hash_kind, extra=before.extra,
+                            carried_from=before.carried_from if before.carried_from is not None else previous)
+    records.put_json_once(layout.verified_record(gen, folder.stem), record.to_json())
+    log.info("folder %r is unchanged since generation %d, verified then; kept as verified", folder.name, previous)
+    return {"folder": folder.name, "stem": folder.stem, "state": "verified", "ok": True,
+            "files": record.files or 0, "carried_from": record.carried_from, "missing": [],
             "differing": [], "extra": []}
 
 
@@ -912,12 +925,12 @@ def finish_removed(ctx: Run, gen: int, name: str, stem: str, deletions: Deletion
                 "extra": others, "deleted_at_source": summary}
 
 
-def finish_folder(ctx: Run, gen: int, folder: dict, larges_done: set[str], dest_features: dict, *,
+def finish_folder(ctx: Run, gen: int, folder: FolderEntry, larges_done: set[str], dest_features: dict, *,
                   repaired: bool = False, deletions: Deletions | None = None) -> dict:
     """Recreate empty directories and verify a folder whose parts are all restored; with
     ``deletions``, handle the copies of files deleted at SOURCE too."""
     cfg, records, layout, rclone = ctx.cfg, ctx.records, ctx.layout, ctx.rclone
-    name, stem = folder["name"], folder["stem"]
+    name, stem = folder.name, folder.stem
     with log_context(folder=name):
         _header, index = load_manifest(records, layout.manifest(gen, stem),
                                        os.path.join(cfg.tmp_dir, local_name(stem, f"g{gen}", "verify.sqlite")))
@@ -940,15 +953,13 @@ def finish_folder(ctx: Run, gen: int, folder: dict, larges_done: set[str], dest_
                 log.info("repaired: every damaged file restored and verified")
             if deletions is not None and cfg.propagate_deletes:
                 record_deletions(records, layout, cfg, gen, name, stem, report["deleted_at_source"])
-            records.put_json_once(layout.verified_record(gen, stem),
-                                  {"folder": name, "generation": gen, "verified_at": utc_now(),
-                                   **{k: report[k] for k in ("files", "bytes", "matched_by_hash",
-                                                             "matched_by_size", "hash_kind", "compared",
-                                                             "not_kept", "read_back")},
-                                   "extra": len(report["extra"])})
+            records.put_json_once(layout.verified_record(gen, stem), VerifiedRecord(
+                folder=name, generation=gen, verified_at=utc_now(), extra=len(report["extra"]),
+                **{k: report[k] for k in ("files", "bytes", "matched_by_hash", "matched_by_size", "hash_kind",
+                                          "compared", "not_kept", "read_back")}).to_json())
             if name:
                 records.put_json(layout.legacy_progress(stem, "unzipper"), {
-                    "processed_keys": [layout.part_object(stem, p["name"]) for p in folder.get("part_table") or []],
+                    "processed_keys": [layout.part_object(stem, p["name"]) for p in folder.part_table or []],
                     "folder_complete": True, "updated_at": utc_now()})
             log.info("verified: %s match (%d by %s, %d by size only)%s", count(report["files"], "file"),
                      report["matched_by_hash"], report["hash_kind"] or "hash", report["matched_by_size"],
@@ -970,7 +981,7 @@ class Finisher:
     """Verifies each folder as soon as its last part is restored, in the worker that restored
     it, while other workers go on restoring: verification overlaps the transfers."""
 
-    def __init__(self, verify: Callable[[dict], dict]):
+    def __init__(self, verify: Callable[[FolderEntry], Any]):
         self.verify = verify
         self.left: dict[str, int] = {}
         self.failed: set[str] = set()
@@ -980,10 +991,10 @@ class Finisher:
         with self.lock:
             self.left[stem] = parts
 
-    def part_done(self, folder: dict, ok: bool) -> dict | BaseException | None:
+    def part_done(self, folder: FolderEntry, ok: bool) -> dict | BaseException | None:
         """Count a part of the folder; after its last one, verify the folder when every part
         succeeded. Returns the verification's report or exception, or None."""
-        stem = folder["stem"]
+        stem = folder.stem
         with self.lock:
             self.left[stem] -= 1
             if not ok:
@@ -993,7 +1004,7 @@ class Finisher:
             return None
         return self.finish(folder)
 
-    def finish(self, folder: dict) -> dict | BaseException:
+    def finish(self, folder: FolderEntry) -> Any:
         try:
             return self.verify(folder)
         except Exception as exc:  # reported with the folder; the part itself stays restored
@@ -1008,7 +1019,7 @@ class Restoring:
     verification. A folder whose every part is zipped is verified by the worker that restores
     its last part (``Finisher``), so verification overlaps the transfers."""
 
-    def __init__(self, ctx: Run, gen: int, index: dict, folders: list[dict], passes: Passes):
+    def __init__(self, ctx: Run, gen: int, index: IndexRecord, folders: list[FolderEntry], passes: Passes):
         records, layout = ctx.records, ctx.layout
         self.ctx, self.gen, self.index, self.folders, self.passes = ctx, gen, index, folders, passes
         # Files deleted at SOURCE, per folder stem, over every generation; with PROPAGATE_DELETES=1
@@ -1021,10 +1032,10 @@ class Restoring:
         self.failed_parts: dict[str, list] = {}
         self.problems: list[tuple[str, str]] = []
         self.refresh()
-        self.pending = [f for f in folders if f["stem"] not in self.verified or f["stem"] in self.repairs
-                        or self.to_delete(f["stem"])]
-        self.pending_stems = {f["stem"] for f in self.pending}
-        latest_stems = {f["stem"] for f in index["folders"]}
+        self.pending = [f for f in folders if f.stem not in self.verified or f.stem in self.repairs
+                        or self.to_delete(f.stem)]
+        self.pending_stems = {f.stem for f in self.pending}
+        latest_stems = {f.stem for f in index.folders}
         self.removed = sorted({(src[-1]["name"], stem) for stem, src in self.sources.items()
                                if stem not in latest_stems and ctx.in_shard(src[-1]["name"])})
         self.finisher = Finisher(self.verify)
@@ -1044,7 +1055,7 @@ class Restoring:
     def units(self) -> Iterator[Unit]:
         if not self._fresh:  # a pass before this one: look at the records again
             self.refresh()
-            self.pending = [f for f in self.pending if f["stem"] not in self.verified or f["stem"] in self.repairs]
+            self.pending = [f for f in self.pending if f.stem not in self.verified or f.stem in self.repairs]
             self.problems = [p for p in self.problems if not p[0].startswith("folder ")]
         self._fresh = False
         self.finisher = Finisher(self.verify)
@@ -1054,9 +1065,9 @@ class Restoring:
     def _failed(self, stem: str, part: str) -> bool:
         return (SCRIPT, stem, part) in self.passes.failed
 
-    def _folder_units(self, folder: dict) -> Iterator[Unit]:
-        name, stem = folder["name"], folder["stem"]
-        table = [p["name"] for p in folder.get("part_table") or []]
+    def _folder_units(self, folder: FolderEntry) -> Iterator[Unit]:
+        name, stem = folder.name, folder.stem
+        table = [p["name"] for p in folder.part_table or []]
         zipped, restored = self.zipped.get(stem, set()), self.restored.get(stem, set())
         # A part that failed in this run: the folder cannot be verified now.
         all_zipped = all(p in zipped for p in table) and not any(self._failed(stem, p) for p in table)
@@ -1075,9 +1086,9 @@ class Restoring:
                        () if job.repair else (self.ctx.layout.restored_record(stem, job.part),),
                        after=functools.partial(self._after_restore, self.finisher, folder, job))
 
-    def _jobs(self, folder: dict, todo: list[str]) -> list[RestoreJob] | None:
+    def _jobs(self, folder: FolderEntry, todo: list[str]) -> list[RestoreJob] | None:
         """The restore jobs of a folder, from its manifest; None (reported) when it cannot be read."""
-        ctx, name, stem, gen = self.ctx, folder["name"], folder["stem"], self.gen
+        ctx, name, stem, gen = self.ctx, folder.name, folder.stem, self.gen
         try:
             _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem),
                                            os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite")))
@@ -1100,9 +1111,9 @@ class Restoring:
         finally:
             index.close()
 
-    def _damaged(self, folder: dict, index: FolderIndex, repair: dict) -> dict[str, dict[str, dict]]:
+    def _damaged(self, folder: FolderEntry, index: FolderIndex, repair: dict) -> dict[str, dict[str, dict]]:
         """{part: {path: row}} of the damaged files a repair restores again from zipped parts."""
-        records, layout, stem = self.ctx.records, self.ctx.layout, folder["stem"]
+        records, layout, stem = self.ctx.records, self.ctx.layout, folder.stem
         damaged: dict[str, dict[str, dict]] = {}
         for path in repair["paths"]:
             row = index.get(path)
@@ -1124,7 +1135,7 @@ class Restoring:
         return damaged
 
     @staticmethod
-    def _after_restore(finisher: "Finisher", folder: dict, job: RestoreJob, result: Any) -> Any:
+    def _after_restore(finisher: "Finisher", folder: FolderEntry, job: RestoreJob, result: Any) -> Any:
         """Count the part for its folder's verification (run by this worker after the last one)."""
         if isinstance(result, BaseException) or (isinstance(result, Skipped) and result.why != "done"):
             finisher.part_done(folder, False)  # failed, or another worker has it: verified in a later pass
@@ -1142,20 +1153,20 @@ class Restoring:
         return (layout.verified_record(self.gen, stem),) + (
             (layout.deletions(self.gen, stem),) if self.to_delete(stem) else ())
 
-    def _verify_unit(self, folder: dict) -> Unit:
-        name, stem = folder["name"], folder["stem"]
+    def _verify_unit(self, folder: FolderEntry) -> Unit:
+        name, stem = folder.name, folder.stem
         return Unit("verify", "folder", name, stem, "folder", f"verification of {name!r}",
                     functools.partial(self.check, folder), self._verify_done_keys(stem))
 
-    def verify(self, folder: dict) -> Any:
+    def verify(self, folder: FolderEntry) -> Any:
         """The folder's verification right after its last part, in the worker that restored it."""
-        keys = self._verify_done_keys(folder["stem"])
-        return self.passes.claims("verify").run(folder["stem"], "folder", functools.partial(self.check, folder),
+        keys = self._verify_done_keys(folder.stem)
+        return self.passes.claims("verify").run(folder.stem, "folder", functools.partial(self.check, folder),
                                                 done=functools.partial(self.ctx.exists, *keys) if keys
                                                 else (lambda: False))
 
-    def check(self, folder: dict) -> dict:
-        ctx, stem = self.ctx, folder["stem"]
+    def check(self, folder: FolderEntry) -> dict:
+        ctx, stem = self.ctx, folder.stem
         previous = unchanged_since(folder, self.index)
         if previous is not None and stem not in self.repairs and not self.to_delete(stem):
             carried = carry_verification(ctx.records, ctx.layout, self.gen, folder, previous)
@@ -1193,14 +1204,14 @@ class Restoring:
                 self.verified_now[unit.folder] = verification  # a folder's report, or why it was not verified
 
 
-def folder_state(folder: dict, zipped: dict, restored: dict, failed_parts: dict) -> tuple[str, dict]:
+def folder_state(folder: FolderEntry, zipped: dict, restored: dict, failed_parts: dict) -> tuple[str, dict]:
     """Where a folder stands before its verification: (state, details)."""
-    stem = folder["stem"]
-    parts = [p["name"] for p in folder.get("part_table") or []]
+    stem = folder.stem
+    parts = [p["name"] for p in folder.part_table or []]
     not_zipped = [p for p in parts if p not in zipped.get(stem, set())]
     not_restored = [p for p in parts if p not in restored.get(stem, set())]
-    if folder["name"] in failed_parts or set(not_restored) - set(not_zipped):
-        return "failed", {"parts_failed": failed_parts.get(folder["name"], sorted(set(not_restored) - set(not_zipped)))}
+    if folder.name in failed_parts or set(not_restored) - set(not_zipped):
+        return "failed", {"parts_failed": failed_parts.get(folder.name, sorted(set(not_restored) - set(not_zipped)))}
     if not_zipped:
         return "waiting", {"parts_waiting": not_zipped}
     return "ready", {}
@@ -1242,7 +1253,7 @@ def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
     """Folders that ``--verify`` found damaged: {stem: {"paths": [...]}}."""
     out = {}
     for item in records.list_keys(layout.repair_of(gen)):
-        stem = item["Key"].rsplit("/", 1)[1][:-len(".json")]
+        stem = layout.stem_of(item["Key"])
         marker = records.get_json(item["Key"])
         if not isinstance(marker, dict) or not isinstance(marker.get("paths"), list):
             raise RecordError(item["Key"], "not a repair record")
@@ -1250,9 +1261,9 @@ def list_repairs(records: Records, layout: Layout, gen: int) -> dict[str, dict]:
     return out
 
 
-def check_folder(ctx: Run, gen: int, folder: dict, dest_features: dict) -> dict:
+def check_folder(ctx: Run, gen: int, folder: FolderEntry, dest_features: dict) -> dict:
     """``--verify`` of one folder: DESTINATION against its manifest, slow hashes included."""
-    name, stem = folder["name"], folder["stem"]
+    name, stem = folder.name, folder.stem
     with log_context(folder=name):
         _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem),
                                        os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "check.sqlite")))
@@ -1262,7 +1273,7 @@ def check_folder(ctx: Run, gen: int, folder: dict, dest_features: dict) -> dict:
             index.close()
 
 
-def verify_only(ctx: Run, gen: int, folders: list[dict]) -> int:
+def verify_only(ctx: Run, gen: int, folders: list[FolderEntry]) -> int:
     """``--verify``: compare DESTINATION with the map, transfer nothing, print every problem."""
     cfg, runtime = ctx.cfg, ctx.runtime
     dest_features = ctx.rclone.features(destination_root(cfg)) if local_destination(cfg, folders) is None else {}
@@ -1273,7 +1284,7 @@ def verify_only(ctx: Run, gen: int, folders: list[dict]) -> int:
     return conclude_check(ctx, gen, report_folders, problems, unmade)
 
 
-def mark_repairs(ctx: Run, gen: int, results: list[tuple[dict, Any]]) -> tuple[list[dict], int, int]:
+def mark_repairs(ctx: Run, gen: int, results: list[tuple[FolderEntry, Any]]) -> tuple[list[dict], int, int]:
     """Print every problem found; write each damaged folder's repair record (its damaged large
     files' copy records deleted first) and delete those of folders found whole. Returns the
     report's folders, the folders with problems, and those not zipped in full yet."""
@@ -1282,15 +1293,15 @@ def mark_repairs(ctx: Run, gen: int, results: list[tuple[dict, Any]]) -> tuple[l
     report_folders, problems, unmade = [], 0, 0
     for folder, result in results:
         if isinstance(result, Exception):
-            log.error("folder %r could not be checked: %s", folder["name"], result)
-            report_folders.append({"folder": folder["name"], "stem": folder["stem"], "state": "failed",
+            log.error("folder %r could not be checked: %s", folder.name, result)
+            report_folders.append({"folder": folder.name, "stem": folder.stem, "state": "failed",
                                    "error": str(result)})
             problems += 1
             unmade += isinstance(result, PartNotMade)
             continue
         result["state"] = "verified" if result["ok"] else "failed"
         report_folders.append(result)
-        prefix = folder["name"] + "/" if folder["name"] else ""
+        prefix = folder.name + "/" if folder.name else ""
         for path in result["missing"]:
             why = result["left_out"].get(path)
             out.info(f"missing  {prefix}{path}" + (f"  (the zipper left it out: {why})" if why else "") + "\n")
@@ -1299,7 +1310,7 @@ def mark_repairs(ctx: Run, gen: int, results: list[tuple[dict, Any]]) -> tuple[l
         for path in result["extra"]:
             out.info(f"extra    {prefix}{path}\n")
         damaged = result["missing"] + [d["path"] for d in result["differing"]]
-        marker = layout.repair(gen, folder["stem"])
+        marker = layout.repair(gen, folder.stem)
         if damaged:
             problems += 1
         if damaged and not cfg.dry_run:
@@ -1307,15 +1318,15 @@ def mark_repairs(ctx: Run, gen: int, results: list[tuple[dict, Any]]) -> tuple[l
             # first, so that the repair record, once written, can say so.
             for row in result["large_damaged"]:
                 file_id = large_file_id(row["path"], row["size"], row["mtime"])
-                records.delete(layout.large_record(folder["stem"], file_id))
+                records.delete(layout.large_record(folder.stem, file_id))
                 log.warning("large file %r is damaged at DESTINATION; python_zipper.py will copy it again",
                             prefix + row["path"])
-            records.put_json(marker, {"folder": folder["name"], "generation": gen, "paths": damaged,
+            records.put_json(marker, {"folder": folder.name, "generation": gen, "paths": damaged,
                                       "found_at": utc_now(), "worker": cfg.worker_id,
                                       "large_records_deleted": True})
-        elif not damaged and folder["stem"] in repairs and not cfg.dry_run:
+        elif not damaged and folder.stem in repairs and not cfg.dry_run:
             records.delete(marker)  # what an earlier --verify found is repaired: nothing is pending
-            log.info("folder %r: the repair found by an earlier --verify is done", folder["name"])
+            log.info("folder %r: the repair found by an earlier --verify is done", folder.name)
     return report_folders, problems, unmade
 
 
@@ -1635,21 +1646,21 @@ def print_plan(ctx: Run, work: Restoring, to_restore: list[tuple[dict, dict]]) -
     """DRY_RUN: the parts to restore, the folders to verify and those waiting for the zipper."""
     out.info(f"plan for map generation {work.gen} (DRY_RUN: nothing is downloaded or uploaded)\n")
     for f, p in to_restore:
-        out.info(f"restore part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
+        out.info(f"restore part {f.name or ROOT_LABEL}/{p['name']}: {p['files']} files, "
                  f"{human_bytes(p['bytes'])} -> {destination_root(ctx.cfg)}\n")
     waiting = 0
     for f in work.pending:
-        table = [p["name"] for p in f.get("part_table") or []]
-        unzipped = [p for p in table if p not in work.zipped.get(f["stem"], set())]
-        large_left = max(0, int(f.get("large", 0)) - len(work.larges.get(f["stem"], set())))
-        label = f["name"] or ROOT_LABEL
+        table = [p["name"] for p in f.part_table or []]
+        unzipped = [p for p in table if p not in work.zipped.get(f.stem, set())]
+        large_left = max(0, int(f.large) - len(work.larges.get(f.stem, set())))
+        label = f.name or ROOT_LABEL
         if unzipped or large_left:
             waiting += 1
             out.info(f"wait for the zipper: folder {label}: {len(table) - len(unzipped)} of "
                      f"{count(len(table), 'part')} zipped, {count(large_left, 'large file')} not copied yet\n")
         else:
-            out.info(f"verify folder {label}: {count(f.get('files', 0) + f.get('large', 0), 'file')}"
-                     + (" (repair)" if f["stem"] in work.repairs else "") + "\n")
+            out.info(f"verify folder {label}: {count(f.files + f.large, 'file')}"
+                     + (" (repair)" if f.stem in work.repairs else "") + "\n")
     restore = count(len(to_restore), 'part')
     if waiting:
         out.info(f"{restore} to restore, {count(len(work.pending) - waiting, 'folder')} to verify, "
@@ -1670,9 +1681,9 @@ def announce(ctx: Run, work: Restoring) -> list[tuple[dict, dict]]:
     doomed = planned_deletions(ctx.records, ctx.layout, work.gen, work.index, sources, work.deleted_done,
                                work.removed) if cfg.propagate_deletes else {}
     guard_deletions(cfg, ctx.records, ctx.layout, work.index, doomed)
-    to_restore = [(f, p) for f in work.pending for p in f.get("part_table") or []
-                  if p["name"] in work.zipped.get(f["stem"], set())
-                  and p["name"] not in work.restored.get(f["stem"], set())]
+    to_restore = [(f, p) for f in work.pending for p in f.part_table or []
+                  if p["name"] in work.zipped.get(f.stem, set())
+                  and p["name"] not in work.restored.get(f.stem, set())]
     ctx.runtime.progress.plan(len(to_restore), sum(p["bytes"] for _f, p in to_restore),
                               skipped=len(folders) - len(work.pending))
     return to_restore
@@ -1682,7 +1693,7 @@ def folder_entries(work: Restoring) -> list[dict]:
     """Each folder's line of the report: its verification now, verified before, or where it stands."""
     entries = []
     for folder in work.folders:
-        name, stem = folder["name"], folder["stem"]
+        name, stem = folder.name, folder.stem
         entry: dict[str, Any] = {"folder": name, "stem": stem}
         entries.append(entry)
         result = work.verified_now.get(name)
@@ -1690,7 +1701,7 @@ def folder_entries(work: Restoring) -> list[dict]:
             entry.update(result)
             continue
         if stem not in work.pending_stems or stem in work.verified:
-            entry.update(state="verified", files=folder.get("files", 0) + folder.get("large", 0))
+            entry.update(state="verified", files=folder.files + folder.large)
             continue
         where, details = folder_state(folder, work.zipped, work.restored, work.failed_parts)
         entry.update(state=where, **details)
@@ -1723,7 +1734,7 @@ def conclude(ctx: Run, work: Restoring) -> int:
     if work.local is not None:
         # Every folder of the map, not only this worker's shard: others may still be staging.
         remove_local_tmp(work.local, everything=not work.problems and all(e["state"] == "verified" for e in entries)
-                         and all(f["stem"] in work.verified for f in work.index["folders"]), worker_id=cfg.worker_id)
+                         and all(f.stem in work.verified for f in work.index.folders), worker_id=cfg.worker_id)
     report = make_report(cfg, work.gen, entries, work.problems, mode="restore")
     report["removed_folders"] = removed_report
     deletion_totals(report, [d for d in (e.get("deleted_at_source") for e in [*entries, *removed_report])
@@ -1758,10 +1769,10 @@ def run(ctx: Run) -> int:
     gen, index = latest
     if local_destination(cfg) is None:  # a remote that is not configured: exit 2 now, not 3 per part
         ctx.rclone.features(destination_root(cfg), "DESTINATION")
-    folders = [f for f in index["folders"] if ctx.in_shard(f["name"])]
+    folders = [f for f in index.folders if ctx.in_shard(f.name)]
     if ctx.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", cfg.worker_index, cfg.worker_count,
-                 len(folders), len(index["folders"]))
+                 len(folders), len(index.folders))
     if "--verify" in ctx.argv:
         return verify_only(ctx, gen, folders)
     passes = Passes(ctx, SCRIPT)
@@ -1782,14 +1793,14 @@ def planned_deletions(records: Records, layout: Layout, gen: int, index: dict, s
     """{folder name: paths} of every file PROPAGATE_DELETES=1 would delete in this pass, where
     DESTINATION still holds what was restored: the files deleted at SOURCE, over every
     generation, of the folders whose deletions this generation has not handled yet."""
-    names = {f["stem"]: f["name"] for f in index["folders"]}
+    names = {f.stem: f.name for f in index.folders}
     names.update({stem: name for name, stem in removed})
     doomed: dict[str, list[str]] = {}
     for stem, name in sorted(names.items(), key=lambda kv: kv[1]):
         if stem not in sources or stem in deleted_done:
             continue
         manifest = None
-        if stem in {f["stem"] for f in index["folders"]}:
+        if stem in {f.stem for f in index.folders}:
             _header, manifest = load_manifest(records, layout.manifest(gen, stem), os.path.join(
                 records.cfg.tmp_dir, local_name(stem, f"g{gen}", "deletions.sqlite")))
         try:
@@ -1802,18 +1813,19 @@ def planned_deletions(records: Records, layout: Layout, gen: int, index: dict, s
     return doomed
 
 
-def guard_deletions(cfg: Config, records: Records, layout: Layout, index: dict, doomed: dict[str, list[str]]) -> None:
+def guard_deletions(cfg: Config, records: Records, layout: Layout, index: IndexRecord,
+                    doomed: dict[str, list[str]]) -> None:
     """MAX_DELETE: a pass that would delete more deletes nothing and exits 2. DRY_RUN lists every
     deletion by path. The limit is counted against the larger of this map and the one before it,
     so that a SOURCE that looks empty (an expired token, a failed mount) cannot pass for 10% of 0."""
     if not cfg.propagate_deletes:
         return
     total = sum(len(paths) for paths in doomed.values())
-    mapped = int(index["totals"].get("files", 0)) + int(index["totals"].get("large", 0))
-    if index.get("previous") is not None:
-        before = records.get_json(layout.index(index["previous"]))
-        if isinstance(before, dict):
-            mapped = max(mapped, int(before["totals"].get("files", 0)) + int(before["totals"].get("large", 0)))
+    mapped = index.total("files") + index.total("large")
+    if index.previous is not None:
+        before = read_index(records, layout, index.previous)
+        if before is not None:
+            mapped = max(mapped, before.total("files") + before.total("large"))
     allowed = cfg.deletions_allowed(mapped)
     over = total > allowed
     limit = cfg.environ.get("MAX_DELETE", "10%")
@@ -1843,14 +1855,15 @@ def deletion_sources(records: Records, layout: Layout, gen: int) -> dict[str, li
     for g in all_generations(records, layout):
         if g > gen:
             continue
-        index = records.get_json(layout.index(g))
-        if not isinstance(index, dict):
+        index = read_index(records, layout, g)
+        if index is None:
             continue  # an unfinished generation
-        for f in list(index.get("folders") or []) + list(index.get("removed") or []):
-            c = f.get("changes") or {}
-            if f.get("changes_key") and (c.get("deleted") or c.get("dirs_removed")):
-                out.setdefault(f["stem"], []).append({"generation": g, "changes_key": f["changes_key"],
-                                                      "name": f["name"]})
+        folders = [(f.name, f.stem, f.changes, f.changes_key) for f in index.folders]
+        removed = [(r.get("name"), r.get("stem"), r.get("changes"), r.get("changes_key")) for r in index.removed]
+        for name, stem, changes, changes_key in folders + removed:
+            c = changes or {}
+            if changes_key and (c.get("deleted") or c.get("dirs_removed")):
+                out.setdefault(stem, []).append({"generation": g, "changes_key": changes_key, "name": name})
     return out
 
 

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
-                       human_bytes, is_local_path, jsonl_gz_bytes, large_file_id,
-                       latest_generation, Layout, load_manifest, local_name, log_context, MIB,
-                       MigrationError, MultipartUpload, out, parse_mtime, Passes, plain_local_name,
-                       plan_drift, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
-                       run_script, Runtime, S3Error, Skipped, staging_dir, start_run, StopRequested, Unit,
-                       utc_now)
+                       FolderEntry, human_bytes, IndexRecord, is_local_path, jsonl_gz_bytes, large_file_id,
+                       LargeRecord, latest_generation, Layout, load_manifest, local_name, log_context, MIB,
+                       MigrationError, MultipartUpload, out, parse_mtime, PartRecord, Passes,
+                       plain_local_name, plan_drift, PlanRecord, Rclone, RcloneError, RecordExists, Records,
+                       remote_join, ROOT_LABEL, Run, run_script, Runtime, S3Error, Skipped, staging_dir,
+                       start_run, StopRequested, Unit, utc_now)
 
 log = logging.getLogger("python_zipper")
 
@@ -524,6 +524,16 @@ def write_stored(zf: zipfile.ZipFile, info: zipfile.ZipInfo, crc: int, size: int
     zf.start_dir = zf.fp.tell()  # where the central directory goes, as zipfile's own writers keep it
 
 
+@dataclass
+class ReadBuffers:
+    """A part's read buffers: ``whole`` holds a file of up to IN_MEMORY_MAX bytes (and one more, so
+    a file that grew is seen; None for a larger file), ``block`` is the piece a larger file is
+    read in, twice."""
+
+    whole: memoryview | None
+    block: memoryview
+
+
 def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set[str],
               runtime: Runtime) -> list[dict]:
     """Stream the part's files into a store-mode zip; return the entries (offset, size, CRC, MD5).
@@ -539,8 +549,9 @@ def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set
     kept = [f for f in job.files if f["path"] not in skip]
     # One buffer for the part's small files, as large as the largest of them (one byte more: a
     # file that grew is seen), so memory stays at most IN_MEMORY_MAX + 1 MiB per part.
-    whole = memoryview(bytearray(max([f["size"] for f in kept if f["size"] <= bound], default=0) + 1))
-    block = memoryview(bytearray(MIB))
+    buffers = ReadBuffers(whole=memoryview(bytearray(max([f["size"] for f in kept if f["size"] <= bound],
+                                                         default=0) + 1)),
+                          block=memoryview(bytearray(MIB)))
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for f in kept:
             runtime.check()
@@ -551,25 +562,26 @@ def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set
             info.external_attr = (0o100644 << 16)
             info.extra = ut_extra(mtime)
             with open(full, "rb", buffering=0) as src:
-                crc, md5 = write_file(zf, info, src, f, in_place=in_place,
-                                      buffer=whole if f["size"] <= bound else None, block=block, runtime=runtime)
+                crc, md5 = write_file(zf, info, src, f, in_place=in_place, runtime=runtime,
+                                      buffers=buffers if f["size"] <= bound else ReadBuffers(None, buffers.block))
             entries.append({"path": f["path"], "offset": info.header_offset, "size": f["size"],
                             "crc32": f"{crc:08x}", "md5": md5, "mtime": f["mtime"]})
     return entries
 
 
 def write_file(zf: zipfile.ZipFile, info: zipfile.ZipInfo, src: Any, f: dict, *, in_place: bool,
-               buffer: memoryview | None, block: memoryview, runtime: Runtime) -> tuple[int, str]:
+               buffers: ReadBuffers, runtime: Runtime) -> tuple[int, str]:
     """Write the open file ``src`` (map row ``f``) as the entry ``info``; return the CRC-32 and
     MD5 of the bytes written, which are exactly the mapped size.
 
-    With a ``buffer`` (of at least size + 1 bytes) the file is read once, into it. Without, it
-    is read twice in ``block``-sized pieces: the CRC-32 for the header, then the bytes sent,
+    With ``buffers.whole`` (of at least size + 1 bytes) the file is read once, into it. Without,
+    it is read twice in ``buffers.block``-sized pieces: the CRC-32 for the header, then the bytes sent,
     whose CRC-32 must be that one again, so the header always describes the bytes after it.
     A file read in place at SOURCE (``in_place``) must also still have its mapped size and
     mtime once read.
     """
     path, size = f["path"], f["size"]
+    buffer, block = buffers.whole, buffers.block
 
     def changed(why: str) -> MigrationError:
         if in_place:
@@ -639,7 +651,7 @@ class EtagStyle:
             self.chunked = True
 
 
-def zip_part(ctx: Run, job: PartJob, etags: EtagStyle | None = None) -> dict:
+def zip_part(ctx: Run, job: PartJob, etags: EtagStyle | None = None) -> PartRecord:
     """Make one part: read (or stage) its files, check them, stream the zip to S3, verify it,
     record it."""
     cfg, runtime = ctx.cfg, ctx.runtime
@@ -731,7 +743,7 @@ def stream_part(ctx: Run, job: PartJob, where: dict[str, str], etags: EtagStyle)
     return sink, entries
 
 
-def publish_part(ctx: Run, job: PartJob, sink: S3Sink, entries: list[dict], etags: EtagStyle) -> dict:
+def publish_part(ctx: Run, job: PartJob, sink: S3Sink, entries: list[dict], etags: EtagStyle) -> PartRecord:
     """Check the object on S3 (size, ETag), then write its entries, its left-out marker and,
     last, its completion record, each after confirming the unit's claim."""
     cfg, records, layout, runtime = ctx.cfg, ctx.records, ctx.layout, ctx.runtime
@@ -749,11 +761,10 @@ def publish_part(ctx: Run, job: PartJob, sink: S3Sink, entries: list[dict], etag
     entries_key = layout.part_entries(job.stem, job.part, entries_sha256)
     runtime.confirm_claim()
     records.put_bytes(entries_key, entries_body, content_type="application/gzip")
-    record = {"folder": job.folder, "stem": job.stem, "part": job.part, "generation": job.gen,
-              "key": key, "size": sink.total, "etag": got, "sha256": sink.sha256.hexdigest(),
-              "entries_key": entries_key, "entries_sha256": entries_sha256,
-              "files": len(entries), "bytes": sum(e["size"] for e in entries),
-              "skipped": job.skipped, "created_at": utc_now(), "worker": cfg.worker_id}
+    record = PartRecord(key=key, size=sink.total, sha256=sink.sha256.hexdigest(), entries_key=entries_key,
+                        etag=got, entries_sha256=entries_sha256, folder=job.folder, stem=job.stem, part=job.part,
+                        generation=job.gen, files=len(entries), bytes=sum(e["size"] for e in entries),
+                        skipped=job.skipped, created_at=utc_now(), worker=cfg.worker_id)
     unreadable = [sk for sk in job.skipped if sk.get("unreadable")]
     if unreadable:  # before the record: a mapper's FORCE_RESCAN=1 pass packs them again
         runtime.confirm_claim()
@@ -761,13 +772,13 @@ def publish_part(ctx: Run, job: PartJob, sink: S3Sink, entries: list[dict], etag
                          {"folder": job.folder, "part": job.part, "generation": job.gen,
                           "files": unreadable, "at": utc_now(), "worker": cfg.worker_id})
     runtime.confirm_claim()
-    if not records.put_json_once(layout.part_record(job.stem, job.part), record):
+    if not records.put_json_once(layout.part_record(job.stem, job.part), record.to_json()):
         log.warning("part %s was recorded by another worker meanwhile; its record is kept", job.part)
     return record
 
 
 def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: PartJob,
-                     sink: S3Sink) -> dict | None:
+                     sink: S3Sink) -> PartRecord | None:
     """The part's key already holds an object, so ours was not published (create-only).
 
     Recorded by another worker meanwhile: its record stands and is returned. The very bytes
@@ -777,8 +788,10 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
     """
     key = sink.key
     runtime.confirm_claim()
-    record = records.get_json(layout.part_record(job.stem, job.part))
-    if record is not None:
+    key = layout.part_record(job.stem, job.part)
+    found = records.get_json(key)
+    if found is not None:
+        record = PartRecord.from_json(key, found)
         log.warning("part %s was published and recorded by another worker meanwhile; its record is kept",
                     job.part)
         return record
@@ -802,7 +815,7 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
 
 # Large files
 
-def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> dict:
+def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> LargeRecord:
     """rclone copyto SOURCE -> DESTINATION, then prove the copy: a hash kind both ends offer,
     else both files read back and their MD5s compared.
 
@@ -840,11 +853,10 @@ def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> dict:
             md5 = read_back_md5(rclone, src, dst, rel, timeout)
             checked_by = "download"
         file_id = large_file_id(rel, row["size"], row["mtime"])
-        record = {"folder": folder, "stem": stem, "id": file_id, "path": rel, "size": row["size"],
-                  "mtime": row["mtime"], "md5": md5, "checked_by": checked_by, "created_at": utc_now(),
-                  "worker": cfg.worker_id}
+        record = LargeRecord(path=rel, size=row["size"], id=file_id, folder=folder, stem=stem, mtime=row["mtime"],
+                             md5=md5, checked_by=checked_by, created_at=utc_now(), worker=cfg.worker_id)
         runtime.confirm_claim()
-        records.put_json_once(layout.large_record(stem, file_id), record)
+        records.put_json_once(layout.large_record(stem, file_id), record.to_json())
         log.info("large file %r copied and checked (%s) in %.1fs", rel,
                  "both ends read back, MD5 equal" if checked_by == "download" else checked_by,
                  time.monotonic() - started)
@@ -870,7 +882,7 @@ class Zipping:
     listing of the part and large-file records (the first pass uses the listing made at start).
     A folder's manifest is loaded only when the plan reaches it."""
 
-    def __init__(self, ctx: Run, gen: int, folders: list[dict], failed: set):
+    def __init__(self, ctx: Run, gen: int, folders: list[FolderEntry], failed: set):
         self.ctx, self.gen, self.folders, self.failed = ctx, gen, folders, failed
         self.etags = EtagStyle()
         self.stale: dict[str, list[str]] = {}
@@ -884,9 +896,9 @@ class Zipping:
         self.done_large = records.record_names(layout.large_root)
         self._fresh = True
 
-    def parts_to_make(self, folder: dict) -> list[str]:
-        return [p["name"] for p in folder.get("part_table") or []
-                if p["name"] not in self.done_parts.get(folder["stem"], set())]
+    def parts_to_make(self, folder: FolderEntry) -> list[str]:
+        return [p["name"] for p in folder.part_table or []
+                if p["name"] not in self.done_parts.get(folder.stem, set())]
 
     def units(self) -> Iterator[Unit]:
         if not self._fresh:
@@ -894,12 +906,12 @@ class Zipping:
         self._fresh = False
         self.problems = []
         for folder in self.folders:
-            missing = [p for p in self.parts_to_make(folder) if (SCRIPT, folder["stem"], p) not in self.failed]
-            if missing or folder.get("large"):
+            missing = [p for p in self.parts_to_make(folder) if (SCRIPT, folder.stem, p) not in self.failed]
+            if missing or folder.large:
                 yield from self._folder_units(folder, missing)
 
-    def _folder_units(self, folder: dict, missing: list[str]) -> Iterator[Unit]:
-        ctx, name, stem, gen = self.ctx, folder["name"], folder["stem"], self.gen
+    def _folder_units(self, folder: FolderEntry, missing: list[str]) -> Iterator[Unit]:
+        ctx, name, stem, gen = self.ctx, folder.name, folder.stem, self.gen
         index_path = os.path.join(ctx.cfg.tmp_dir, local_name(stem, f"g{gen}", "sqlite"))
         try:
             _header, index = load_manifest(ctx.records, ctx.layout.manifest(gen, stem), index_path)
@@ -927,52 +939,52 @@ class Zipping:
             index.close()
 
 
-def write_legacy_progress(records: Records, layout: Layout, folder: dict, done: set[str]) -> None:
+def write_legacy_progress(records: Records, layout: Layout, folder: FolderEntry, done: set[str]) -> None:
     """The original ``_progress/<stem>_progress.json`` for a folder whose parts are all uploaded.
 
     Informational, for people and tools that read the original layout; no decision here
     is ever taken from it.
     """
-    parts = [p["name"] for p in folder.get("part_table") or []]
-    if not folder["name"] or any(p not in done for p in parts):
+    parts = [p["name"] for p in folder.part_table or []]
+    if not folder.name or any(p not in done for p in parts):
         return
-    records.put_json(layout.legacy_progress(folder["stem"], "zipper"), {
-        "completed_keys": [layout.part_object(folder["stem"], p) for p in parts],
+    records.put_json(layout.legacy_progress(folder.stem, "zipper"), {
+        "completed_keys": [layout.part_object(folder.stem, p) for p in parts],
         "folder_complete": True, "updated_at": utc_now()})
 
 
-def check_against_map(ctx: Run, gen: int, index: dict) -> None:
+def check_against_map(ctx: Run, gen: int, index: IndexRecord) -> None:
     """SOURCE must be the one mapped (exit 2 if not); planning variables changed since are
     warned of; a remote DESTINATION that is not configured is exit 2 now, not 3 per file."""
     cfg = ctx.cfg
-    if index.get("source") != cfg.source:
-        raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.get('source')!r}; "
+    if index.source != cfg.source:
+        raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.source!r}; "
                           "the zipper must read the SOURCE that was mapped")
     plan = ctx.records.get_json(ctx.layout.plan(gen))
-    for line in plan_drift(cfg.environ, plan if isinstance(plan, dict) else {}):
+    for line in plan_drift(cfg.environ, PlanRecord.from_json(ctx.layout.plan(gen), plan) if plan is not None else None):
         log.warning("%s", line)
     if not is_local_path(cfg.destination):
         ctx.rclone.features(cfg.destination, "DESTINATION")
 
 
-def announce(ctx: Run, work: Zipping, index: dict) -> int:
+def announce(ctx: Run, work: Zipping, index: IndexRecord) -> int:
     """Log what this run has to do and plan the progress display; the number of parts to make."""
     folders = work.folders
     if ctx.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", ctx.cfg.worker_index, ctx.cfg.worker_count,
-                 len(folders), len(index["folders"]))
-    total_parts = sum(len(f.get("part_table") or []) for f in folders)
-    todo = {f["stem"]: set(work.parts_to_make(f)) for f in folders}
+                 len(folders), len(index.folders))
+    total_parts = sum(len(f.part_table or []) for f in folders)
+    todo = {f.stem: set(work.parts_to_make(f)) for f in folders}
     todo_parts = sum(len(v) for v in todo.values())
     log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
-             work.gen, len(folders), total_parts, todo_parts, index["totals"]["large"])
+             work.gen, len(folders), total_parts, todo_parts, index.total("large"))
     # Large files still to copy, as far as the index tells (a changed file keeps old records too).
-    large_left = {f["stem"]: f["large"] - len(work.done_large.get(f["stem"], set())) for f in folders
-                  if f.get("large", 0) > len(work.done_large.get(f["stem"], set()))}
+    large_left = {f.stem: f.large - len(work.done_large.get(f.stem, set())) for f in folders
+                  if f.large > len(work.done_large.get(f.stem, set()))}
     ctx.runtime.progress.plan(
         todo_parts + sum(large_left.values()),
-        sum(p["bytes"] for f in folders for p in f.get("part_table") or [] if p["name"] in todo[f["stem"]])
-        + sum(f.get("large_bytes", 0) for f in folders if f["stem"] in large_left),
+        sum(p["bytes"] for f in folders for p in f.part_table or [] if p["name"] in todo[f.stem])
+        + sum(f.large_bytes for f in folders if f.stem in large_left),
         skipped=total_parts - todo_parts)
     return todo_parts
 
@@ -983,17 +995,17 @@ def print_plan(ctx: Run, work: Zipping) -> None:
     total = made = 0
     for f in work.folders:
         todo = set(work.parts_to_make(f))
-        for p in f.get("part_table") or []:
+        for p in f.part_table or []:
             total += 1
             if p["name"] in todo:
                 made += 1
-                out.info(f"part {f['name'] or ROOT_LABEL}/{p['name']}: {p['files']} files, "
+                out.info(f"part {f.name or ROOT_LABEL}/{p['name']}: {p['files']} files, "
                          f"{human_bytes(p['bytes'])} -> s3://{ctx.cfg.bucket}/"
-                         f"{ctx.layout.part_object(f['stem'], p['name'])}\n")
-        if f.get("large"):
-            out.info(f"large files of {f['name'] or ROOT_LABEL}: {f['large']} "
-                     f"({human_bytes(f.get('large_bytes', 0))}), "
-                     f"{len(work.done_large.get(f['stem'], set()))} copy records exist\n")
+                         f"{ctx.layout.part_object(f.stem, p['name'])}\n")
+        if f.large:
+            out.info(f"large files of {f.name or ROOT_LABEL}: {f.large} "
+                     f"({human_bytes(f.large_bytes)}), "
+                     f"{len(work.done_large.get(f.stem, set()))} copy records exist\n")
     out.info(f"{made} of {total} parts to make\n")
 
 
@@ -1015,14 +1027,13 @@ def summarise(ctx: Run, work: Zipping, outcomes: list[tuple[Unit, Any]], plan_er
         touched.add(unit.folder)
         if unit.kind == "part":
             made += 1
-            skipped = result.get("skipped") or []
-            skipped_files += len(skipped)
-            unreadable += sum(1 for sk in skipped if sk.get("unreadable"))
-            work.done_parts.setdefault(result["stem"], set()).add(result["part"])
+            skipped_files += len(result.skipped)
+            unreadable += sum(1 for sk in result.skipped if sk.get("unreadable"))
+            work.done_parts.setdefault(result.stem, set()).add(result.part)
     ctx.runtime.check()
     for folder in work.folders:
-        if folder["name"] in touched - failed_folders:
-            write_legacy_progress(ctx.records, ctx.layout, folder, work.done_parts.get(folder["stem"], set()))
+        if folder.name in touched - failed_folders:
+            write_legacy_progress(ctx.records, ctx.layout, folder, work.done_parts.get(folder.stem, set()))
     log.info("zipper finished: %d parts made, %d failed, %d files left out (%d changed or gone at SOURCE, "
              "%d unreadable there)", made, len(failed), skipped_files, skipped_files - unreadable, unreadable)
     if not failed and not skipped_files:
@@ -1049,7 +1060,7 @@ def run(ctx: Run) -> int:
     gen, index = latest
     check_against_map(ctx, gen, index)
     passes = Passes(ctx, SCRIPT)
-    work = Zipping(ctx, gen, [f for f in index["folders"] if ctx.in_shard(f["name"])], passes.failed)
+    work = Zipping(ctx, gen, [f for f in index.folders if ctx.in_shard(f.name)], passes.failed)
     todo_parts = announce(ctx, work, index)
     if ctx.cfg.dry_run:
         print_plan(ctx, work)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import master_mapper
 import python_unzipper
-from common_s3 import FolderIndex, read_jsonl_gz
+from common_s3 import FolderEntry, FolderIndex, IndexRecord, read_jsonl_gz
 
 CFG = SimpleNamespace(split_threshold=10, max_zip_bytes=1 << 30)
 M0, M1 = "2023-11-14T22:13:20Z", "2023-11-15T10:00:00Z"
@@ -130,12 +130,15 @@ def test_destination_copy_is_compared_with_what_was_restored():
 
 
 def test_only_a_folder_with_no_change_of_any_kind_carries_its_verification():
-    index = {"previous": 1}
+    index = IndexRecord(generation=2, folders=[], totals={}, previous=1)
+
+    def entry(changes):
+        return FolderEntry(name="F", stem="F", changes=changes)
     zero = {"new_folder": False, "added": 0, "changed": 0, "deleted": 0, "dirs_added": 0, "dirs_removed": 0}
-    assert python_unzipper.unchanged_since({"changes": zero}, index) == 1
+    assert python_unzipper.unchanged_since(entry(zero), index) == 1
     for key in ("added", "changed", "deleted", "dirs_added", "dirs_removed"):
-        assert python_unzipper.unchanged_since({"changes": {**zero, key: 1}}, index) is None
-    assert python_unzipper.unchanged_since({"changes": {**zero, "new_folder": True}}, index) is None
-    assert python_unzipper.unchanged_since({"changes": zero}, {"previous": None}) is None
+        assert python_unzipper.unchanged_since(entry({**zero, key: 1}), index) is None
+    assert python_unzipper.unchanged_since(entry({**zero, "new_folder": True}), index) is None
+    assert python_unzipper.unchanged_since(entry(zero), IndexRecord(generation=1, folders=[], totals={})) is None
     old_map = {"added": 0, "changed": 0, "unchanged": 5, "deleted": 0}  # counted before directories were
-    assert python_unzipper.unchanged_since({"changes": old_map}, index) is None
+    assert python_unzipper.unchanged_since(entry(old_map), index) is None

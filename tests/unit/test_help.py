@@ -20,6 +20,18 @@ SCRIPTS = {"mapper": master_mapper, "zipper": python_zipper, "unzipper": python_
 READERS = ("env_str", "env_bool", "env_number")
 
 
+def from_env_sources() -> list[str]:
+    """The source of Config.from_env and of the ``_env_*`` helpers it calls."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(Config.from_env)))
+    helpers = sorted({n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
+                      and isinstance(n.func, ast.Name) and n.func.id.startswith("_env_")})
+    return [inspect.getsource(Config.from_env)] + [inspect.getsource(getattr(common_s3, h)) for h in helpers]
+
+
+def variables_read_everywhere() -> set[str]:
+    return set().union(*(variables_read(src) for src in from_env_sources()))
+
+
 def variables_read(source: str) -> set[str]:
     """The variable names a from_env reads: the name argument of env_str/env_bool/env_number, and
     environ.get(...) / environ[...]. A name held in a local (WORKER_INDEX's stand-ins) counts as
@@ -76,7 +88,7 @@ def shown(script: str) -> list[str]:
 
 
 def test_every_variable_from_env_reads_has_a_row():
-    read = variables_read(inspect.getsource(Config.from_env))
+    read = variables_read_everywhere()
     assert {"S3_BUCKET", "MAX_DELETE", "S3_PREFIX", "LOG_FORMAT", "JOB_COMPLETION_INDEX"} <= read
     assert read - set(KNOWN_VARIABLES) == set()
 

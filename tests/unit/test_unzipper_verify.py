@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 import python_unzipper
-from common_s3 import Layout, RecordError, Run, Runtime, assign_stems, jsonl_gz_bytes, large_file_id, mtime_ns
+from common_s3 import FolderEntry, Layout, RecordError, Run, Runtime, assign_stems, jsonl_gz_bytes, large_file_id, mtime_ns
 
 MTIME = "2001-09-09T01:46:40Z"
 FILES = {"a.txt": b"hello", "sub/b c.txt": b"second file", "日本/語.txt": b"unicode"}
@@ -67,7 +67,7 @@ class Folder:
         records.put_json(self.layout.part_record(self.stem, "Full"), {
             "key": self.layout.part_object(self.stem, "Full"), "size": 1000, "sha256": "0" * 64,
             "entries_key": entries_key, "entries_sha256": hashlib.sha256(entries).hexdigest()})
-        self.table = {"name": name, "stem": self.stem, "part_table": [{"name": "Full"}]}
+        self.table = FolderEntry(name=name, stem=self.stem, part_table=[{"name": "Full"}])
 
     def finish(self, cfg, rclone, *, features=None, larges_done=()):
         features = {"Hashes": ["md5"], "Precision": 1} if features is None else features
@@ -188,7 +188,7 @@ def test_folder_with_a_long_name_can_be_verified(cfg, records):
 def test_part_record_and_entries_are_read_and_cross_checked(records):
     folder = Folder(records)
     record, entries = python_unzipper.read_part_record(records, folder.layout, folder.stem, "Full")
-    assert record["key"] == folder.layout.part_object(folder.stem, "Full")
+    assert record.key == folder.layout.part_object(folder.stem, "Full")
     assert [e["path"] for e in entries] == list(FILES)
 
 
@@ -337,7 +337,7 @@ def test_place_files_renames_into_place_and_copies_across_filesystems(tmp_path, 
 def test_local_destination_is_not_used_for_remotes_or_a_folder_named_like_the_staging(make_cfg, tmp_path):
     local = make_cfg("unzipper", DESTINATION=str(tmp_path / "d"))
     assert python_unzipper.local_destination(local) == str(tmp_path / "d")
-    assert python_unzipper.local_destination(local, [{"name": python_unzipper.LOCAL_TMP}]) is None
+    assert python_unzipper.local_destination(local, [FolderEntry(name=python_unzipper.LOCAL_TMP, stem="x")]) is None
     remote = make_cfg("unzipper", DESTINATION=":local:" + str(tmp_path / "d"))
     assert python_unzipper.local_destination(remote) is None
 
@@ -357,8 +357,8 @@ def test_sums_kept_from_the_restore_are_used_instead_of_s3(cfg, folder):
 
 def test_finisher_verifies_after_the_last_part_only_when_every_part_succeeded():
     seen = []
-    finisher = python_unzipper.Finisher(lambda f: seen.append(f["stem"]) or {"state": "verified"})
-    a, b = {"stem": "A"}, {"stem": "B"}
+    finisher = python_unzipper.Finisher(lambda f: seen.append(f.stem) or {"state": "verified"})
+    a, b = FolderEntry(name="A", stem="A"), FolderEntry(name="B", stem="B")
     finisher.expect("A", 2)
     finisher.expect("B", 2)
     assert finisher.part_done(a, True) is None
@@ -373,7 +373,7 @@ def test_finisher_returns_a_verification_error_instead_of_raising():
         raise RecordError("k", "broken")
     finisher = python_unzipper.Finisher(broken)
     finisher.expect("A", 1)
-    assert isinstance(finisher.part_done({"stem": "A"}, True), RecordError)
+    assert isinstance(finisher.part_done(FolderEntry(name="A", stem="A"), True), RecordError)
 
 
 def test_a_worker_removes_only_its_own_staging_beside_a_shared_destination(tmp_path):

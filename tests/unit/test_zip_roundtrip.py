@@ -26,7 +26,7 @@ from botocore.stub import Stubber
 
 import python_unzipper
 import python_zipper
-from common_s3 import (MIB, DiskGate, Layout, MigrationError, Records, Run, Runtime, S3AuthError, StopRequested,
+from common_s3 import (MIB, DiskGate, Layout, MigrationError, PartRecord, Records, Run, Runtime, S3AuthError, StopRequested,
                        jsonl_gz_bytes, mtime_ns, parse_mtime, read_jsonl_gz)
 
 BUCKET = "unit-bucket"
@@ -83,8 +83,8 @@ class Part:
         self.etag = self.head["ETag"].strip('"')
         # The part record as zip_part writes it; entries go through their gzip form.
         self.entries = list(read_jsonl_gz(jsonl_gz_bytes(self.entries), "entries"))
-        self.record = {"key": key, "size": self.sink.total, "etag": self.etag,
-                       "sha256": self.sink.sha256.hexdigest()}
+        self.record = PartRecord(key=key, size=self.sink.total, etag=self.etag,
+                                 sha256=self.sink.sha256.hexdigest(), entries_key="")
         self.keep = {r["path"]: r for r in rows}
         self.out = str(tmp_path / "out")
         os.makedirs(self.out)
@@ -134,7 +134,7 @@ def mixed(records, tmp_path, monkeypatch):
     write_file = python_zipper.write_file
 
     def spy(zf, info, src, f, **kw):
-        if kw["buffer"] is None:
+        if kw["buffers"].whole is None:
             read_twice.append(f["path"])
         return write_file(zf, info, src, f, **kw)
     monkeypatch.setattr(python_zipper, "write_file", spy)
@@ -171,7 +171,7 @@ def test_small_part_is_one_put(small):
     assert small.head["ContentLength"] == small.sink.total == len(small.data())
     assert small.etag == python_zipper.expected_etag(small.sink.chunk_md5s) == hashlib.md5(small.data()).hexdigest()
     assert small.etag == small.sink.etag
-    assert small.record["sha256"] == hashlib.sha256(small.data()).hexdigest()
+    assert small.record.sha256 == hashlib.sha256(small.data()).hexdigest()
 
 
 def test_large_part_is_a_multipart_upload(multipart):
@@ -182,7 +182,7 @@ def test_large_part_is_a_multipart_upload(multipart):
     assert multipart.etag == python_zipper.expected_etag(multipart.sink.chunk_md5s)
     assert multipart.etag.endswith("-3")
     assert multipart.etag == multipart.sink.etag
-    assert multipart.record["sha256"] == hashlib.sha256(multipart.data()).hexdigest()
+    assert multipart.record.sha256 == hashlib.sha256(multipart.data()).hexdigest()
     assert multipart.s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
 
 
@@ -307,7 +307,7 @@ def test_extract_nothing_still_reads_and_checks_the_whole_object(small):
     assert os.listdir(small.out) == []
     small.replace(flip(small.data(), len(small.data()) - 1))
     with pytest.raises(python_unzipper.PartDamaged):
-        small.extract(record={**small.record, "etag": None}, keep={})
+        small.extract(record=dataclasses.replace(small.record, etag=""), keep={})
 
 
 def test_map_size_differing_from_the_entry_is_refused(small):
@@ -362,7 +362,7 @@ def test_flipped_byte_is_caught_by_the_etag(small, spot):
 ])
 def test_flipped_byte_is_caught_without_the_etag(small, spot, found_by):
     small.replace(flip(small.data(), where(small, spot)))
-    record = {k: v for k, v in small.record.items() if k != "etag"}
+    record = dataclasses.replace(small.record, etag="")
     with pytest.raises(python_unzipper.PartDamaged) as info:
         small.extract(record=record)
     assert small.key in str(info.value)
@@ -374,7 +374,7 @@ def test_flipped_byte_in_a_multipart_object(multipart):
     multipart.replace(flip(data, len(data) // 2))
     with pytest.raises(python_unzipper.PartDamaged):
         multipart.extract()
-    record = {k: v for k, v in multipart.record.items() if k != "etag"}
+    record = dataclasses.replace(multipart.record, etag="")
     with pytest.raises(python_unzipper.PartDamaged) as info:
         multipart.extract(record=record)
     assert "CRC-32" in str(info.value)  # the middle of the object is inside big/one.bin
@@ -382,7 +382,7 @@ def test_flipped_byte_in_a_multipart_object(multipart):
 
 def test_longer_object_is_caught(small):
     small.replace(small.data() + b"extra")
-    record = {k: v for k, v in small.record.items() if k != "etag"}
+    record = dataclasses.replace(small.record, etag="")
     with pytest.raises(python_unzipper.PartDamaged) as info:
         small.extract(record=record)
     assert "bytes read" in str(info.value)
@@ -391,7 +391,7 @@ def test_longer_object_is_caught(small):
 def test_object_cut_after_the_last_entry_is_caught(small):
     data = small.data()
     small.replace(data[:data.index(b"PK\x01\x02") + 4])
-    record = {k: v for k, v in small.record.items() if k != "etag"}
+    record = dataclasses.replace(small.record, etag="")
     with pytest.raises(python_unzipper.PartDamaged):
         small.extract(record=record)
 
@@ -399,7 +399,7 @@ def test_object_cut_after_the_last_entry_is_caught(small):
 def test_object_cut_inside_an_entry_is_part_damaged(small):
     data = small.data()
     small.replace(data[:small.entries[2]["offset"] + 10])
-    record = {k: v for k, v in small.record.items() if k != "etag"}
+    record = dataclasses.replace(small.record, etag="")
     with pytest.raises(python_unzipper.PartDamaged) as info:
         small.extract(record=record)
     assert small.key in str(info.value)
@@ -612,8 +612,8 @@ def test_zip_part_records_a_part_the_unzipper_can_restore(zipper_env, tmp_path, 
     job = make_job(source, SMALL_FILES)
     rclone = CopyingRclone()
     record = python_zipper.zip_part(Run(cfg, records, layout, rclone, runtime, gate), job)
-    assert record["key"] == layout.part_object("F", "Full")
-    assert record["files"] == len(SMALL_FILES)
+    assert record.key == layout.part_object("F", "Full")
+    assert record.files == len(SMALL_FILES)
     if form == "local path":  # read in place: no rclone process, no staging copy
         assert rclone.calls == []
     else:
@@ -660,9 +660,9 @@ def test_zip_part_at_a_local_source_fetches_only_what_is_not_plain_as_mapped(zip
     rclone.lsjson = Relisting().lsjson
     record = python_zipper.zip_part(Run(cfg, records, layout, rclone, runtime, gate), job)
     assert len(rclone.calls) == 1
-    assert record["files"] == len(SMALL_FILES) - 1
-    assert [s["path"] for s in record["skipped"]] == [second]
-    assert "changed" in record["skipped"][0]["reason"]
+    assert record.files == len(SMALL_FILES) - 1
+    assert [s["path"] for s in record.skipped] == [second]
+    assert "changed" in record.skipped[0]["reason"]
     _stored, entries = python_unzipper.read_part_record(records, layout, "F", "Full")
     assert first in {e["path"] for e in entries}
 
@@ -683,7 +683,7 @@ def test_zip_part_of_exactly_one_chunk(zipper_env):
     job = make_job(source, [("f.bin", rand_bytes(size, 9), "2001-09-09T01:46:40Z")])
     assert python_zipper.chunk_size_for(size + python_zipper.zip_overhead(["f.bin"])) == python_zipper.MIN_CHUNK
     record = python_zipper.zip_part(Run(cfg, records, layout, CopyingRclone(), runtime, gate), job)
-    assert record["size"] == python_zipper.MIN_CHUNK
+    assert record.size == python_zipper.MIN_CHUNK
 
 
 # The format: sizes and CRC-32 in every local header, no data descriptor, local DOS time,

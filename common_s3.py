@@ -1672,6 +1672,7 @@ class Claim:
     why: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: Any = None  # the Claims that renews it
+    unsure: str = ""  # nonce of a renewal whose answer was lost: it may have landed
 
 
 @dataclass(frozen=True)
@@ -1726,7 +1727,7 @@ class Claims:
         conditional write on the key, which AWS asks to retry; we simply try later)."""
         try:
             return self.records.put_json(key, body, **condition)
-        except RecordExists:
+        except (RecordExists, KeyMissing):  # If-Match on a claim released meanwhile: 404 on some servers
             return None
 
     def _read(self, key: str) -> tuple[str, ClaimRecord | None] | None:
@@ -1802,6 +1803,7 @@ class Claims:
             try:
                 etag = self._put(claim.key, body, IfMatch=f'"{claim.etag}"')
             except (MigrationError, OSError) as exc:
+                claim.unsure = body["nonce"]
                 if lease_clock() - claim.renewed_at > 0.75 * self.lease:
                     self._lose(claim, f"not renewed for {lease_clock() - claim.renewed_at:.0f}s: {exc}")
                     return False
@@ -1810,14 +1812,28 @@ class Claims:
             if etag is None:
                 found = self._read(claim.key)
                 theirs = found[1] if found is not None else None
-                if found is not None and theirs is not None and theirs.nonce == body["nonce"]:  # ours after all
-                    etag = found[0]
+                if found is not None and theirs is not None and theirs.nonce in (body["nonce"], claim.unsure):
+                    etag = found[0]  # ours after all: this write landed, or an earlier one whose answer was lost
+                    if theirs.nonce == claim.unsure:  # that one landed: renew from it
+                        return self._renew_from(claim, etag, started)
                 else:
                     holder = (theirs.worker if theirs is not None else "?") if found else "nobody"
                     self._lose(claim, f"taken over by {holder}")
                     return False
-            claim.etag, claim.body, claim.renewed_at = etag, body, started
+            claim.etag, claim.body, claim.renewed_at, claim.unsure = etag, body, started, ""
             return True
+
+    def _renew_from(self, claim: Claim, etag: str, started: float) -> bool:
+        """A renewal whose answer was lost did land (its nonce is there): one more renewal from its
+        ETag, so the claim carries a write whose answer we saw."""
+        claim.etag, claim.unsure = etag, ""
+        body = dict(claim.body, renewed_at=utc_now(), nonce=f"{random.randrange(16**16):016x}")
+        new = self._put(claim.key, body, IfMatch=f'"{etag}"')
+        if new is None:
+            self._lose(claim, "taken over after a renewal whose answer was lost")
+            return False
+        claim.etag, claim.body, claim.renewed_at = new, body, started
+        return True
 
     def _lose(self, claim: Claim, why: str) -> None:
         claim.why = why

@@ -788,10 +788,10 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
     """
     key = sink.key
     runtime.confirm_claim()
-    key = layout.part_record(job.stem, job.part)
-    found = records.get_json(key)
+    rkey = layout.part_record(job.stem, job.part)
+    found = records.get_json(rkey)
     if found is not None:
-        record = PartRecord.from_json(key, found)
+        record = PartRecord.from_json(rkey, found)
         log.warning("part %s was published and recorded by another worker meanwhile; its record is kept",
                     job.part)
         return record
@@ -800,6 +800,7 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
     if head is not None and head["ContentLength"] == sink.total and head.get("ETag", "").strip('"') == ours:
         log.info("the object of part %s is already there with these very bytes (an earlier attempt)", job.part)
         sink.etag = ours
+        sink.upload = None  # completed by that attempt: nothing is left to abort
         return None
     log.warning("part %s: replacing an object without a record at %s, left by an earlier attempt",
                 job.part, key)

@@ -210,8 +210,6 @@ def test_a_create_that_landed_but_failed_is_taken_back_at_once_by_its_own_run(wo
     assert not isinstance(a.take("Photos", "Part1"), Skipped)
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: after a renewal that landed but raised, the claim "
-                   "keeps the old ETag, and the next renewal reads our own earlier nonce as a takeover")
 def test_a_renewal_that_landed_but_failed_keeps_the_claim(workers, clock):
     a, = workers(1)
     held = a.take("Photos", "Part1")
@@ -219,11 +217,9 @@ def test_a_renewal_that_landed_but_failed_keeps_the_claim(workers, clock):
     a.records.fail("PutObject", ReadTimeoutError(endpoint_url="memstore"), landed=True)
     assert a.renew(held)  # "could not renew ... trying again"
     clock.now += 20
-    assert a.renew(held), held.why  # fails today: lost, "taken over by w0", by itself
+    assert a.renew(held), held.why  # was lost, "taken over by w0", by itself
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: a claim released between the observer's read and its "
-                   "compare-and-swap makes take() raise KeyMissing (If-Match on a missing key is 404)")
 def test_a_takeover_that_races_a_release_does_not_raise(workers, clock, monkeypatch):
     a, b = workers(2)
     held = a.take("Photos", "Part1")
@@ -236,5 +232,5 @@ def test_a_takeover_that_races_a_release_does_not_raise(workers, clock, monkeypa
         a.release(held)
         return got
     monkeypatch.setattr(b.records, "get", read_then_holder_releases)
-    got = b.take("Photos", "Part1")  # fails today: KeyMissing from the If-Match PUT
+    got = b.take("Photos", "Part1")  # raised KeyMissing from the If-Match PUT
     assert isinstance(got, Skipped) or holder(b) == "w1"

@@ -16,9 +16,9 @@ from botocore.exceptions import ReadTimeoutError
 
 import common_s3
 import python_zipper
-from common_s3 import ClaimLost, Claims, Layout, Runtime, S3AuthError, S3Error, Skipped
+from common_s3 import PartRecord, ClaimLost, Claims, Layout, Runtime, S3AuthError, S3Error, Skipped
 from memstore import MemoryRecords
-from python_zipper import ObjectExists, S3Sink, expected_etag
+from python_zipper import ObjectExists, S3Sink, SinkOptions, expected_etag
 
 CHUNK = 1024
 KEY = "work_files_zips/F_Full.zip"
@@ -43,7 +43,7 @@ def stream(sink: S3Sink, data: bytes, piece: int = 333) -> None:
 @pytest.mark.parametrize("size", [0, CHUNK - 1, CHUNK, CHUNK + 1, 50 * CHUNK + 7])
 def test_single_put_and_multipart_give_the_expected_etag(records, size):
     data = data_of(size, size)
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), uploaders=3)  # parts may land out of order
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(uploaders=3))  # parts may land out of order
     stream(sink, data)
     assert sink.multipart is (size > CHUNK)
     assert len(sink.chunk_md5s) == max(1, -(-size // CHUNK))
@@ -57,7 +57,7 @@ def test_single_put_and_multipart_give_the_expected_etag(records, size):
 @pytest.mark.parametrize("size", [CHUNK // 2, 3 * CHUNK])
 def test_create_only_publication_over_an_object_is_refused_and_can_be_made_once_cleared(records, size):
     theirs = records.put_bytes(KEY, b"another attempt's object")
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), create_only=True)
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(create_only=True))
     with pytest.raises(ObjectExists):
         stream(sink, data_of(size))
     assert records.get(KEY).etag == theirs and sink.etag is None
@@ -71,7 +71,7 @@ def test_create_only_publication_over_an_object_is_refused_and_can_be_made_once_
 
 def test_abort_after_a_refused_publication_leaves_no_upload_and_the_object_alone(records):
     theirs = records.put_bytes(KEY, b"theirs")
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), create_only=True)
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(create_only=True))
     with pytest.raises(ObjectExists):
         stream(sink, data_of(3 * CHUNK))
     sink.abort()
@@ -93,7 +93,7 @@ def test_an_abort_that_fails_leaves_the_upload_for_the_next_run(records, client_
                                                 ("AccessDenied", 403, S3AuthError)])
 def test_a_failed_chunk_upload_surfaces_and_nothing_is_published(records, client_error, code, status, raised):
     records.fail("UploadPart", client_error(code, status, "UploadPart"))
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), uploaders=2)
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(uploaders=2))
     with pytest.raises(raised, match=code):  # from write() or from finish(), whichever comes first
         stream(sink, data_of(8 * CHUNK))
     assert records.head(KEY) is None
@@ -120,7 +120,7 @@ def test_a_complete_whose_answer_was_lost_is_found_to_be_ours(records, client_er
     ours, and clear_unrecorded keeps it by its ETag instead of deleting it."""
     records.fail("CompleteMultipartUpload", client_error("PreconditionFailed", 412, "CompleteMultipartUpload"),
                  landed=True)
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), create_only=True)
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(create_only=True))
     with pytest.raises(ObjectExists):
         stream(sink, data_of(3 * CHUNK))
     ours = records.get(KEY).etag
@@ -132,14 +132,14 @@ def test_a_complete_whose_answer_was_lost_is_found_to_be_ours(records, client_er
 def test_clear_unrecorded_replaces_an_unrecorded_object_and_keeps_a_recorded_one(records):
     layout = Layout("work_files_zips/")
     records.put_bytes(KEY, b"left by a killed attempt")
-    sink = S3Sink(records, KEY, CHUNK, Runtime(), create_only=True)
+    sink = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(create_only=True))
     with pytest.raises(ObjectExists):
         stream(sink, data_of(2 * CHUNK))
     assert python_zipper.clear_unrecorded(records, layout, Runtime(), part_job(), sink) is None
     assert records.get_bytes(KEY) == data_of(2 * CHUNK)
-    record = {"key": KEY, "worker": "another"}
-    records.put_json(layout.part_record("F", "Full"), record)
-    again = S3Sink(records, KEY, CHUNK, Runtime(), create_only=True)
+    record = PartRecord(key=KEY, size=2 * CHUNK, sha256="0" * 64, entries_key="e", worker="another")
+    records.put_json(layout.part_record("F", "Full"), record.to_json())
+    again = S3Sink(records, KEY, CHUNK, Runtime(), SinkOptions(create_only=True))
     with pytest.raises(ObjectExists):
         stream(again, data_of(2 * CHUNK, seed=1))
     assert python_zipper.clear_unrecorded(records, layout, Runtime(), part_job(), again) == record
@@ -158,7 +158,7 @@ def test_a_worker_whose_claim_was_taken_over_never_publishes(make_cfg, instant_s
     raised: list[Exception] = []
 
     def unit() -> None:
-        sink = S3Sink(mine, KEY, CHUNK, a.runtime, create_only=True)
+        sink = S3Sink(mine, KEY, CHUNK, a.runtime, SinkOptions(create_only=True))
         try:
             sink.write(data_of(size))
             b.take("F", "Full")

@@ -6,24 +6,33 @@ The three scripts (``master_mapper.py``, ``python_zipper.py``,
 ``python_unzipper.py``) import this module; it imports none of them. Importing it
 has no side effects: nothing is configured until a script's ``main()`` runs.
 
-Sections, in file order (each begins with a one-line ``# Title`` comment):
+Sections, in file order (each begins with a one-line ``# Title`` comment); each uses only
+what comes before it:
 
-  Exit codes and errors      EXIT_*, MigrationError and its kinds, each with its exit code
-  Configuration              env_* parsers, KNOWN_VARIABLES and near_misses, Config, MAX_DELETE
+  Exit codes and errors      EXIT_*, ExitStatus/most_severe (the most severe code wins),
+                             MigrationError and its kinds, each with its exit code
+  Configuration              env_* parsers, VARIABLES (the one table --help and the near-miss
+                             warnings come from), Config, MAX_DELETE, local paths and remotes
   Logging                    setup_logging, log_context, ``out`` (results on stdout)
-  Retry                      retry_call, is_retryable_s3
-  S3 client                  make_s3_client, Capabilities (the probe), Records: every S3 call
+  Retry                      RetryPolicy, retry_call, is_retryable_s3
+  Time and ids, JSON Lines   mtime helpers, run ids, gzip JSON lines
+  Names, stems and the key layout  sanitize_name, assign_stems, Layout (builds and parses every key)
+  Record formats             Record and its kinds (plan, index and its entries, manifest header,
+                             part, large-file, restore, verified, claim, heartbeat): from_json checks,
+                             to_json is what is written; MANIFEST_VERSION
+  S3 client                  make_s3_client, Capabilities (the probe), Records: every S3 request,
+                             its errors typed in one place; MultipartUpload
   Instance lock              InstanceLock (flock on WORK_DIR)
+  Progress counters          Progress
   Signals and child processes  Runtime, handle_signals, end_orphans, WorkerPool
   Many machines              Claims, Skipped, static shards, the mode
   rclone runner              Rclone (run, lsjson, stat, features, md5_by_download, permanent)
   Disk checks                disk_usage, DiskGate
-  Names, stems and the key layout  sanitize_name, assign_stems, Layout (every key)
-  Time and ids, JSON Lines   mtime helpers, run ids, gzip JSON lines
-  The map's local index      FolderIndex (SQLite), load_manifest, latest_generation
-  Progress, heartbeat and the status view  Progress, Heartbeat, DestinationPause,
-                             ProgressPrinter, collect_status, show_status, proof_warnings
-  Running a script           prepare_work_dir, run_script: outcomes to exit codes
+  The map's local index      FolderIndex (SQLite), load_manifest, read_index, latest_generation
+  The run                    Run (what a script's run(ctx) gets), Unit, Passes (the one pass loop)
+  Heartbeat and status       Heartbeat, start_run, DestinationPause, ProgressPrinter,
+                             collect_status, show_status, proof_warnings
+  Running a script           run_script: arguments, configuration, the lock, outcomes to exit codes
 """
 
 from __future__ import annotations
@@ -61,19 +70,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
-    "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "Claims",
-    "collect_status", "Config", "ConfigError", "count", "Fetched", "describe_proof", "DestinationPause", "disk_usage", "DiskFullError",
-    "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY",
-    "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "final_line", "FolderIndex", "format_mtime", "GIB", "handle_signals",
-    "Heartbeat", "human_bytes", "in_shard", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
-    "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "latest_generation", "Layout",
-    "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "make_s3_client", "MIB",
-    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "out", "parse_mtime", "Passes", "plain_local_name",
-    "plan_drift", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
-    "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_jsonl_gz", "RecordError",
-    "RecordExists", "Records", "RetryPolicy", "remote_join", "retry_call", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script",
-    "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "setup_logging", "shard_of",
-    "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
+    "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "ClaimRecord",
+    "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
+    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK",
+    "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched", "final_line",
+    "FolderEntry", "FolderIndex", "format_mtime", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord",
+    "human_bytes", "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
+    "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord",
+    "latest_generation", "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError",
+    "log_context", "make_s3_client", "MANIFEST_VERSION", "ManifestHeader", "MIB", "MigrationError",
+    "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "out",
+    "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift", "PlanRecord", "prepare_work_dir",
+    "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone", "RcloneError",
+    "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz", "Record", "RecordError",
+    "RecordExists", "Records", "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL",
+    "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name",
+    "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
+    "summary_line", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
     "WorkerPool",
 ]
 
@@ -177,6 +190,23 @@ class DiskFullError(MigrationError):
     def __init__(self, what: str):
         super().__init__(f"WORK_DIR's filesystem is full (no space left on device) during {what}; "
                          "it was abandoned and its temporary files removed; free space and run again")
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(code or status or "")
+    return None
+
+
+def _s3_error_text(exc: BaseException) -> str:
+    code = _client_error_code(exc)
+    if code:
+        msg = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
+        return f"{code}{': ' + msg if msg else ''}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class S3Error(MigrationError):
@@ -880,7 +910,6 @@ def log_context(**ctx: Any) -> Iterator[None]:
         _LOG_CONTEXT.ctx = old
 
 
-
 # Retry
 
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
@@ -888,23 +917,6 @@ _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimi
 _RETRY_CODES = _THROTTLE_CODES | {"InternalError", "ServiceUnavailable", "500", "502", "504",
                                   "RequestTimeout", "RequestTimeTooSkewed", "BadDigest",
                                   "IncompleteBody", "XAmzContentSHA256Mismatch"}
-
-
-def _client_error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return str(code or status or "")
-    return None
-
-
-def _s3_error_text(exc: BaseException) -> str:
-    code = _client_error_code(exc)
-    if code:
-        msg = getattr(exc, "response", {}).get("Error", {}).get("Message", "")
-        return f"{code}{': ' + msg if msg else ''}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def is_retryable_s3(exc: BaseException) -> bool:
@@ -976,6 +988,602 @@ def retry_call(fn: Callable[[], Any], *, what: str, policy: RetryPolicy,
             else:
                 sleep(delay)
     raise AssertionError("unreachable")
+
+
+# Time and ids
+
+def parse_mtime(text: str) -> float:
+    """rclone's RFC 3339 ModTime (nanoseconds, Z or offset) as POSIX seconds (float)."""
+    return mtime_ns(text) / 1e9
+
+
+def mtime_ns(text: str) -> int:
+    """rclone's RFC 3339 ModTime as integer nanoseconds since the epoch (exact)."""
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if not m:
+        raise ValueError(f"unrecognised time {text!r}")
+    base = _dt.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    frac = (m.group(2) or "0")[:9].ljust(9, "0")
+    return int(base.timestamp()) * 1_000_000_000 + int(frac)
+
+
+def format_mtime(seconds: float) -> str:
+    return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def new_run_id(script: str) -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{script}-{os.getpid()}"
+
+
+# JSON Lines, gzip
+
+def jsonl_gz_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:
+        for row in rows:
+            gz.write(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+    return buf.getvalue()
+
+
+def read_jsonl_gz(data: bytes, key: str) -> Iterator[dict]:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as gz:
+            for n, line in enumerate(gz, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(key, f"line {n} is not JSON: {exc}") from None
+                if not isinstance(row, dict):
+                    raise RecordError(key, f"line {n} is not an object")
+                yield row
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise RecordError(key, f"not a gzip file: {exc}") from None
+
+
+# Names, stems and the key layout
+
+def sanitize_name(name: str) -> str:
+    """The original scripts' key stem: NFC, percent-encode all but ``A-Za-z0-9_.-~``, %20/%2F -> _."""
+    if not name.isascii():
+        name = unicodedata.normalize("NFC", name)
+    return urllib.parse.quote(name, safe="").replace("%20", "_").replace("%2F", "_")
+
+
+_MAX_STEM_BYTES = 240
+
+
+def _stems_conflict(a: str, b: str) -> bool:
+    # Equal stems share every key; X and X_unzip / X_mapper share a key in _progress/.
+    if a == b:
+        return True
+    for suffix in ("_unzip", "_mapper"):
+        if a == b + suffix or b == a + suffix:
+            return True
+    return False
+
+
+def assign_stems(names: Iterable[str], previous: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Give every folder a distinct, deterministic key stem.
+
+    A folder keeps the stem an earlier generation gave it. Otherwise, in code-point order of
+    names, it takes ``sanitize_name(F)`` unless that conflicts with a stem already given or is
+    too long for S3 keys; then ``sanitize_name(F)`` (cut) + ``~`` + a hash of the name.
+    The root unit (name ``""``) is always ``~root``.
+    """
+    previous = dict(previous or {})
+    result: dict[str, str] = {}
+    taken: list[str] = []
+    wanted = sorted(set(names) | {""})
+    for name in wanted:
+        if name in previous:
+            result[name] = previous[name]
+            taken.append(previous[name])
+    # Stems of folders that no longer exist stay reserved, so keys are never reused.
+    taken.extend(stem for old, stem in previous.items() if old not in result)
+    for name in wanted:
+        if name in result:
+            continue
+        if name == "":
+            candidates = [ROOT_STEM]
+        else:
+            base = sanitize_name(name)
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+            cut = base[:_MAX_STEM_BYTES - 17]
+            candidates = ([base] if len(base) <= _MAX_STEM_BYTES else []) + [
+                f"{cut}~{digest[:n]}" for n in (8, 16, 32, 64)]
+        for cand in candidates:
+            if not any(_stems_conflict(cand, t) for t in taken):
+                result[name] = cand
+                taken.append(cand)
+                break
+        else:
+            raise MigrationError(f"no free key stem for folder {name!r}")
+    return result
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every key on S3, original names and the project's own ``P_...`` records."""
+
+    prefix: str
+
+    # Original objects
+    @property
+    def folder_list(self) -> str:
+        return f"{self.prefix}_index/folder_list.txt"
+
+    def list_txt(self, stem: str) -> str:
+        return f"{self.prefix}{stem}_List.txt"
+
+    def large_json(self, stem: str) -> str:
+        return f"{self.prefix}{stem}_LargeFiles.json"
+
+    def part_object(self, stem: str, part: str) -> str:
+        return f"{self.prefix}{stem}_{part}.zip"
+
+    def legacy_progress(self, stem: str, script: str) -> str:
+        suffix = {"zipper": "_progress.json", "unzipper": "_unzip_progress.json",
+                  "mapper": "_mapper_progress.json"}[script]
+        return f"{self.prefix}_progress/{stem}{suffix}"
+
+    # The project's own records
+    @property
+    def map_root(self) -> str:
+        return f"{self.prefix}_map/"
+
+    def generation(self, gen: int) -> str:
+        return f"{self.prefix}_map/g{gen:06d}/"
+
+    def plan(self, gen: int) -> str:
+        return self.generation(gen) + "plan.json"
+
+    def index(self, gen: int) -> str:
+        return self.generation(gen) + "index.json"
+
+    def manifest(self, gen: int, stem: str) -> str:
+        return self.generation(gen) + f"folders/{stem}.jsonl.gz"
+
+    def manifests_of(self, gen: int) -> str:
+        return self.generation(gen) + "folders/"
+
+    def removed_of(self, gen: int) -> str:
+        return self.generation(gen) + "removed/"
+
+    def changes(self, gen: int, stem: str, digest: str) -> str:
+        """A folder's difference from the previous generation (named by its manifest or its
+        removed-folder record, keyed by the SHA-256 of its body like a part's entries)."""
+        return self.generation(gen) + f"changes/{stem}.{digest[:16]}.jsonl.gz"
+
+    def removed(self, gen: int, stem: str) -> str:
+        """Completion record of a folder that generation ``gen`` no longer finds at SOURCE."""
+        return self.generation(gen) + f"removed/{stem}.json"
+
+    def deletions(self, gen: int, stem: str) -> str:
+        """PROPAGATE_DELETES: what the unzipper deleted at DESTINATION for this folder."""
+        return f"{self.prefix}_deleted/g{gen:06d}/{stem}.json"
+
+    def deletions_of(self, gen: int) -> str:
+        return f"{self.prefix}_deleted/g{gen:06d}/"
+
+    def part_record(self, stem: str, part: str) -> str:
+        return f"{self.prefix}_parts/{stem}/{part}.json"
+
+    def part_entries(self, stem: str, part: str, digest: str = "") -> str:
+        """The entries of a part; ``digest`` (of the body) makes each writer's key its own, so
+        a worker that lost its claim cannot replace the entries another worker recorded."""
+        return f"{self.prefix}_parts/{stem}/{part}.entries{'.' + digest[:16] if digest else ''}.jsonl.gz"
+
+    def parts_of(self, stem: str) -> str:
+        return f"{self.prefix}_parts/{stem}/"
+
+    def large_record(self, stem: str, file_id: str) -> str:
+        return f"{self.prefix}_large/{stem}/{file_id}.json"
+
+    def left_out(self, stem: str, part: str) -> str:
+        """Files of a published part that SOURCE would not give (after retries), with rclone's words."""
+        return f"{self.prefix}_leftout/{stem}/{part}.json"
+
+    @property
+    def left_out_root(self) -> str:
+        return f"{self.prefix}_leftout/"
+
+    def larges_of(self, stem: str) -> str:
+        return f"{self.prefix}_large/{stem}/"
+
+    def restored_record(self, stem: str, part: str) -> str:
+        return f"{self.prefix}_restored/{stem}/{part}.json"
+
+    def restored_of(self, stem: str) -> str:
+        return f"{self.prefix}_restored/{stem}/"
+
+    def verified_record(self, gen: int, stem: str) -> str:
+        return f"{self.prefix}_verified/g{gen:06d}/{stem}.json"
+
+    def verified_of(self, gen: int) -> str:
+        return f"{self.prefix}_verified/g{gen:06d}/"
+
+    def repair(self, gen: int, stem: str) -> str:
+        return f"{self.prefix}_repair/g{gen:06d}/{stem}.json"
+
+    def repair_of(self, gen: int) -> str:
+        return f"{self.prefix}_repair/g{gen:06d}/"
+
+    def heartbeat(self, script: str, worker_id: str) -> str:
+        return f"{self.prefix}_status/{script}/{worker_id}.json"
+
+    @property
+    def status_root(self) -> str:
+        return f"{self.prefix}_status/"
+
+    @property
+    def parts_root(self) -> str:
+        return f"{self.prefix}_parts/"
+
+    @property
+    def large_root(self) -> str:
+        return f"{self.prefix}_large/"
+
+    @property
+    def restored_root(self) -> str:
+        return f"{self.prefix}_restored/"
+
+    def legacy_restored(self, stem: str, record_id: str) -> str:
+        return f"{self.prefix}_restored/legacy/{stem}/{record_id}.json"
+
+    def report(self, run_id: str) -> str:
+        return f"{self.prefix}_reports/{run_id}.json"
+
+    @property
+    def proof(self) -> str:
+        """What the latest verification compared at DESTINATION, and what DESTINATION cannot keep."""
+        return f"{self.prefix}_status/proof.json"
+
+    @property
+    def probe(self) -> str:
+        return f"{self.prefix}_probe/"
+
+    def claim(self, stage: str, stem: str, unit: str) -> str:
+        return f"{self.prefix}_claims/{stage}/{stem}/{unit}.json"
+
+    @property
+    def claims_root(self) -> str:
+        return f"{self.prefix}_claims/"
+
+    @property
+    def pause(self) -> str:
+        return f"{self.prefix}_pause/destination.json"
+
+    # Parsing keys
+    @staticmethod
+    def stem_of(key: str) -> str:
+        """The stem a per-folder record is named by: ``.../<stem>.json`` or ``.../<stem>.jsonl.gz``
+        (manifests, removed, verified, deletion and repair records)."""
+        name = key.rpartition("/")[2]
+        for suffix in (".jsonl.gz", ".json"):
+            if name.endswith(suffix):
+                return name[:-len(suffix)]
+        raise RecordError(key, "not a per-folder record name")
+
+    def generation_of(self, key: str) -> int | None:
+        """N of a key under ``_map/gNNNNNN/``, else None."""
+        m = re.match(re.escape(self.map_root) + r"g(\d{6,})/", key)
+        return int(m.group(1)) if m else None
+
+
+def local_name(stem: str, *parts: str) -> str:
+    """A file name under WORK_DIR for a folder's temporary files: short enough for any file
+    system (a stem may be 240 bytes), readable, and distinct per stem."""
+    digest = hashlib.sha256(stem.encode("utf-8")).hexdigest()[:12]
+    return ".".join([f"{stem[:40]}-{digest}", *parts])
+
+
+def large_file_id(path: str, size: int, mtime: str) -> str:
+    """Identity of one version of a large file: a changed file gets a new id and is copied again."""
+    return hashlib.sha256(f"{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# Record formats
+
+# The manifest format this code writes and reads; a newer one is refused, never half-read.
+MANIFEST_VERSION = 1
+
+_JSON_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict,
+                               "list": list, "Any": object}
+
+
+class Record:
+    """Base of the typed records: each kind is a dataclass whose fields are its JSON keys.
+
+    ``from_json(key, obj)`` checks that ``obj`` is an object holding every field without a
+    default, each of its declared type (``X | None`` admits null; ``list[R]`` of a Record kind
+    is read element by element), and raises RecordError naming the key otherwise; keys it does
+    not know are ignored, so an older reader keeps reading a newer record of the same version.
+    ``to_json()`` is what is written: fields left at a default of None are left out."""
+
+    KIND: ClassVar[str] = "record"
+
+    @classmethod
+    def from_json(cls, key: str, obj: Any) -> Any:
+        if not isinstance(obj, dict):
+            raise RecordError(key, f"not a {cls.KIND}: a JSON object was expected")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in obj:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise RecordError(key, f"a {cls.KIND} without {f.name!r}")
+                continue
+            values[f.name] = _typed(key, cls.KIND, f.name, str(f.type), obj[f.name])
+        record = cls(**values)
+        record.check(key)
+        return record
+
+    def check(self, key: str) -> None:
+        """Rules across fields; raises RecordError."""
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            out[f.name] = ([v.to_json() if isinstance(v, Record) else v for v in value]
+                           if isinstance(value, list) else value)
+        return out
+
+
+def _typed(key: str, kind: str, name: str, declared: str, value: Any) -> Any:
+    """``value`` checked against the declared type of field ``name``."""
+    options = [t.strip() for t in declared.split("|")]
+    if value is None and "None" in options:
+        return None
+    base, _, inner = options[0].partition("[")
+    if base == "list" and inner[:-1] in _RECORD_KINDS:
+        if not isinstance(value, list):
+            raise RecordError(key, f"{kind} field {name!r} is not a list")
+        return [_RECORD_KINDS[inner[:-1]].from_json(key, v) for v in value]
+    expected = _JSON_TYPES.get(base, object)
+    if not isinstance(value, expected) or (base in ("int", "float") and isinstance(value, bool)):
+        raise RecordError(key, f"{kind} field {name!r} is {type(value).__name__}, {declared} was expected")
+    return value
+
+
+@dataclass(frozen=True)
+class PlanRecord(Record):
+    """``P_map/gN/plan.json``: the folders and stems of a generation, written first."""
+
+    KIND: ClassVar[str] = "map plan"
+    generation: int
+    created_at: str
+    source: str
+    folders: list
+    previous: int | None = None
+    removed: list = field(default_factory=list)
+    retired_stems: dict = field(default_factory=dict)
+    large_file_threshold_bytes: int | None = None
+    split_threshold: int | None = None
+    max_zip_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ManifestHeader(Record):
+    """The first line of a folder manifest ``P_map/gN/folders/<stem>.jsonl.gz``."""
+
+    KIND: ClassVar[str] = "folder manifest header"
+    type: str
+    name: str = ""
+    stem: str = ""
+    generation: int = 0
+    files: int = 0
+    bytes: int = 0
+    large: int = 0
+    large_bytes: int = 0
+    dirs: int = 0
+    version: int = 1
+    source: str | None = None
+    parts: list = field(default_factory=list)
+    part_table: list = field(default_factory=list)
+    next_part: int = 1
+    changes: dict | None = None
+    changes_key: str | None = None
+    previous_generation: int | None = None
+
+    def check(self, key: str) -> None:
+        if self.type != "folder":
+            raise RecordError(key, "the first line is not a folder header")
+        if self.version > MANIFEST_VERSION:
+            raise NewerFormat(f"the manifest {key!r} is of format version {self.version}, newer than this "
+                                 f"code reads ({MANIFEST_VERSION}): it was written by a newer version of these "
+                                 "scripts; run that version (every machine of a migration runs the same one)")
+
+
+@dataclass(frozen=True)
+class PartRecord(Record):
+    """``P_parts/<stem>/<part>.json``: a part object the zipper made and checked on S3; what
+    the unzipper trusts (size, ETag, SHA-256, and the entries named by their digest)."""
+
+    KIND: ClassVar[str] = "part record"
+    key: str
+    size: int
+    sha256: str
+    entries_key: str
+    etag: str = ""
+    entries_sha256: str | None = None
+    folder: str = ""
+    stem: str = ""
+    part: str = ""
+    generation: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped: list = field(default_factory=list)
+    created_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class LargeRecord(Record):
+    """``P_large/<stem>/<id>.json``: a large file copied SOURCE to DESTINATION and proven."""
+
+    KIND: ClassVar[str] = "large-file record"
+    path: str
+    size: int
+    id: str = ""
+    folder: str = ""
+    stem: str = ""
+    mtime: str = ""
+    md5: str | None = None
+    checked_by: str = ""
+    created_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class RestoreRecord(Record):
+    """``P_restored/<stem>/<part>.json``: a part restored into DESTINATION."""
+
+    KIND: ClassVar[str] = "restore record"
+    key: str
+    folder: str = ""
+    stem: str = ""
+    part: str = ""
+    generation: int = 0
+    etag: str | None = None
+    sha256: str = ""
+    files: int = 0
+    restored_at: str = ""
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class VerifiedRecord(Record):
+    """``P_verified/gN/<stem>.json``: a folder verified at DESTINATION against generation N
+    (``carried_from``: unchanged since a generation that verified it)."""
+
+    KIND: ClassVar[str] = "verified record"
+    folder: str
+    generation: int
+    verified_at: str
+    files: int | None = None
+    bytes: int | None = None
+    matched_by_hash: int | None = None
+    matched_by_size: int | None = None
+    hash_kind: str | None = None
+    compared: list | None = None
+    not_kept: list | None = None
+    read_back: bool | None = None
+    extra: int | None = None
+    carried_from: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimRecord(Record):
+    """``P_claims/<stage>/<stem>/<unit>.json``: who holds a unit; each renewal a new nonce."""
+
+    KIND: ClassVar[str] = "claim"
+    worker: str
+    nonce: str
+    unit: str = ""
+    host: str = ""
+    pid: int = 0
+    run: str = ""
+    stage: str = ""
+    lease_seconds: float = 0
+    taken_at: str = ""
+    renewed_at: str = ""
+
+    @classmethod
+    def read(cls, key: str, raw: bytes) -> "ClaimRecord | None":
+        """A claim's body, or None when it cannot be read (an unknown holder, held all the same)."""
+        try:
+            return cls.from_json(key, json.loads(raw))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
+            return None
+
+
+@dataclass(frozen=True)
+class HeartbeatRecord(Record):
+    """``P_status/<script>/<worker>.json``: a worker's state and progress (``Progress.snapshot``)."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    script: str
+    worker: str
+    state: str
+    host: str = ""
+    pid: int = 0
+    interval_s: float | None = None
+    started_at: str = ""
+    updated_at: str = ""
+    elapsed_s: float = 0
+    current: list = field(default_factory=list)
+    units_done: int = 0
+    units_failed: int = 0
+    units_interrupted: int = 0
+    units_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    bytes_per_s: float = 0
+    units_per_s: float = 0
+    last_error: str | None = None
+    errors: dict = field(default_factory=dict)
+    exit_code: int | None = None
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class FolderEntry(Record):
+    """A folder in a generation's index: its totals and part table, from its manifest header."""
+
+    KIND: ClassVar[str] = "index entry"
+    name: str
+    stem: str
+    files: int = 0
+    bytes: int = 0
+    large: int = 0
+    large_bytes: int = 0
+    dirs: int = 0
+    parts: list | None = None
+    part_table: list | None = None
+    next_part: int | None = None
+    changes: dict | None = None
+    changes_key: str | None = None
+
+    @property
+    def part_names(self) -> list[str]:
+        return [p["name"] for p in self.part_table or []]
+
+    @property
+    def label(self) -> str:
+        """The folder's name as people read it."""
+        return self.name or ROOT_LABEL
+
+
+@dataclass(frozen=True)
+class IndexRecord(Record):
+    """``P_map/gN/index.json``: written after every folder manifest of generation N, so its
+    presence means the generation is complete."""
+
+    KIND: ClassVar[str] = "map index"
+    generation: int
+    folders: list[FolderEntry]
+    totals: dict
+    source: str | None = None
+    created_at: str = ""
+    completed_at: str = ""
+    previous: int | None = None
+    removed: list = field(default_factory=list)
+    retired_stems: dict = field(default_factory=dict)
+    changes: dict | None = None
+
+    def total(self, what: str) -> int:
+        return int(self.totals.get(what, 0) or 0)
+
+
+_RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
 
 
 # S3 client
@@ -1441,6 +2049,70 @@ class InstanceLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+# Progress counters
+
+class Progress:
+    """Counters a run keeps for its heartbeat and its summary (thread-safe)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.started_at = utc_now()
+        self.lock = threading.Lock()
+        self.current: dict[str, float] = {}
+        self.done = 0
+        self.failed = 0
+        self.bytes_done = 0
+        self.units_total = 0
+        self.bytes_total = 0
+        self.errors: dict[str, str] = {}
+        self.last_error: str | None = None
+        self.exit_code: int | None = None
+        self.mode: str | None = None
+        self.skipped = 0
+        self.interrupted = 0
+
+    def plan(self, units: int, nbytes: int, *, skipped: int = 0) -> None:
+        with self.lock:
+            self.units_total, self.bytes_total, self.skipped = units, nbytes, skipped
+
+    @contextlib.contextmanager
+    def unit(self, label: str, folder: str, nbytes: int = 0) -> Iterator[None]:
+        with self.lock:
+            self.current[label] = self.clock()
+        try:
+            yield
+        except (Interrupted, StopRequested, ClaimLost):
+            with self.lock:  # stopped, not failed: a rerun (or the claim's new holder) does it
+                self.interrupted += 1
+            raise
+        except BaseException as exc:
+            with self.lock:
+                self.failed += 1
+                self.last_error = f"{label}: {exc}"[:500]
+                if len(self.errors) < 500 or folder in self.errors:
+                    self.errors[folder] = str(exc)[:500]
+            raise
+        else:
+            with self.lock:
+                self.done += 1
+                self.bytes_done += nbytes
+        finally:
+            with self.lock:
+                self.current.pop(label, None)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            elapsed = max(1e-6, self.clock() - self.started)
+            return {"started_at": self.started_at, "updated_at": utc_now(), "elapsed_s": round(elapsed, 1),
+                    "current": sorted(self.current), "units_done": self.done, "units_failed": self.failed,
+                    "units_interrupted": self.interrupted,
+                    "units_total": self.units_total, "bytes_done": self.bytes_done,
+                    "bytes_total": self.bytes_total, "bytes_per_s": round(self.bytes_done / elapsed, 1),
+                    "units_per_s": round(self.done / elapsed, 4), "last_error": self.last_error,
+                    "errors": dict(self.errors), "exit_code": self.exit_code, "mode": self.mode}
 
 
 # Signals and child processes
@@ -1929,7 +2601,6 @@ def in_shard(cfg: Config, mode: str, folder: str) -> bool:
     return mode != "shards" or shard_of(folder, cfg.worker_count) == cfg.worker_index
 
 
-
 # rclone runner
 
 @dataclass
@@ -2256,605 +2927,6 @@ class DiskGate:
                 self._cond.notify_all()
 
 
-
-# Names, stems and the key layout
-
-def sanitize_name(name: str) -> str:
-    """The original scripts' key stem: NFC, percent-encode all but ``A-Za-z0-9_.-~``, %20/%2F -> _."""
-    if not name.isascii():
-        name = unicodedata.normalize("NFC", name)
-    return urllib.parse.quote(name, safe="").replace("%20", "_").replace("%2F", "_")
-
-
-_MAX_STEM_BYTES = 240
-
-
-def _stems_conflict(a: str, b: str) -> bool:
-    # Equal stems share every key; X and X_unzip / X_mapper share a key in _progress/.
-    if a == b:
-        return True
-    for suffix in ("_unzip", "_mapper"):
-        if a == b + suffix or b == a + suffix:
-            return True
-    return False
-
-
-def assign_stems(names: Iterable[str], previous: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Give every folder a distinct, deterministic key stem.
-
-    A folder keeps the stem an earlier generation gave it. Otherwise, in code-point order of
-    names, it takes ``sanitize_name(F)`` unless that conflicts with a stem already given or is
-    too long for S3 keys; then ``sanitize_name(F)`` (cut) + ``~`` + a hash of the name.
-    The root unit (name ``""``) is always ``~root``.
-    """
-    previous = dict(previous or {})
-    result: dict[str, str] = {}
-    taken: list[str] = []
-    wanted = sorted(set(names) | {""})
-    for name in wanted:
-        if name in previous:
-            result[name] = previous[name]
-            taken.append(previous[name])
-    # Stems of folders that no longer exist stay reserved, so keys are never reused.
-    taken.extend(stem for old, stem in previous.items() if old not in result)
-    for name in wanted:
-        if name in result:
-            continue
-        if name == "":
-            candidates = [ROOT_STEM]
-        else:
-            base = sanitize_name(name)
-            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
-            cut = base[:_MAX_STEM_BYTES - 17]
-            candidates = ([base] if len(base) <= _MAX_STEM_BYTES else []) + [
-                f"{cut}~{digest[:n]}" for n in (8, 16, 32, 64)]
-        for cand in candidates:
-            if not any(_stems_conflict(cand, t) for t in taken):
-                result[name] = cand
-                taken.append(cand)
-                break
-        else:
-            raise MigrationError(f"no free key stem for folder {name!r}")
-    return result
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Every key on S3, original names and the project's own ``P_...`` records."""
-
-    prefix: str
-
-    # Original objects
-    @property
-    def folder_list(self) -> str:
-        return f"{self.prefix}_index/folder_list.txt"
-
-    def list_txt(self, stem: str) -> str:
-        return f"{self.prefix}{stem}_List.txt"
-
-    def large_json(self, stem: str) -> str:
-        return f"{self.prefix}{stem}_LargeFiles.json"
-
-    def part_object(self, stem: str, part: str) -> str:
-        return f"{self.prefix}{stem}_{part}.zip"
-
-    def legacy_progress(self, stem: str, script: str) -> str:
-        suffix = {"zipper": "_progress.json", "unzipper": "_unzip_progress.json",
-                  "mapper": "_mapper_progress.json"}[script]
-        return f"{self.prefix}_progress/{stem}{suffix}"
-
-    # The project's own records
-    @property
-    def map_root(self) -> str:
-        return f"{self.prefix}_map/"
-
-    def generation(self, gen: int) -> str:
-        return f"{self.prefix}_map/g{gen:06d}/"
-
-    def plan(self, gen: int) -> str:
-        return self.generation(gen) + "plan.json"
-
-    def index(self, gen: int) -> str:
-        return self.generation(gen) + "index.json"
-
-    def manifest(self, gen: int, stem: str) -> str:
-        return self.generation(gen) + f"folders/{stem}.jsonl.gz"
-
-    def manifests_of(self, gen: int) -> str:
-        return self.generation(gen) + "folders/"
-
-    def removed_of(self, gen: int) -> str:
-        return self.generation(gen) + "removed/"
-
-    def changes(self, gen: int, stem: str, digest: str) -> str:
-        """A folder's difference from the previous generation (named by its manifest or its
-        removed-folder record, keyed by the SHA-256 of its body like a part's entries)."""
-        return self.generation(gen) + f"changes/{stem}.{digest[:16]}.jsonl.gz"
-
-    def removed(self, gen: int, stem: str) -> str:
-        """Completion record of a folder that generation ``gen`` no longer finds at SOURCE."""
-        return self.generation(gen) + f"removed/{stem}.json"
-
-    def deletions(self, gen: int, stem: str) -> str:
-        """PROPAGATE_DELETES: what the unzipper deleted at DESTINATION for this folder."""
-        return f"{self.prefix}_deleted/g{gen:06d}/{stem}.json"
-
-    def deletions_of(self, gen: int) -> str:
-        return f"{self.prefix}_deleted/g{gen:06d}/"
-
-    def part_record(self, stem: str, part: str) -> str:
-        return f"{self.prefix}_parts/{stem}/{part}.json"
-
-    def part_entries(self, stem: str, part: str, digest: str = "") -> str:
-        """The entries of a part; ``digest`` (of the body) makes each writer's key its own, so
-        a worker that lost its claim cannot replace the entries another worker recorded."""
-        return f"{self.prefix}_parts/{stem}/{part}.entries{'.' + digest[:16] if digest else ''}.jsonl.gz"
-
-    def parts_of(self, stem: str) -> str:
-        return f"{self.prefix}_parts/{stem}/"
-
-    def large_record(self, stem: str, file_id: str) -> str:
-        return f"{self.prefix}_large/{stem}/{file_id}.json"
-
-    def left_out(self, stem: str, part: str) -> str:
-        """Files of a published part that SOURCE would not give (after retries), with rclone's words."""
-        return f"{self.prefix}_leftout/{stem}/{part}.json"
-
-    @property
-    def left_out_root(self) -> str:
-        return f"{self.prefix}_leftout/"
-
-    def larges_of(self, stem: str) -> str:
-        return f"{self.prefix}_large/{stem}/"
-
-    def restored_record(self, stem: str, part: str) -> str:
-        return f"{self.prefix}_restored/{stem}/{part}.json"
-
-    def restored_of(self, stem: str) -> str:
-        return f"{self.prefix}_restored/{stem}/"
-
-    def verified_record(self, gen: int, stem: str) -> str:
-        return f"{self.prefix}_verified/g{gen:06d}/{stem}.json"
-
-    def verified_of(self, gen: int) -> str:
-        return f"{self.prefix}_verified/g{gen:06d}/"
-
-    def repair(self, gen: int, stem: str) -> str:
-        return f"{self.prefix}_repair/g{gen:06d}/{stem}.json"
-
-    def repair_of(self, gen: int) -> str:
-        return f"{self.prefix}_repair/g{gen:06d}/"
-
-    def heartbeat(self, script: str, worker_id: str) -> str:
-        return f"{self.prefix}_status/{script}/{worker_id}.json"
-
-    @property
-    def status_root(self) -> str:
-        return f"{self.prefix}_status/"
-
-    @property
-    def parts_root(self) -> str:
-        return f"{self.prefix}_parts/"
-
-    @property
-    def large_root(self) -> str:
-        return f"{self.prefix}_large/"
-
-    @property
-    def restored_root(self) -> str:
-        return f"{self.prefix}_restored/"
-
-    def legacy_restored(self, stem: str, record_id: str) -> str:
-        return f"{self.prefix}_restored/legacy/{stem}/{record_id}.json"
-
-    def report(self, run_id: str) -> str:
-        return f"{self.prefix}_reports/{run_id}.json"
-
-    @property
-    def proof(self) -> str:
-        """What the latest verification compared at DESTINATION, and what DESTINATION cannot keep."""
-        return f"{self.prefix}_status/proof.json"
-
-    @property
-    def probe(self) -> str:
-        return f"{self.prefix}_probe/"
-
-    def claim(self, stage: str, stem: str, unit: str) -> str:
-        return f"{self.prefix}_claims/{stage}/{stem}/{unit}.json"
-
-    @property
-    def claims_root(self) -> str:
-        return f"{self.prefix}_claims/"
-
-    @property
-    def pause(self) -> str:
-        return f"{self.prefix}_pause/destination.json"
-
-    # Parsing keys
-    @staticmethod
-    def stem_of(key: str) -> str:
-        """The stem a per-folder record is named by: ``.../<stem>.json`` or ``.../<stem>.jsonl.gz``
-        (manifests, removed, verified, deletion and repair records)."""
-        name = key.rpartition("/")[2]
-        for suffix in (".jsonl.gz", ".json"):
-            if name.endswith(suffix):
-                return name[:-len(suffix)]
-        raise RecordError(key, "not a per-folder record name")
-
-    def generation_of(self, key: str) -> int | None:
-        """N of a key under ``_map/gNNNNNN/``, else None."""
-        m = re.match(re.escape(self.map_root) + r"g(\d{6,})/", key)
-        return int(m.group(1)) if m else None
-
-
-def local_name(stem: str, *parts: str) -> str:
-    """A file name under WORK_DIR for a folder's temporary files: short enough for any file
-    system (a stem may be 240 bytes), readable, and distinct per stem."""
-    digest = hashlib.sha256(stem.encode("utf-8")).hexdigest()[:12]
-    return ".".join([f"{stem[:40]}-{digest}", *parts])
-
-
-def large_file_id(path: str, size: int, mtime: str) -> str:
-    """Identity of one version of a large file: a changed file gets a new id and is copied again."""
-    return hashlib.sha256(f"{path}\0{size}\0{mtime}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-
-# Record formats
-
-# The manifest format this code writes and reads; a newer one is refused, never half-read.
-MANIFEST_VERSION = 1
-
-_JSON_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict,
-                               "list": list, "Any": object}
-
-
-class Record:
-    """Base of the typed records: each kind is a dataclass whose fields are its JSON keys.
-
-    ``from_json(key, obj)`` checks that ``obj`` is an object holding every field without a
-    default, each of its declared type (``X | None`` admits null; ``list[R]`` of a Record kind
-    is read element by element), and raises RecordError naming the key otherwise; keys it does
-    not know are ignored, so an older reader keeps reading a newer record of the same version.
-    ``to_json()`` is what is written: fields left at a default of None are left out."""
-
-    KIND: ClassVar[str] = "record"
-
-    @classmethod
-    def from_json(cls, key: str, obj: Any) -> Any:
-        if not isinstance(obj, dict):
-            raise RecordError(key, f"not a {cls.KIND}: a JSON object was expected")
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in obj:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    raise RecordError(key, f"a {cls.KIND} without {f.name!r}")
-                continue
-            values[f.name] = _typed(key, cls.KIND, f.name, str(f.type), obj[f.name])
-        record = cls(**values)
-        record.check(key)
-        return record
-
-    def check(self, key: str) -> None:
-        """Rules across fields; raises RecordError."""
-
-    def to_json(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue
-            out[f.name] = ([v.to_json() if isinstance(v, Record) else v for v in value]
-                           if isinstance(value, list) else value)
-        return out
-
-
-def _typed(key: str, kind: str, name: str, declared: str, value: Any) -> Any:
-    """``value`` checked against the declared type of field ``name``."""
-    options = [t.strip() for t in declared.split("|")]
-    if value is None and "None" in options:
-        return None
-    base, _, inner = options[0].partition("[")
-    if base == "list" and inner[:-1] in _RECORD_KINDS:
-        if not isinstance(value, list):
-            raise RecordError(key, f"{kind} field {name!r} is not a list")
-        return [_RECORD_KINDS[inner[:-1]].from_json(key, v) for v in value]
-    expected = _JSON_TYPES.get(base, object)
-    if not isinstance(value, expected) or (base in ("int", "float") and isinstance(value, bool)):
-        raise RecordError(key, f"{kind} field {name!r} is {type(value).__name__}, {declared} was expected")
-    return value
-
-
-@dataclass(frozen=True)
-class PlanRecord(Record):
-    """``P_map/gN/plan.json``: the folders and stems of a generation, written first."""
-
-    KIND: ClassVar[str] = "map plan"
-    generation: int
-    created_at: str
-    source: str
-    folders: list
-    previous: int | None = None
-    removed: list = field(default_factory=list)
-    retired_stems: dict = field(default_factory=dict)
-    large_file_threshold_bytes: int | None = None
-    split_threshold: int | None = None
-    max_zip_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class ManifestHeader(Record):
-    """The first line of a folder manifest ``P_map/gN/folders/<stem>.jsonl.gz``."""
-
-    KIND: ClassVar[str] = "folder manifest header"
-    type: str
-    name: str = ""
-    stem: str = ""
-    generation: int = 0
-    files: int = 0
-    bytes: int = 0
-    large: int = 0
-    large_bytes: int = 0
-    dirs: int = 0
-    version: int = 1
-    source: str | None = None
-    parts: list = field(default_factory=list)
-    part_table: list = field(default_factory=list)
-    next_part: int = 1
-    changes: dict | None = None
-    changes_key: str | None = None
-    previous_generation: int | None = None
-
-    def check(self, key: str) -> None:
-        if self.type != "folder":
-            raise RecordError(key, "the first line is not a folder header")
-        if self.version > MANIFEST_VERSION:
-            raise NewerFormat(f"the manifest {key!r} is of format version {self.version}, newer than this "
-                                 f"code reads ({MANIFEST_VERSION}): it was written by a newer version of these "
-                                 "scripts; run that version (every machine of a migration runs the same one)")
-
-
-@dataclass(frozen=True)
-class PartRecord(Record):
-    """``P_parts/<stem>/<part>.json``: a part object the zipper made and checked on S3; what
-    the unzipper trusts (size, ETag, SHA-256, and the entries named by their digest)."""
-
-    KIND: ClassVar[str] = "part record"
-    key: str
-    size: int
-    sha256: str
-    entries_key: str
-    etag: str = ""
-    entries_sha256: str | None = None
-    folder: str = ""
-    stem: str = ""
-    part: str = ""
-    generation: int = 0
-    files: int = 0
-    bytes: int = 0
-    skipped: list = field(default_factory=list)
-    created_at: str = ""
-    worker: str = ""
-
-
-@dataclass(frozen=True)
-class LargeRecord(Record):
-    """``P_large/<stem>/<id>.json``: a large file copied SOURCE to DESTINATION and proven."""
-
-    KIND: ClassVar[str] = "large-file record"
-    path: str
-    size: int
-    id: str = ""
-    folder: str = ""
-    stem: str = ""
-    mtime: str = ""
-    md5: str | None = None
-    checked_by: str = ""
-    created_at: str = ""
-    worker: str = ""
-
-
-@dataclass(frozen=True)
-class RestoreRecord(Record):
-    """``P_restored/<stem>/<part>.json``: a part restored into DESTINATION."""
-
-    KIND: ClassVar[str] = "restore record"
-    key: str
-    folder: str = ""
-    stem: str = ""
-    part: str = ""
-    generation: int = 0
-    etag: str | None = None
-    sha256: str = ""
-    files: int = 0
-    restored_at: str = ""
-    worker: str = ""
-
-
-@dataclass(frozen=True)
-class VerifiedRecord(Record):
-    """``P_verified/gN/<stem>.json``: a folder verified at DESTINATION against generation N
-    (``carried_from``: unchanged since a generation that verified it)."""
-
-    KIND: ClassVar[str] = "verified record"
-    folder: str
-    generation: int
-    verified_at: str
-    files: int | None = None
-    bytes: int | None = None
-    matched_by_hash: int | None = None
-    matched_by_size: int | None = None
-    hash_kind: str | None = None
-    compared: list | None = None
-    not_kept: list | None = None
-    read_back: bool | None = None
-    extra: int | None = None
-    carried_from: int | None = None
-
-
-@dataclass(frozen=True)
-class ClaimRecord(Record):
-    """``P_claims/<stage>/<stem>/<unit>.json``: who holds a unit; each renewal a new nonce."""
-
-    KIND: ClassVar[str] = "claim"
-    worker: str
-    nonce: str
-    unit: str = ""
-    host: str = ""
-    pid: int = 0
-    run: str = ""
-    stage: str = ""
-    lease_seconds: float = 0
-    taken_at: str = ""
-    renewed_at: str = ""
-
-    @classmethod
-    def read(cls, key: str, raw: bytes) -> "ClaimRecord | None":
-        """A claim's body, or None when it cannot be read (an unknown holder, held all the same)."""
-        try:
-            return cls.from_json(key, json.loads(raw))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecordError):
-            return None
-
-
-@dataclass(frozen=True)
-class HeartbeatRecord(Record):
-    """``P_status/<script>/<worker>.json``: a worker's state and progress (``Progress.snapshot``)."""
-
-    KIND: ClassVar[str] = "heartbeat"
-    script: str
-    worker: str
-    state: str
-    host: str = ""
-    pid: int = 0
-    interval_s: float | None = None
-    started_at: str = ""
-    updated_at: str = ""
-    elapsed_s: float = 0
-    current: list = field(default_factory=list)
-    units_done: int = 0
-    units_failed: int = 0
-    units_interrupted: int = 0
-    units_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    bytes_per_s: float = 0
-    units_per_s: float = 0
-    last_error: str | None = None
-    errors: dict = field(default_factory=dict)
-    exit_code: int | None = None
-    mode: str | None = None
-
-
-@dataclass(frozen=True)
-class FolderEntry(Record):
-    """A folder in a generation's index: its totals and part table, from its manifest header."""
-
-    KIND: ClassVar[str] = "index entry"
-    name: str
-    stem: str
-    files: int = 0
-    bytes: int = 0
-    large: int = 0
-    large_bytes: int = 0
-    dirs: int = 0
-    parts: list | None = None
-    part_table: list | None = None
-    next_part: int | None = None
-    changes: dict | None = None
-    changes_key: str | None = None
-
-    @property
-    def part_names(self) -> list[str]:
-        return [p["name"] for p in self.part_table or []]
-
-    @property
-    def label(self) -> str:
-        """The folder's name as people read it."""
-        return self.name or ROOT_LABEL
-
-
-@dataclass(frozen=True)
-class IndexRecord(Record):
-    """``P_map/gN/index.json``: written after every folder manifest of generation N, so its
-    presence means the generation is complete."""
-
-    KIND: ClassVar[str] = "map index"
-    generation: int
-    folders: list[FolderEntry]
-    totals: dict
-    source: str | None = None
-    created_at: str = ""
-    completed_at: str = ""
-    previous: int | None = None
-    removed: list = field(default_factory=list)
-    retired_stems: dict = field(default_factory=dict)
-    changes: dict | None = None
-
-    def total(self, what: str) -> int:
-        return int(self.totals.get(what, 0) or 0)
-
-
-_RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
-
-
-# Time and ids
-
-def parse_mtime(text: str) -> float:
-    """rclone's RFC 3339 ModTime (nanoseconds, Z or offset) as POSIX seconds (float)."""
-    return mtime_ns(text) / 1e9
-
-
-def mtime_ns(text: str) -> int:
-    """rclone's RFC 3339 ModTime as integer nanoseconds since the epoch (exact)."""
-    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
-    if not m:
-        raise ValueError(f"unrecognised time {text!r}")
-    base = _dt.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
-    frac = (m.group(2) or "0")[:9].ljust(9, "0")
-    return int(base.timestamp()) * 1_000_000_000 + int(frac)
-
-
-def format_mtime(seconds: float) -> str:
-    return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def new_run_id(script: str) -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{script}-{os.getpid()}"
-
-
-
-# JSON Lines, gzip
-
-def jsonl_gz_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:
-        for row in rows:
-            gz.write(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
-    return buf.getvalue()
-
-
-def read_jsonl_gz(data: bytes, key: str) -> Iterator[dict]:
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as gz:
-            for n, line in enumerate(gz, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RecordError(key, f"line {n} is not JSON: {exc}") from None
-                if not isinstance(row, dict):
-                    raise RecordError(key, f"line {n} is not an object")
-                yield row
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise RecordError(key, f"not a gzip file: {exc}") from None
-
-
 # The map's local index
 
 class FolderIndex:
@@ -2981,7 +3053,6 @@ def load_manifest(records: Records, key: str, index_path: str) -> tuple[Manifest
         raise
     del data
     return header, index
-
 
 
 def all_generations(records: Records, layout: Layout) -> list[int]:
@@ -3149,69 +3220,7 @@ class Passes:
         self.ctx.runtime.check()
 
 
-# Progress, heartbeat and the status view
-
-class Progress:
-    """Counters a run keeps for its heartbeat and its summary (thread-safe)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.started = clock()
-        self.started_at = utc_now()
-        self.lock = threading.Lock()
-        self.current: dict[str, float] = {}
-        self.done = 0
-        self.failed = 0
-        self.bytes_done = 0
-        self.units_total = 0
-        self.bytes_total = 0
-        self.errors: dict[str, str] = {}
-        self.last_error: str | None = None
-        self.exit_code: int | None = None
-        self.mode: str | None = None
-        self.skipped = 0
-        self.interrupted = 0
-
-    def plan(self, units: int, nbytes: int, *, skipped: int = 0) -> None:
-        with self.lock:
-            self.units_total, self.bytes_total, self.skipped = units, nbytes, skipped
-
-    @contextlib.contextmanager
-    def unit(self, label: str, folder: str, nbytes: int = 0) -> Iterator[None]:
-        with self.lock:
-            self.current[label] = self.clock()
-        try:
-            yield
-        except (Interrupted, StopRequested, ClaimLost):
-            with self.lock:  # stopped, not failed: a rerun (or the claim's new holder) does it
-                self.interrupted += 1
-            raise
-        except BaseException as exc:
-            with self.lock:
-                self.failed += 1
-                self.last_error = f"{label}: {exc}"[:500]
-                if len(self.errors) < 500 or folder in self.errors:
-                    self.errors[folder] = str(exc)[:500]
-            raise
-        else:
-            with self.lock:
-                self.done += 1
-                self.bytes_done += nbytes
-        finally:
-            with self.lock:
-                self.current.pop(label, None)
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            elapsed = max(1e-6, self.clock() - self.started)
-            return {"started_at": self.started_at, "updated_at": utc_now(), "elapsed_s": round(elapsed, 1),
-                    "current": sorted(self.current), "units_done": self.done, "units_failed": self.failed,
-                    "units_interrupted": self.interrupted,
-                    "units_total": self.units_total, "bytes_done": self.bytes_done,
-                    "bytes_total": self.bytes_total, "bytes_per_s": round(self.bytes_done / elapsed, 1),
-                    "units_per_s": round(self.done / elapsed, 4), "last_error": self.last_error,
-                    "errors": dict(self.errors), "exit_code": self.exit_code, "mode": self.mode}
-
+# Heartbeat, the start of a run, and the status view
 
 class Heartbeat:
     """Writes the run's progress to ``P_status/<script>/<worker>.json`` at start, every
@@ -3484,7 +3493,6 @@ def summary_line(progress: Progress) -> str:
             f"{snap['elapsed_s']:.1f}s")
 
 
-
 def _fmt_eta(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
@@ -3748,7 +3756,6 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
     return EXIT_OK
 
 
-
 # Running a script
 
 def _clean_tmp(path: str) -> None:
@@ -3869,8 +3876,9 @@ def _code_of(exc: BaseException, cfg: Config, runtime: Runtime) -> int:
                     signal.Signals(exc.signum).name)
         return 128 + exc.signum
     if isinstance(exc, StopRequested):
-        if runtime.paused is None:
-            log.warning("stopped; completed parts are kept, run again to continue")
+        if runtime.paused is not None and runtime.signum is None:
+            return EXIT_TEMPORARY  # stopped for a quota pause (said once by run_script), not by a signal
+        log.warning("stopped; completed parts are kept, run again to continue")
         return 128 + (runtime.signum or signal.SIGTERM)
     if isinstance(exc, S3NotFoundError):
         log.error("bucket %r does not exist or is not reachable at %s: %s", cfg.bucket,

@@ -3141,7 +3141,7 @@ class Passes:
     - some unit was held by another worker (``held``): after a pause it is finished, or its
       claim went stale and is ours to take over;
     - a reason added with ``look_again_while`` (for instance "the stage before is still
-      running") says so.
+      running") says so; once it stops holding, one more pass plans what was published last.
 
     A unit that failed in this run is not tried again by it. ``run`` returns every outcome as
     ``(unit, result)``: the work's value, the exception it raised, or a ``Skipped``.
@@ -3186,6 +3186,7 @@ class Passes:
     def run(self, plan: Callable[[], Iterable[Unit]]) -> list[tuple[Unit, Any]]:
         """Passes over ``plan()`` (called again before each pass: a fresh listing of records)."""
         outcomes: list[tuple[Unit, Any]] = []
+        looking = False  # the last pass was made for a reason: after it stops holding, one more
         while True:
             held: list[Skipped] = []
             self.plan_errors = []
@@ -3205,7 +3206,11 @@ class Passes:
             self.ctx.runtime.check()
             reason = None if held else next((r for r in (f() for f in self._reasons) if r), None)
             if not held and reason is None:
-                return outcomes
+                if not looking:
+                    return outcomes
+                looking = False  # what the stage before published as it ended is in the next plan
+                continue
+            looking = reason is not None
             if held:
                 self.claims().pause(len(held), held[0])  # then look again: finished, or stale and ours
             else:

@@ -1193,6 +1193,31 @@ class Layout:
     def left_out_root(self) -> str:
         return f"{self.prefix}_leftout/"
 
+    def left_out_of(self, stem: str) -> str:
+        return f"{self.prefix}_leftout/{stem}/"
+
+    @property
+    def legacy_restored_root(self) -> str:
+        return f"{self.prefix}_restored/legacy/"
+
+    @property
+    def verified_root(self) -> str:
+        """Holds ``g<N>/<stem>.json``: ``Records.record_names`` gives {"gNNNNNN": stems}."""
+        return f"{self.prefix}_verified/"
+
+    @property
+    def repair_root(self) -> str:
+        return f"{self.prefix}_repair/"
+
+    @property
+    def deleted_root(self) -> str:
+        return f"{self.prefix}_deleted/"
+
+    @staticmethod
+    def generation_dir(gen: int) -> str:
+        """The ``gNNNNNN`` level of the per-generation records."""
+        return f"g{gen:06d}"
+
     def larges_of(self, stem: str) -> str:
         return f"{self.prefix}_large/{stem}/"
 
@@ -3538,8 +3563,8 @@ def collect_status(records: Records, layout: Layout) -> dict:
     zipped = names(layout.parts_root)
     larges = names(layout.large_root)
     restored = names(layout.restored_root)
-    verified = names(f"{layout.prefix}_verified/").get(f"g{gen:06d}", set())
-    repairs = names(f"{layout.prefix}_repair/").get(f"g{gen:06d}", set())
+    verified = names(layout.verified_root).get(layout.generation_dir(gen), set())
+    repairs = names(layout.repair_root).get(layout.generation_dir(gen), set())
     errors: dict[str, str] = {}
     for script in ("mapper", "zipper", "unzipper"):
         for beat in reversed(beats.get(script, [])[:1]):
@@ -3548,7 +3573,7 @@ def collect_status(records: Records, layout: Layout) -> dict:
     status["generation"] = gen
     status["mapped_at"] = index.completed_at
     status["history"] = generation_history(records, layout, status["generations"], zipped, restored,
-                                           names(f"{layout.prefix}_verified/"), names(f"{layout.prefix}_deleted/"))
+                                           names(layout.verified_root), names(layout.deleted_root))
     for f in index.folders:
         stem = f.stem
         parts = [p["name"] for p in f.part_table or []]
@@ -3590,8 +3615,8 @@ def generation_history(records: Records, layout: Layout, gens: list[int], zipped
             "folders": len(folders), "new_parts": len(new_parts),
             "uploaded": sum(1 for stem, p in new_parts if p in zipped.get(stem, set())),
             "restored": sum(1 for stem, p in new_parts if p in restored.get(stem, set())),
-            "verified": len(verified.get(f"g{g:06d}", set())),
-            "deletions_handled": len(deleted.get(f"g{g:06d}", set())),
+            "verified": len(verified.get(layout.generation_dir(g), set())),
+            "deletions_handled": len(deleted.get(layout.generation_dir(g), set())),
         })
     return history
 

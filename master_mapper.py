@@ -389,7 +389,7 @@ def map_folder(ctx: Run, job: FolderJob) -> dict:
 def read_left_out(records: Records, layout: Layout, stem: str) -> list[tuple[str, str]]:
     """(path, part) of every file the zipper left out of a published part of this folder as unreadable."""
     found = []
-    for item in records.list_keys(f"{layout.left_out_root}{stem}/"):
+    for item in records.list_keys(layout.left_out_of(stem)):
         marker = records.get_json(item["Key"])
         if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
             raise RecordError(item["Key"], "not a left-out record")

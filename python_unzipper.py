@@ -638,7 +638,7 @@ def verify_folder(ctx: Run, folder: str, stem: str, index: FolderIndex, dest_fea
 def left_out_reasons(records: Records, layout: Layout, stem: str) -> dict[str, str]:
     """{path: why} of the files the zipper left out of this folder's parts as unreadable at SOURCE."""
     found = {}
-    for item in records.list_keys(f"{layout.left_out_root}{stem}/"):
+    for item in records.list_keys(layout.left_out_of(stem)):
         marker = records.get_json(item["Key"])
         for f in (marker.get("files") if isinstance(marker, dict) else None) or []:
             if isinstance(f, dict) and isinstance(f.get("path"), str):
@@ -1573,7 +1573,7 @@ def run_legacy(ctx: Run, verify: bool) -> int:
     for key in ambiguous:
         log.error("part %r could belong to several folders (the original split naming); it was not restored",
                   key)
-    done = records.record_names(layout.restored_root + "legacy/")
+    done = records.record_names(layout.legacy_restored_root)
     dest_features = rclone.features(destination_root(cfg))
     entries = []
     errors: list[tuple[str, str]] = [(k, "ambiguous part") for k in ambiguous]

@@ -558,6 +558,9 @@ VARIABLES = (
     Variable("JOB_COMPLETION_INDEX", None, "this worker's shard in a Kubernetes indexed Job", ()),
     Variable("AWS_BATCH_JOB_ARRAY_INDEX", None, "this worker's shard in an AWS Batch array job", ()),
     Variable("LEASE_SECONDS", "600", "a claim unchanged this long is taken over by another worker"),
+    Variable("UPSTREAM_WAIT", "120", "seconds to wait for the stage before this one to start when it is "
+             "not running and has left work undone (stages may be started together, in any order)",
+             ("zipper", "unzipper")),
 )
 
 KNOWN_VARIABLES = tuple(dict.fromkeys(name for var in VARIABLES for name in var.names))
@@ -697,6 +700,7 @@ class Config:
     rclone_timeout_s: float
     s3_checksums: str
     verify_download: bool
+    upstream_wait_s: float
     max_delete: tuple[int | None, float | None]  # (a count, or a percentage of the files mapped)
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
@@ -761,6 +765,7 @@ class Config:
             rclone_timeout_s=env_number(environ, "COMMAND_TIMEOUT", 3600, minimum=1),
             s3_checksums=checksums,
             verify_download=env_bool(environ, "VERIFY_DOWNLOAD"),
+            upstream_wait_s=env_number(environ, "UPSTREAM_WAIT", 120, minimum=0, maximum=86400),
             max_delete=parse_max_delete(environ.get("MAX_DELETE", "10%")),
             environ=dict(environ),
         )
@@ -1241,6 +1246,9 @@ class Layout:
 
     def heartbeat(self, script: str, worker_id: str) -> str:
         return f"{self.prefix}_status/{script}/{worker_id}.json"
+
+    def heartbeats_of(self, script: str) -> str:
+        return f"{self.prefix}_status/{script}/"
 
     @property
     def status_root(self) -> str:
@@ -3180,6 +3188,7 @@ class Passes:
         self.plan_errors: list[BaseException] = []
         self._reasons: list[Callable[[], str | None]] = []
         self._wait_s = 0.0
+        self._last_reason = ""
         # What in an outcome says another worker holds work this run waits for.
         self.held_of: Callable[[Any], Skipped | None] = _held
 
@@ -3215,6 +3224,7 @@ class Passes:
         while True:
             held: list[Skipped] = []
             self.plan_errors = []
+            done_before = len(outcomes)
             pool = WorkerPool(self.ctx.cfg.max_parallel_workers, self.ctx.runtime)
             for unit, result in pool.run(self._wanted(plan())):
                 if unit is None:  # planning itself failed (a listing, a manifest)
@@ -3229,6 +3239,8 @@ class Passes:
                     self.failed.add((unit.stage, unit.stem, unit.name))
                 outcomes.append((unit, result))
             self.ctx.runtime.check()
+            if len(outcomes) > done_before:
+                self._wait_s = 0.0  # work is flowing: look again soon
             reason = None if held else next((r for r in (f() for f in self._reasons) if r), None)
             if not held and reason is None:
                 if not looking:
@@ -3245,7 +3257,9 @@ class Passes:
         """Half a second at first, doubling up to min(LEASE_SECONDS/6, 10) s."""
         longest = max(0.5, min(10.0, self.ctx.cfg.lease_seconds / 6))
         self._wait_s = min(longest, self._wait_s * 2) if self._wait_s else 0.5
-        log.info("%s; looking again in %.0fs", reason, self._wait_s)
+        # Said once per reason (a stage may follow another for days); each pause is DEBUG.
+        (log.debug if reason == self._last_reason else log.info)("%s; looking again every few seconds", reason)
+        self._last_reason = reason
         self.ctx.runtime.stop.wait(self._wait_s)
         self.ctx.runtime.check()
 
@@ -3325,6 +3339,85 @@ def other_workers_running(records: Records, layout: Layout, cfg: Config) -> bool
                 and age <= 3 * float(beat.get("interval_s") or 30):
             return True
     return False
+
+
+# The stages each stage follows, nearest first, and how people start them.
+UPSTREAM = {"zipper": ("mapper",), "unzipper": ("zipper", "mapper")}
+SCRIPT_FILES = {"mapper": "master_mapper.py", "zipper": "python_zipper.py", "unzipper": "python_unzipper.py"}
+
+
+def _beat_is_live(beat: Mapping[str, Any], age_s: float | None) -> bool:
+    """Running, and written within three of its intervals by the S3 server's clock."""
+    return beat.get("state") == "running" and not (age_s is not None and age_s > 3 * float(beat.get("interval_s") or 30))
+
+
+class Upstream:
+    """Whether the stage before this one may still publish work for it, from its heartbeats
+    (``P_status/<script>/``, aged by the S3 server's clock, so no two machines' clocks meet).
+
+    ``reason()`` is a reason to look again (for ``Passes.look_again_while``): a stage before this
+    one has a live worker; or the stage right before it has not been seen during this run and it
+    is still within UPSTREAM_WAIT of the start (the stages may be started in any order). None once the stages
+    before have ended, or have not appeared within the wait: the run then ends as it would alone.
+    """
+
+    def __init__(self, ctx: Run, clock: Callable[[], float] = time.monotonic):
+        self.ctx, self.clock = ctx, clock
+        self.scripts = UPSTREAM.get(ctx.cfg.script, ())
+        self.started = clock()
+        self.seen = False  # a stage before this one was running during this run, or ended in it
+
+    def _state(self, script: str) -> str:
+        """``running``, ``ended`` (a worker that stopped since this run started) or ``absent``."""
+        since_start = self.clock() - self.started
+        state = "absent"
+        for item in self.ctx.records.list_keys(self.ctx.layout.heartbeats_of(script)):
+            beat, age = _get_with_age(self.ctx.records, item["Key"])
+            if not isinstance(beat, dict):
+                continue
+            if _beat_is_live(beat, age):
+                return "running"
+            if age is not None and age <= since_start + 2:  # (LastModified has whole seconds)
+                state = "ended"
+        return state
+
+    def reason(self) -> str | None:
+        if not self.scripts or self.ctx.cfg.dry_run:
+            return None
+        for n, script in enumerate(self.scripts):
+            state = self._state(script)
+            if state == "running":
+                self.seen = self.seen or n == 0
+                return f"{SCRIPT_FILES[script]} is still running"
+            if n == 0:  # only the stage right before this one counts as come and gone
+                self.seen = self.seen or state == "ended"
+        if not self.seen and self.clock() - self.started < self.ctx.cfg.upstream_wait_s:
+            return (f"{SCRIPT_FILES[self.scripts[0]]} is not running yet; waiting for it up to UPSTREAM_WAIT="
+                    f"{self.ctx.cfg.upstream_wait_s:g}s")
+        return None
+
+
+def wait_for_map(ctx: Run, upstream: Upstream) -> tuple[int, IndexRecord] | None:
+    """The latest complete map; while there is none, or a newer generation is being mapped,
+    wait as long as the mapper may still write it (see ``Upstream``)."""
+    wait = 0.5
+    longest = max(0.5, min(10.0, ctx.cfg.lease_seconds / 6))
+    last = ""
+    while True:
+        latest = latest_generation(ctx.records, ctx.layout)
+        gens = all_generations(ctx.records, ctx.layout)
+        mapping = bool(gens) and (latest is None or gens[-1] > latest[0])
+        if latest is not None and not mapping:
+            return latest
+        why = upstream.reason() if "mapper" in upstream.scripts else None
+        if why is None or (latest is not None and not why.startswith(SCRIPT_FILES["mapper"])):
+            return latest  # the mapper is not running: the newest complete map, as when run alone
+        said = f"{why}; waiting for {'the' if latest is None else 'the newer'} map generation {gens[-1] if gens else 1}"
+        (log.debug if said == last else log.info)("%s (looking again every few seconds)", said)
+        last = said
+        ctx.runtime.stop.wait(wait)
+        ctx.runtime.check()
+        wait = min(longest, wait * 2)
 
 
 def start_run(ctx: Run) -> Capabilities:

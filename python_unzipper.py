@@ -50,7 +50,8 @@ from common_s3 import (all_generations, Config, count, describe_proof, DiskGate,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
                        RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
-                       staging_dir, start_run, StopRequested, Unit, utc_now, VerifiedRecord, WorkerPool)
+                       staging_dir, start_run, StopRequested, Unit, Upstream, utc_now, VerifiedRecord,
+                       wait_for_map, WorkerPool)
 
 log = logging.getLogger("python_unzipper")
 
@@ -1049,6 +1050,14 @@ class Restoring:
         self.repairs = list_repairs(records, layout, self.gen)
         self._fresh = True
 
+    def waiting_for_zipper(self) -> bool:
+        """Some folder still to restore has parts not zipped, or large files not copied, yet."""
+        for f in self.pending:
+            zipped = self.zipped.get(f.stem, set())
+            if any(p not in zipped for p in f.part_names) or f.large > len(self.larges.get(f.stem, set())):
+                return True
+        return False
+
     def to_delete(self, stem: str) -> bool:
         return self.ctx.cfg.propagate_deletes and stem in self.sources and stem not in self.deleted_done
 
@@ -1760,7 +1769,8 @@ def conclude(ctx: Run, work: Restoring) -> int:
 def run(ctx: Run) -> int:
     cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     start_run(ctx)
-    latest = latest_generation(records, layout)
+    upstream = Upstream(ctx)
+    latest = latest_generation(records, layout) if "--verify" in ctx.argv else wait_for_map(ctx, upstream)
     if latest is None:
         if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
             return run_legacy(ctx, verify="--verify" in ctx.argv or cfg.dry_run)
@@ -1784,6 +1794,8 @@ def run(ctx: Run) -> int:
     if work.pending and work.local is None:
         work.dest_features = ctx.rclone.features(destination_root(cfg))
     passes.held_of = work.held
+    # Started with the zipper: restore its parts as their records appear, until it has ended.
+    passes.look_again_while(lambda: upstream.reason() if work.waiting_for_zipper() else None)
     work.take(passes.run(work.units), passes.plan_errors)
     return conclude(ctx, work)
 

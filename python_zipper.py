@@ -39,11 +39,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
                        FolderEntry, human_bytes, IndexRecord, is_local_path, jsonl_gz_bytes, large_file_id,
-                       LargeRecord, latest_generation, Layout, load_manifest, local_name, log_context, MIB,
-                       MigrationError, MultipartUpload, out, parse_mtime, PartRecord, Passes,
-                       plain_local_name, plan_drift, PlanRecord, Rclone, RcloneError, RecordExists, Records,
-                       remote_join, ROOT_LABEL, Run, run_script, Runtime, S3Error, Skipped, staging_dir,
-                       start_run, StopRequested, Unit, utc_now)
+                       LargeRecord, Layout, load_manifest, local_name, log_context, MIB, MigrationError,
+                       MultipartUpload, out, parse_mtime, PartRecord, Passes, plain_local_name, plan_drift,
+                       PlanRecord, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
+                       run_script, Runtime, S3Error, Skipped, staging_dir, start_run, StopRequested, Unit,
+                       Upstream, utc_now, wait_for_map)
 
 log = logging.getLogger("python_zipper")
 
@@ -1054,7 +1054,7 @@ def summarise(ctx: Run, work: Zipping, outcomes: list[tuple[Unit, Any]], plan_er
 
 def run(ctx: Run) -> int:
     start_run(ctx)
-    latest = latest_generation(ctx.records, ctx.layout)
+    latest = wait_for_map(ctx, Upstream(ctx))  # a mapper started together with this zipper writes it
     if latest is None:
         log.error("no complete map on S3 under %r: run master_mapper.py first", ctx.cfg.prefix)
         return EXIT_WAITING

@@ -112,6 +112,9 @@ def base_env(tmp: str, endpoint: str, bucket: str) -> dict:
         "MAX_ZIP_SIZE_GB": "0.001",
         "S3_MAX_RETRIES": "3",
         "MAX_RETRY_DURATION": "60",
+        # A stage run before the one it follows waits this long for it (120 s by default); the tests
+        # that start stages together set their own.
+        "UPSTREAM_WAIT": "3",
     }
 
 

@@ -131,11 +131,22 @@ def test_missing_bucket_exits_1(capsys, moto_env):
 
 @pytest.mark.parametrize("script", ["zipper", "unzipper"])
 def test_no_map_yet_means_waiting(capsys, moto_env, script):
-    assert SCRIPTS[script].main(argv=[], environ=moto_env) == 4
+    assert SCRIPTS[script].main(argv=[], environ={**moto_env, "UPSTREAM_WAIT": "0"}) == 4
     assert "master_mapper.py" in capsys.readouterr().err
     with InstanceLock(moto_env["WORK_DIR"], script):
         pass  # released
     assert not os.path.exists(os.path.join(moto_env["WORK_DIR"], ".tmp", script))
+
+
+@pytest.mark.parametrize("script", ["zipper", "unzipper"])
+def test_with_no_stage_before_it_running_a_stage_waits_only_upstream_wait(capsys, moto_env, script):
+    """Started before the stage it follows (stages may be started in any order), it waits for
+    that stage at most UPSTREAM_WAIT, says so, then ends as it would alone: exit 4."""
+    assert SCRIPTS[script].main(argv=[], environ={**moto_env, "UPSTREAM_WAIT": "1"}) == 4
+    err = capsys.readouterr().err
+    before = "master_mapper.py" if script == "zipper" else "python_zipper.py"
+    assert f"{before} is not running yet; waiting for it up to UPSTREAM_WAIT=1s" in err
+    assert "master_mapper.py first" in err or "run master_mapper.py" in err
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

@@ -118,9 +118,10 @@ def test_second_instance_exits_75_naming_the_holder(env):
         started = time.monotonic()
         waited = env.run("python_zipper.py", INSTANCE_LOCK_TIMEOUT="2", timeout=60)
         assert waited.returncode == 75 and time.monotonic() - started >= 2
-        # Another script on the same WORK_DIR is not blocked by the zipper's lock.
-        other = env.run("python_unzipper.py", timeout=120)
-        assert other.returncode in (3, 4), other.stderr[-2000:]
+        # Another script on the same WORK_DIR is not blocked by the zipper's lock (a dry run: a real
+        # one would follow this zipper until it ends).
+        other = env.run("python_unzipper.py", DRY_RUN="1", timeout=120)
+        assert other.returncode == 0, other.stderr[-2000:]
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)

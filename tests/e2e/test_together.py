@@ -17,8 +17,11 @@ pytestmark = pytest.mark.e2e
 
 
 def folders_tree(root: str, folders: int = 6, files: int = 11) -> None:
-    """The sample tree and ``folders`` top-level folders of small files (2 parts each)."""
-    make_tree(root, small_files=6)
+    """``folders`` top-level folders of small files (2 parts each) and files directly in SOURCE."""
+    for name in ("root a.txt", "root b.txt"):
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(os.urandom(500))
     for f in range(folders):
         for i in range(files):
             path = os.path.join(root, f"top {f:02d}", f"file {i:02d}.txt")
@@ -35,9 +38,9 @@ def test_three_stages_started_in_reversed_order_finish_the_migration_together(en
     # A short lease keeps the pauses between passes short (at most LEASE_SECONDS/6).
     wait = {"UPSTREAM_WAIT": "60", "PROGRESS_INTERVAL": "2", "LEASE_SECONDS": "6"}
     unzipper = env.popen("python_unzipper.py", **wait)
-    time.sleep(2)
-    zipper = env.popen("python_zipper.py", RCLONE_BWLIMIT="300k", MAX_PARALLEL_WORKERS="1", **wait)
-    time.sleep(2)
+    time.sleep(1)
+    zipper = env.popen("python_zipper.py", RCLONE_BWLIMIT="100k", MAX_PARALLEL_WORKERS="1", **wait)
+    time.sleep(1)
     mapper = env.popen("master_mapper.py", **wait)
     codes = {}
     for name, proc in (("mapper", mapper), ("zipper", zipper), ("unzipper", unzipper)):

@@ -3347,8 +3347,19 @@ SCRIPT_FILES = {"mapper": "master_mapper.py", "zipper": "python_zipper.py", "unz
 
 
 def _beat_is_live(beat: Mapping[str, Any], age_s: float | None) -> bool:
-    """Running, and written within three of its intervals by the S3 server's clock."""
-    return beat.get("state") == "running" and not (age_s is not None and age_s > 3 * float(beat.get("interval_s") or 30))
+    """Running, and written within three of its intervals by the S3 server's clock; a worker of
+    this machine must also still be a process (one killed a moment ago is not waited for until
+    its heartbeat goes stale)."""
+    if beat.get("state") != "running" or (age_s is not None and age_s > 3 * float(beat.get("interval_s") or 30)):
+        return False
+    if beat.get("host") == socket.gethostname() and isinstance(beat.get("pid"), int) and beat["pid"] > 0:
+        try:
+            os.kill(beat["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # a process of another user: alive
+    return True
 
 
 class Upstream:

@@ -3166,6 +3166,10 @@ def _held(result: Any) -> Skipped | None:
     return result if isinstance(result, Skipped) and result.why != "done" else None
 
 
+def _progress(result: Any) -> bool:
+    return not isinstance(result, (Skipped, BaseException))
+
+
 class Passes:
     """The pass loop of every stage, once: run the planned units (up to MAX_PARALLEL_WORKERS
     at once, each under its claim where claims are in use), then plan again and run another
@@ -3189,8 +3193,10 @@ class Passes:
         self._reasons: list[Callable[[], str | None]] = []
         self._wait_s = 0.0
         self._last_reason = ""
-        # What in an outcome says another worker holds work this run waits for.
+        # What in an outcome says another worker holds work this run waits for, and whether an
+        # outcome is progress (after which the pause before the next pass starts short again).
         self.held_of: Callable[[Any], Skipped | None] = _held
+        self.progress_of: Callable[[Any], bool] = _progress
 
     def claims(self, stage: str | None = None) -> Claims:
         stage = stage or self.stage
@@ -3224,7 +3230,7 @@ class Passes:
         while True:
             held: list[Skipped] = []
             self.plan_errors = []
-            done_before = len(outcomes)
+            progressed = False
             pool = WorkerPool(self.ctx.cfg.max_parallel_workers, self.ctx.runtime)
             for unit, result in pool.run(self._wanted(plan())):
                 if unit is None:  # planning itself failed (a listing, a manifest)
@@ -3237,9 +3243,10 @@ class Passes:
                     continue
                 if isinstance(result, Exception) and not isinstance(result, StopRequested):
                     self.failed.add((unit.stage, unit.stem, unit.name))
+                progressed = progressed or self.progress_of(result)
                 outcomes.append((unit, result))
             self.ctx.runtime.check()
-            if len(outcomes) > done_before:
+            if progressed:
                 self._wait_s = 0.0  # work is flowing: look again soon
             reason = None if held else next((r for r in (f() for f in self._reasons) if r), None)
             if not held and reason is None:

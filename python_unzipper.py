@@ -1187,6 +1187,14 @@ class Restoring:
                              repaired=stem in self.repairs,
                              deletions=Deletions(stem, self.sources[stem]) if stem in self.sources else None)
 
+    @staticmethod
+    def progressed(result: Any) -> bool:
+        """A part restored, or a folder verified: not a verification still waiting for the zipper
+        (which a pass while following the zipper yields again and again)."""
+        if isinstance(result, (Skipped, BaseException)):
+            return False
+        return not (isinstance(result, dict) and result.get("state") == "waiting")
+
     def held(self, result: Any) -> Skipped | None:
         """A unit held by another worker, or a part whose folder's verification is."""
         for r in (result, result.get("verification") if isinstance(result, dict) else None):
@@ -1793,7 +1801,7 @@ def run(ctx: Run) -> int:
         return EXIT_OK
     if work.pending and work.local is None:
         work.dest_features = ctx.rclone.features(destination_root(cfg))
-    passes.held_of = work.held
+    passes.held_of, passes.progress_of = work.held, work.progressed
     # Started with the zipper: restore its parts as their records appear, until it has ended.
     passes.look_again_while(lambda: upstream.reason() if work.waiting_for_zipper() else None)
     work.take(passes.run(work.units), passes.plan_errors)

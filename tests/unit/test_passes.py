@@ -133,3 +133,14 @@ def test_after_sees_every_outcome_and_its_value_is_the_units(ctx):
              (LAYOUT.part_record("F", "A"),), after=after)
     outcomes = Passes(ctx, "zipper").run(lambda: [u])
     assert seen == ["A"] and outcomes[0][1] == {"wrapped": "A"}
+
+
+def test_a_pass_that_only_finds_work_still_waiting_does_not_shorten_the_pause(ctx):
+    """While following another stage, a unit that reports "still waiting" on every pass is not
+    progress: the pauses keep doubling instead of polling every half second for hours."""
+    passes = Passes(ctx, "zipper")
+    passes.progress_of = lambda result: result != "waiting"
+    reasons = ["still running"] * 3
+    passes.look_again_while(lambda: reasons.pop() if reasons else None)
+    passes.run(lambda: [Unit("zipper", "folder", "F", "F", "folder", "folder F", lambda: "waiting")])
+    assert ctx.pauses == [0.5, 1.0, 2.0]

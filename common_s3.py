@@ -86,7 +86,7 @@ __all__ = [
     "RecordExists", "Records", "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL",
     "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name",
     "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
-    "summary_line", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
+    "summary_line", "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
     "WorkerPool",
 ]
 
@@ -880,6 +880,15 @@ class _PlainFormatter(logging.Formatter):
 # Results meant for the reader (tables, plans, reports) go to stdout through this logger, so
 # that LOG_FORMAT=json turns them into JSON objects too; diagnostics go to stderr.
 out = logging.getLogger("migration.out")
+
+
+def table_lines(rows: Sequence[Sequence[str]], *, indent: str = "", max_width: int | None = None) -> list[str]:
+    """Rows of text as aligned columns (two spaces apart), one line each, trailing spaces gone;
+    with ``max_width`` every cell is cut to it."""
+    if max_width is not None:
+        rows = [[c[:max_width] for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))] if rows else []
+    return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in rows]
 
 
 def setup_logging(level: str, fmt: str, script: str) -> None:
@@ -3844,11 +3853,10 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
                      f"{sum(f['restored'] for f in fs)}/{sum(f['parts'] for f in fs)}",
                      f"{sum(f['large_done'] for f in fs)}/{sum(f['large'] for f in fs)}",
                      f"{sum(1 for f in fs if f['verified'] == 'yes')}/{len(fs)}", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out.info(f"map generation {status['generation']} (completed {status.get('mapped_at')}), "
                   f"bucket s3://{cfg.bucket}/{cfg.prefix}\n")
-        for r in rows:
-            out.info("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        for line in table_lines(rows):
+            out.info(line + "\n")
         remaining = {"zipper": sum(f["bytes_to_upload"] for f in fs),
                      "unzipper": sum(f["bytes_to_restore"] for f in fs)}
         for script, left in remaining.items():
@@ -3880,10 +3888,9 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
             rows.append((f"{c['stage']} {c['stem']}"[:50], c["unit"], c["worker"], _fmt_age(c["held_for_s"]),
                          _fmt_age(c["since_renewal_s"]) + " ago",
                          "yes" if c["stale"] else "no"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         out.info(f"{len(status['claims'])} live claims:\n")
-        for r in rows:
-            out.info("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+        for line in table_lines(rows, indent="  "):
+            out.info(line + "\n")
     for script in ("mapper", "zipper", "unzipper"):
         for beat in (status["heartbeats"].get(script) or [])[:3]:
             state = (f"stale: last heartbeat {_fmt_age(beat.get('age_s'))} ago (killed, frozen or cut off; its "

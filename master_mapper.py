@@ -37,7 +37,7 @@ from common_s3 import (all_generations, assign_stems, Config, ConfigError, count
                        latest_generation, Layout, load_manifest, local_name, log_context, MANIFEST_VERSION,
                        ManifestHeader, MigrationError, out, Passes, PlanRecord, Rclone, RcloneError,
                        read_index, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script, shard_of,
-                       start_run, StopRequested, Unit, utc_now)
+                       start_run, StopRequested, table_lines, Unit, utc_now)
 
 log = logging.getLogger("master_mapper")
 
@@ -760,9 +760,8 @@ def print_plan(gen: int, planned: list[dict]) -> None:
                  str(sum(len(s["parts"]) for s in planned)),
                  f"{sum(s['large'] for s in planned)} ({human_bytes(sum(s['large_bytes'] for s in planned))})",
                  str(sum(s["dirs"] for s in planned))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.info("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    for line in table_lines(rows):
+        out.info(line + "\n")
     for s in planned:
         for path, size in s.get("large_files", []):
             out.info(f"large file {s['name'] + '/' if s['name'] else ''}{path} ({human_bytes(size)}) "

@@ -50,8 +50,8 @@ from common_s3 import (all_generations, Config, count, describe_proof, DiskGate,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
                        RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
-                       staging_dir, start_run, StopRequested, Unit, Upstream, utc_now, VerifiedRecord,
-                       wait_for_map, WorkerPool)
+                       staging_dir, start_run, StopRequested, table_lines, Unit, Upstream, utc_now,
+                       VerifiedRecord, wait_for_map, WorkerPool)
 
 log = logging.getLogger("python_unzipper")
 
@@ -1258,9 +1258,8 @@ def print_report(report: dict) -> None:
                      str(len(f.get("extra", [])) if isinstance(f.get("extra"), list) else ""),
                      "+".join(f["compared"]) + (" (read back)" if f.get("read_back") and f.get("hash_kind") != "crc32"
                                                 else "") if isinstance(f.get("compared"), list) else ""))
-    widths = [min(40, max(len(r[i]) for r in rows)) for i in range(len(rows[0]))]
-    for r in rows:
-        out.info("  ".join(c[:40].ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    for line in table_lines(rows, max_width=40):
+        out.info(line + "\n")
     t = report["totals"]
     out.info(f"\n{t['verified']} of {t['folders']} folders verified, {t['waiting']} waiting for the "
                      f"zipper, {t['failed']} failed; {t['files_verified']} files verified\n")

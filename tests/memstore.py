@@ -30,6 +30,16 @@ from botocore.exceptions import ClientError
 from common_s3 import Capabilities, Config, Fetched, KeyMissing, MultipartUpload, Records
 
 
+class Clock:
+    """A clock that moves only when told (lease clocks, the store's clock)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Stored(NamedTuple):
     body: bytes
     etag: str  # unquoted

@@ -17,19 +17,9 @@ from botocore.exceptions import ReadTimeoutError
 
 import common_s3
 from common_s3 import ClaimLost, Claims, Layout, Runtime, S3Error, Skipped
-from memstore import MemoryRecords
+from memstore import Clock, MemoryRecords
 
 KEY = "p/_claims/zipper/Photos/Part1.json"
-
-
-class Clock:
-    """A clock that moves only when told."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

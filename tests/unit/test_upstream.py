@@ -9,17 +9,9 @@ import socket
 import pytest
 
 from common_s3 import Layout, Run, Runtime, Upstream
-from memstore import MemoryRecords
+from memstore import Clock, MemoryRecords
 
 LAYOUT = Layout("p/")
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

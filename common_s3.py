@@ -3393,6 +3393,8 @@ class Upstream:
         self.scripts = UPSTREAM.get(ctx.cfg.script, ())
         self.started = clock()
         self.seen = False  # a stage before this one was running during this run, or ended in it
+        self.was_running = False  # ... running, seen so: once it has ended, one last look
+        self.last_look = False
 
     def _state(self, script: str) -> str:
         """``running``, ``ended`` (a worker that stopped since this run started) or ``absent``."""
@@ -3415,9 +3417,14 @@ class Upstream:
             state = self._state(script)
             if state == "running":
                 self.seen = self.seen or n == 0
+                self.was_running, self.last_look = True, False
                 return f"{SCRIPT_FILES[script]} is still running"
             if n == 0:  # only the stage right before this one counts as come and gone
                 self.seen = self.seen or state == "ended"
+        if self.was_running and not self.last_look:
+            # It may have ended between this run's last listing and now: look once more.
+            self.last_look = True
+            return f"{SCRIPT_FILES[self.scripts[0]]} has ended; a last look at what it recorded"
         if not self.seen and self.clock() - self.started < self.ctx.cfg.upstream_wait_s:
             return (f"{SCRIPT_FILES[self.scripts[0]]} is not running yet; waiting for it up to UPSTREAM_WAIT="
                     f"{self.ctx.cfg.upstream_wait_s:g}s")

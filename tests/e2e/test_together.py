@@ -70,3 +70,19 @@ def test_a_lone_unzipper_ends_with_4_within_its_wait(env: Env):
     assert "python_zipper.py is not running yet; waiting for it up to UPSTREAM_WAIT=2s" in proc.stderr
     assert "wait for the zipper" in proc.stderr
     assert elapsed < 60  # bounded by the wait, not by a zipper that never comes
+
+
+def test_stages_started_at_the_same_instant_on_a_tiny_tree_miss_nothing(env: Env):
+    """The zipper can end between the unzipper's listing of part records and its look at the
+    zipper's heartbeat: the unzipper looks once more, and restores the last parts too."""
+    for name in ("A", "B"):
+        for i in range(30):
+            path = os.path.join(env.source, name, f"f{i:02d}.bin")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(os.urandom(2000))
+    wait = {"UPSTREAM_WAIT": "60", "LEASE_SECONDS": "6"}
+    procs = [env.popen(s, **wait) for s in ("python_unzipper.py", "python_zipper.py", "master_mapper.py")]
+    results = [(p.returncode, err[-2000:]) for p in procs for _out, err in [p.communicate(timeout=120)]]
+    assert [c for c, _e in results] == [0, 0, 0], results
+    assert_same_tree(env.source, env.destination)

@@ -38,6 +38,7 @@ def test_a_running_zipper_is_a_reason_and_once_it_ends_there_is_none(setup):
     local.now += 5
     server.now += 5
     beat(ctx, "zipper", "z1", "done")
+    assert "has ended; a last look" in up.reason()
     assert up.reason() is None
 
 
@@ -79,6 +80,7 @@ def test_a_stage_that_ended_before_this_run_started_is_not_waited_for_once_seen_
     server.now += 5
     local.now += 5
     beat(ctx, "zipper", "new", "done")
+    assert "has ended; a last look" in up.reason()
     assert up.reason() is None
 
 
@@ -92,4 +94,18 @@ def test_the_mapper_running_keeps_the_unzipper_waiting_though_the_zipper_is_not_
 def test_the_mapper_has_no_stage_before_it(setup):
     make, _server, _local = setup
     _ctx, up = make("mapper")
+    assert up.reason() is None
+
+
+def test_a_stage_seen_running_then_ended_gives_one_last_look(setup):
+    """It may end between this run's last listing of records and the look at its heartbeat:
+    one more pass then sees what it recorded last (a lone unzipper never seen it running gets none)."""
+    make, server, local = setup
+    ctx, up = make()
+    beat(ctx, "zipper", "z1", "running")
+    assert up.reason() == "python_zipper.py is still running"
+    server.now += 2
+    local.now += 2
+    beat(ctx, "zipper", "z1", "done")
+    assert up.reason() == "python_zipper.py has ended; a last look at what it recorded"
     assert up.reason() is None

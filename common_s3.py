@@ -72,7 +72,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "ClaimRecord",
     "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
-    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK",
+    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK",
     "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched", "final_line",
     "FolderEntry", "FolderIndex", "format_mtime", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord",
     "human_bytes", "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
@@ -561,6 +561,13 @@ VARIABLES = (
     Variable("UPSTREAM_WAIT", "120", "seconds to wait for the stage before this one to start when it is "
              "not running and has left work undone (stages may be started together, in any order)",
              ("zipper", "unzipper")),
+    # migrate.py's own: it runs the three stages together and again while work is left.
+    Variable("MAX_ROUNDS", "5", "rounds of the stages at most, while they end with 3 or 4", ("migrate",)),
+    Variable("RERUN_BACKOFF", "60", "seconds before the second round, doubling for each next one, at most 900",
+             ("migrate",)),
+    Variable("WAIT_FOR_QUOTA", "0", "1: wait out a quota pause at DESTINATION (up to a day) and go on, instead of "
+             "ending with 75", ("migrate",)),
+    Variable("PROGRESS_INTERVAL", "30", "seconds between progress lines when not on a terminal", ("migrate",)),
 )
 
 KNOWN_VARIABLES = tuple(dict.fromkeys(name for var in VARIABLES for name in var.names))
@@ -3421,8 +3428,8 @@ class Upstream:
                 return f"{SCRIPT_FILES[script]} is still running"
             if n == 0:  # only the stage right before this one counts as come and gone
                 self.seen = self.seen or state == "ended"
-        if self.was_running and not self.last_look:
-            # It may have ended between this run's last listing and now: look once more.
+        if (self.was_running or self.seen) and not self.last_look:
+            # It ended during this run, maybe between this run's last listing and now: look once more.
             self.last_look = True
             return f"{SCRIPT_FILES[self.scripts[0]]} has ended; a last look at what it recorded"
         if not self.seen and self.clock() - self.started < self.ctx.cfg.upstream_wait_s:
@@ -3960,9 +3967,13 @@ def prepare_work_dir(path: str) -> None:
                           "writable folder with room for about one part per worker") from None
 
 
-def _early_exit(script: str, doc: str, argv: Sequence[str], options: Sequence[str]) -> int | None:
+def early_exit(script: str, doc: str, argv: Sequence[str], options: Sequence[str],
+               help_text: Callable[[], str] | None = None) -> int | None:
     """--help, an unknown argument, a missing requirement: answered before anything is configured."""
     if "-h" in argv or "--help" in argv:
+        if help_text is not None:
+            sys.stdout.write(help_text())
+            return EXIT_OK
         usage, found, example = doc.strip().partition("\n\nExample:")
         parts = [usage, variables_help(script)] + ([found.strip() + example] if found else [])
         sys.stdout.write("\n\n".join(parts) + "\n\n" + EXIT_CODES_HELP)
@@ -4081,7 +4092,7 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
-    early = _early_exit(script, doc, argv, options)
+    early = early_exit(script, doc, argv, options)
     if early is not None:
         return early
     read_only = "--status" in argv

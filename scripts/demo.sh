@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on a local demo: a sample SOURCE tree with awkward names, a local S3
-# server (rclone serve s3 on 127.0.0.1), then mapper, zipper and unzipper, the report, and
+# server (rclone serve s3 on 127.0.0.1), then migrate.py (mapper, zipper and unzipper together), and
 # a byte-for-byte comparison of DESTINATION with SOURCE. Everything lives in ./demo_work.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh" requirements.txt
@@ -32,12 +32,10 @@ export RCLONE_CONFIG=/dev/null
 # files that go SOURCE -> DESTINATION directly.
 export SPLIT_THRESHOLD=10 LARGE_FILE_THRESHOLD_GB=0.0005 MAX_ZIP_SIZE_GB=0.001
 
-for script in master_mapper.py python_zipper.py python_unzipper.py; do
-    echo "== python $script"
-    start=$EPOCHREALTIME
-    "$PY" "$script"
-    echo "== $script finished in $("$PY" -c "print(f'{$EPOCHREALTIME - $start:.1f}')") s"
-done
+echo "== python migrate.py (the three stages together)"
+start=$EPOCHREALTIME
+"$PY" migrate.py
+echo "== migrate.py finished in $("$PY" -c "print(f'{$EPOCHREALTIME - $start:.1f}')") s"
 echo "== objects in the bucket: $(find "$demo/s3/demo-bucket" -type f | wc -l)"
 "$PY" - "$demo/source" "$demo/destination" <<'PYEOF'
 import os, sys

@@ -10,7 +10,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FILES = ("common_s3.py", "master_mapper.py", "python_zipper.py", "python_unzipper.py")
+FILES = ("common_s3.py", "master_mapper.py", "python_zipper.py", "python_unzipper.py", "migrate.py")
 S3_OWNERS = {"Records", "MultipartUpload"}
 
 

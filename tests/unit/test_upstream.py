@@ -109,3 +109,16 @@ def test_a_stage_seen_running_then_ended_gives_one_last_look(setup):
     beat(ctx, "zipper", "z1", "done")
     assert up.reason() == "python_zipper.py has ended; a last look at what it recorded"
     assert up.reason() is None
+
+
+def test_a_stage_that_ended_during_this_run_unseen_running_gives_one_last_look(setup):
+    """Started together, the zipper may finish before this run's first look at its heartbeat,
+    and after this run listed its records (seen with migrate.py's second round: exit 4 with the
+    zipper's last parts recorded): it ended during this run, so one more pass."""
+    make, server, local = setup
+    ctx, up = make()
+    server.now += 2
+    local.now += 2
+    beat(ctx, "zipper", "z1", "done")
+    assert up.reason() == "python_zipper.py has ended; a last look at what it recorded"
+    assert up.reason() is None

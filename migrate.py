@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""migrate.py: the whole migration on one machine, in one command.
+
+Starts master_mapper.py, python_zipper.py and python_unzipper.py together (each follows the
+stage before it through the bucket), shows one progress display for the three, and when a
+stage ends with 3 (partly done) or 4 (waiting for an earlier stage), runs the stages again from
+that one, after a pause that doubles each round, up to MAX_ROUNDS rounds. It stops at 0 (the
+migration is restored and verified) or when a person must act: 1 (a fatal error), 2 (invalid
+configuration, or a SOURCE or DESTINATION that does not exist), 75 (DESTINATION paused for a
+provider quota, waited out with WAIT_FOR_QUOTA=1; or another instance holds the lock). The
+stages read the same variables as when they run one by one; every line they log is shown,
+marked with the stage's name.
+
+Usage: python migrate.py [--status]
+  --status   what python_unzipper.py --status shows: every stage, folder and worker
+
+Example:
+  SOURCE=onedrive:Work DESTINATION=gdrive:Work S3_BUCKET=my-hub python migrate.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from common_s3 import (EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPORARY, EXIT_USAGE,
+                       SCRIPT_FILES, Config, ConfigError, HeartbeatRecord, Layout, MigrationError,
+                       Records, early_exit, env_bool, env_number, human_bytes, log, make_s3_client,
+                       most_severe, near_misses, parse_mtime, setup_logging, variables_help)
+
+STAGES = ("mapper", "zipper", "unzipper")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = "migrate"
+PERSON_MUST_ACT = (EXIT_FAILED, EXIT_USAGE)
+LONGEST_PAUSE_S = 900.0
+# A stage's own progress lines: the combined display says the same for the three.
+_PROGRESS_LINE = re.compile(r"progress: \d+/\d+ units")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The variables of this command; the stages read their own."""
+
+    max_rounds: int
+    backoff_s: float
+    wait_for_quota: bool
+    tick_s: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], tty: bool) -> "Settings":
+        interval = env_number(environ, "PROGRESS_INTERVAL", 30, minimum=1)
+        return cls(max_rounds=int(env_number(environ, "MAX_ROUNDS", 5, minimum=1, maximum=1000, integer=True)),
+                   backoff_s=env_number(environ, "RERUN_BACKOFF", 60, minimum=0, maximum=86400),
+                   wait_for_quota=env_bool(environ, "WAIT_FOR_QUOTA"),
+                   tick_s=2.0 if tty else interval)
+
+
+# What to do after a round
+
+@dataclass(frozen=True)
+class Verdict:
+    """After a round: ``done``, ``again`` (from ``stage``) or ``stop``, with the exit code."""
+
+    action: str
+    code: int
+    stage: str | None = None
+    why: str = ""
+
+
+def judge(codes: Mapping[str, int], paused: bool) -> Verdict:
+    """What a round's exit codes ask for. 1 and 2 need a person; 75 is a quota pause (``paused``)
+    or another instance's lock; 3, 4, and a stage killed by a signal not ours, are run again
+    from the first stage that did not finish."""
+    if all(code == EXIT_OK for code in codes.values()):
+        return Verdict("done", EXIT_OK)
+    worst = most_severe(*(c for c in codes.values() if c >= 0))
+    act = [s for s, c in codes.items() if c in PERSON_MUST_ACT]
+    if act:
+        return Verdict("stop", most_severe(*(codes[s] for s in act)), act[0],
+                       "a person must act (the stage's lines above say what)")
+    if any(c == EXIT_TEMPORARY for c in codes.values()):
+        if paused:
+            return Verdict("quota", EXIT_TEMPORARY, first_unfinished(codes), "DESTINATION is paused for a quota")
+        return Verdict("stop", EXIT_TEMPORARY, None, "another instance holds a lock on WORK_DIR")
+    return Verdict("again", worst if worst > 0 else EXIT_PARTIAL, first_unfinished(codes), "")
+
+
+def first_unfinished(codes: Mapping[str, int]) -> str:
+    return next(s for s in STAGES if codes.get(s, EXIT_OK) != EXIT_OK)
+
+
+def pause_before(round_no: int, backoff_s: float) -> float:
+    """The pause before round ``round_no`` (2, 3, ...): RERUN_BACKOFF, doubling, at most 15 min."""
+    return min(LONGEST_PAUSE_S, backoff_s * 2 ** max(0, round_no - 2))
+
+
+# The stages as child processes
+
+class Stage:
+    """One script as a child process in its own process group; its lines go to ``show``."""
+
+    def __init__(self, script: str, env: Mapping[str, str], show: Callable[[str, str], None]):
+        self.script = script
+        self.proc = subprocess.Popen([sys.executable, "-u", os.path.join(HERE, SCRIPT_FILES[script])],
+                                     env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                                     process_group=0)
+        self._reader = threading.Thread(target=self._read, args=(show,), daemon=True, name=f"read-{script}")
+        self._reader.start()
+
+    def _read(self, show: Callable[[str, str], None]) -> None:
+        for line in self.proc.stdout:
+            show(self.script, line.rstrip("\n"))
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def code(self) -> int | None:
+        code = self.proc.poll()
+        if code is not None:
+            self._reader.join(5)  # every line it printed is shown before its end is told
+        return code
+
+
+class Display:
+    """One display for the three stages: a bar each on a terminal (their log lines scroll above),
+    else a line every PROGRESS_INTERVAL seconds."""
+
+    def __init__(self, tty: bool, json_logs: bool):
+        self.lock = threading.Lock()
+        self.json_logs = json_logs
+        self.bars: dict[str, Any] = {}
+        if tty and not json_logs:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                width = shutil.get_terminal_size((100, 20)).columns
+                for n, script in enumerate(STAGES):
+                    self.bars[script] = tqdm(total=100, position=n, desc=f"{script:<8}", ncols=width, leave=False,
+                                             bar_format="{desc} {bar:20}{postfix}", file=sys.stderr)
+
+    def line(self, script: str, text: str) -> None:
+        if _PROGRESS_LINE.search(text):
+            return
+        # A log line names its script already; a result line (a table row) is marked.
+        named = self.json_logs or re.match(rf"\d\d:\d\d:\d\d \w+ +{script} ", text)
+        shown = text if named else f"{script:<8} | {text}"
+        with self.lock:
+            if self.bars:
+                next(iter(self.bars.values())).write(shown, file=sys.stderr)
+            else:
+                sys.stderr.write(shown + "\n")
+                sys.stderr.flush()
+
+    def say(self, level: str, text: str) -> None:
+        """The command's own lines go through the log; above the bars on a terminal."""
+        with self.lock:
+            if self.bars:
+                next(iter(self.bars.values())).clear()
+            getattr(log, level)("%s", text)
+            for bar in self.bars.values():
+                bar.refresh()
+
+    def update(self, beats: Mapping[str, HeartbeatRecord | None], ended: Mapping[str, int]) -> None:
+        words = {s: describe(beats.get(s), ended.get(s)) for s in STAGES}
+        if self.bars:
+            with self.lock:
+                for script, bar in self.bars.items():
+                    bar.n = percent(beats.get(script), ended.get(script))
+                    bar.set_postfix_str(words[script], refresh=False)
+                    bar.refresh()
+        else:
+            self.say("info", "progress: " + "; ".join(f"{s} {words[s]}" for s in STAGES))
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
+
+
+def percent(beat: HeartbeatRecord | None, code: int | None) -> float:
+    if code == EXIT_OK:
+        return 100.0
+    if beat is None:
+        return 0.0
+    if beat.bytes_total >= beat.bytes_done > 0:
+        return 100.0 * beat.bytes_done / beat.bytes_total
+    return min(100.0, 100.0 * beat.units_done / beat.units_total) if beat.units_total else 0.0
+
+
+def describe(beat: HeartbeatRecord | None, code: int | None) -> str:
+    """A stage's progress in a few words, from its heartbeat."""
+    if code is not None:
+        return "done" if code == EXIT_OK else f"ended with exit {code}"
+    if beat is None:
+        return "starting"
+    # A stage that follows another learns its total as it goes.
+    text = (f"{beat.units_done}/{beat.units_total} units" if beat.units_total >= beat.units_done
+            else f"{beat.units_done} units done")
+    if beat.bytes_total >= beat.bytes_done:
+        text += f", {human_bytes(beat.bytes_done)} of {human_bytes(beat.bytes_total)}" if beat.bytes_total else ""
+    else:
+        text += f", {human_bytes(beat.bytes_done)}"
+    if beat.bytes_per_s:
+        text += f", {human_bytes(beat.bytes_per_s)}/s"
+        left = max(0, beat.bytes_total - beat.bytes_done)
+        eta = left / beat.bytes_per_s
+        text += (f", ETA {eta:.0f} s" if eta < 90 else f", ETA {eta / 60:.0f} min") if left else ""
+    if beat.units_failed:
+        text += f", {beat.units_failed} failed"
+    return text if beat.units_total or beat.units_done else "waiting for the stage before"
+
+
+# One round
+
+@dataclass
+class Migration:
+    """What every round shares: the environment of the stages, the bucket, the display."""
+
+    cfg: Config
+    env: dict
+    records: Records
+    layout: Layout
+    settings: Settings
+    display: Display
+    signum: int | None = None
+
+    def beats(self, pids: Mapping[str, int]) -> dict[str, HeartbeatRecord | None]:
+        """The heartbeat of each stage of this round (``pids``): the display's one source."""
+        found: dict[str, HeartbeatRecord | None] = {}
+        for script, pid in pids.items():
+            key = self.layout.heartbeat(script, self.env["WORKER_ID"])
+            try:
+                body = self.records.get_json(key)
+                beat = HeartbeatRecord.from_json(key, body) if isinstance(body, dict) else None
+            except (MigrationError, OSError):
+                beat = None  # the display waits for the next look; the stages go on
+            found[script] = beat if beat is not None and beat.pid == pid else None  # not an earlier round's
+        return found
+
+    def run_round(self, scripts: Sequence[str]) -> dict[str, int]:
+        """Start ``scripts`` together and wait for the three to end; a stage that ends with 1 or 2
+        stops the others (they resume on the next run)."""
+        stages = [Stage(s, self.env, self.display.line) for s in scripts]
+        pids = {stage.script: stage.proc.pid for stage in stages}
+        codes: dict[str, int] = {}
+        stopping = False
+        next_look = 0.0
+        while len(codes) < len(stages):
+            for stage in stages:
+                if stage.script not in codes and (code := stage.code()) is not None:
+                    codes[stage.script] = code
+                    if code in PERSON_MUST_ACT and not stopping:
+                        stopping = True
+                        self.display.say("error", f"{stage.script} ended with exit {code}: stopping the others")
+                        for other in stages:
+                            other.signal(signal.SIGTERM)
+            if self.signum is not None and not stopping:
+                stopping = True
+                for stage in stages:
+                    stage.signal(self.signum)
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + self.settings.tick_s
+                self.display.update(self.beats(pids), codes)
+            time.sleep(0.2)
+        self.display.update({}, codes)
+        return {s: codes[s] for s in scripts}
+
+    def pause(self) -> dict | None:
+        try:
+            body = self.records.get_json(self.layout.pause)
+        except (MigrationError, OSError):
+            return None
+        return body if isinstance(body, dict) and isinstance(body.get("retry_after"), str) else None
+
+    def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while self.signum is None and time.monotonic() < end:
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
+
+def drive(m: Migration) -> int:
+    """Rounds until the migration is done, a person must act, or MAX_ROUNDS is spent."""
+    scripts: Sequence[str] = STAGES
+    round_no = 1
+    while True:
+        m.display.say("info", f"round {round_no}: starting {', '.join(SCRIPT_FILES[s] for s in scripts)} together")
+        codes = {s: EXIT_OK for s in STAGES} | m.run_round(scripts)
+        if m.signum is not None:
+            return 128 + m.signum
+        pause = m.pause()
+        verdict = judge(codes, paused=pause is not None)
+        told = ", ".join(f"{s} {codes[s]}" for s in scripts)
+        if verdict.action == "done":
+            m.display.say("info", f"round {round_no}: exit codes {told}: the migration is restored and verified")
+            return EXIT_OK
+        if verdict.action == "stop":
+            m.display.say("error", f"round {round_no}: exit codes {told}: {verdict.why}; stopping with exit "
+                                   f"{verdict.code}")
+            return verdict.code
+        if verdict.action == "quota":
+            wait = max(0.0, parse_mtime(pause["retry_after"]) - time.time()) + 5
+            if not m.settings.wait_for_quota:
+                m.display.say("error", f"round {round_no}: exit codes {told}: DESTINATION refused uploads for a "
+                                       f"provider quota until {pause['retry_after']}; run python migrate.py again "
+                                       "then (WAIT_FOR_QUOTA=1 waits it out)")
+                return EXIT_TEMPORARY
+            m.display.say("warning", f"round {round_no}: DESTINATION is paused for a quota until "
+                                     f"{pause['retry_after']}: waiting {wait / 3600:.1f} h (WAIT_FOR_QUOTA=1)")
+            m.sleep(wait)
+        elif round_no >= m.settings.max_rounds:
+            m.display.say("error", f"round {round_no}: exit codes {told}; {round_no} rounds of MAX_ROUNDS="
+                                   f"{m.settings.max_rounds} done and work is left: see the lines above, "
+                                   "python migrate.py --status, then run python migrate.py again")
+            return verdict.code
+        else:
+            round_no += 1
+            wait = pause_before(round_no, m.settings.backoff_s)
+            m.display.say("warning", f"round {round_no - 1}: exit codes {told}: work is left; running again from "
+                                     f"{SCRIPT_FILES[verdict.stage]} in {wait:.0f} s (round {round_no} of at "
+                                     f"most {m.settings.max_rounds})")
+            m.sleep(wait)
+        if m.signum is not None:
+            return 128 + m.signum
+        scripts = STAGES[STAGES.index(verdict.stage):]
+
+
+# Starting
+
+def check_configuration(environ: Mapping[str, str]) -> Config:
+    """Every stage's configuration, checked once here rather than three times by the stages; the
+    unzipper's is the one this command uses for the bucket."""
+    cfg = None
+    for script in STAGES:
+        cfg = Config.from_env(environ, script)
+    return cfg
+
+
+def stage_env(environ: Mapping[str, str], tty: bool) -> dict:
+    """The stages' environment: one WORKER_ID for the three (each script has its own heartbeat
+    key, so the display reads three records), and heartbeats every 5 s for a terminal's bars."""
+    env = dict(environ)
+    env.setdefault("WORKER_ID", f"{re.sub(r'[^A-Za-z0-9._-]', '-', os.uname().nodename)[:60]}-"
+                                f"{os.getpid()}-{os.urandom(3).hex()}")
+    if tty:
+        env.setdefault("PROGRESS_INTERVAL", "5")
+    env.pop("COLUMNS", None)
+    return env
+
+
+def help_text() -> str:
+    own = variables_help(SCRIPT).split("\n", 1)[1]
+    names = [n for n in dict.fromkeys(n for s in STAGES for n in _shown(s)) if n not in _shown(SCRIPT)]
+    stages = textwrap.fill("The stages read theirs, as when they run one by one (python master_mapper.py --help, "
+                           "and the same for the others): " + ", ".join(names) + ".", 103)
+    return (__doc__.strip() + "\n\nEnvironment variables of this command (default in brackets):\n" + own
+            + "\n\n" + stages + "\n\nIt ends with the most severe exit code of its last round:\n\n" + EXIT_CODES_HELP)
+
+
+def _shown(script: str) -> list[str]:
+    return re.findall(r"^  ([A-Z][A-Z0-9_]+)", variables_help(script), re.M)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ if environ is None else environ)
+    if argv == ["--status"]:
+        return subprocess.call([sys.executable, os.path.join(HERE, SCRIPT_FILES["unzipper"]), "--status"])
+    early = early_exit(SCRIPT, __doc__, argv, (), help_text)
+    if early is not None:
+        return early
+    fmt = (environ.get("LOG_FORMAT") or "text").lower()
+    setup_logging("INFO", fmt if fmt in ("text", "json") else "text", SCRIPT)
+    tty = sys.stderr.isatty()
+    for line in near_misses(environ):
+        log.warning("%s", line)
+    try:
+        cfg = check_configuration(environ)
+        settings = Settings.from_env(environ, tty)
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        log.error("invalid configuration (the variable is named above); fix it and run python migrate.py again; "
+                  "nothing was started")
+        return EXIT_USAGE
+    env = stage_env(environ, tty)
+    m = Migration(cfg, env, Records(make_s3_client(cfg), cfg), Layout(cfg.prefix), settings,
+                  Display(tty, fmt == "json"))
+    old = {s: signal.signal(s, lambda signum, _f: setattr(m, "signum", signum))
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = drive(m)
+    finally:
+        m.display.close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if code >= 128:
+        log.error("stopped by signal %d; every stage saved its progress; run python migrate.py again to continue",
+                  code - 128)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -586,7 +586,7 @@ def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set
             info.external_attr = (0o100644 << 16)
             info.extra = ut_extra(mtime)
             with open(full, "rb", buffering=0) as src:
-                crc, md5 = write_file(zf, info, src, f, in_place=in_place, runtime=runtime,
+                crc, md5 = write_file(zf, info, src, {**f, "mtime": real}, in_place=in_place, runtime=runtime,
                                       buffers=buffers if f["size"] <= bound else ReadBuffers(None, buffers.block))
             entries.append({"path": f["path"], "offset": info.header_offset, "size": f["size"],
                             "crc32": f"{crc:08x}", "md5": md5, "mtime": real})

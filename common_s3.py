@@ -1432,6 +1432,12 @@ class PlanRecord(Record):
     max_zip_bytes: int | None = None
     mtime_kind: str | None = None  # SERVER_MTIME: every folder of the generation is listed so
 
+    def check(self, key: str) -> None:
+        if self.mtime_kind not in (None, SERVER_MTIME):
+            raise NewerFormat(f"the map plan {key!r} lists mtimes of a kind this code does not know "
+                              f"({self.mtime_kind!r}): it was written by a newer version of these scripts; "
+                              "run that version")
+
 
 @dataclass(frozen=True)
 class ManifestHeader(Record):

@@ -586,15 +586,15 @@ def compare_rows(ctx: Run, stem: str, index: FolderIndex, listed: DestListing, r
             report["matched_by_hash"] += 1
         else:
             report["matched_by_size"] += 1
+        then = mtime  # the file's own mtime at SOURCE: the map's, or with LastModified the zipper's record
         if server and check_mtime:
-            own = own if k == "f" else getattr(large_record(ctx.records, ctx.layout, stem, path, size, mtime),
-                                               "mtime", None)
+            then = own if k == "f" else getattr(large_record(ctx.records, ctx.layout, stem, path, size, mtime),
+                                                "mtime", None)
         why = None
-        if check_mtime and server and not own:
+        if check_mtime and server and not then:
             why = "its own modification time was not recorded by the zipper"
-        elif check_mtime and (own if server else mtime) and dmtime \
-                and abs(parse_mtime(dmtime) - parse_mtime(own if server else mtime)) > 1.0:
-            why = f"modification time {dmtime} != {own if server else mtime}"
+        elif check_mtime and then and dmtime and abs(parse_mtime(dmtime) - parse_mtime(then)) > 1.0:
+            why = f"modification time {dmtime} != {then}"
         if why:
             report["differing"].append({"path": path, "why": why})
             report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1

@@ -74,17 +74,17 @@ __all__ = [
     "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
     "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK",
     "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched", "final_line",
-    "FolderEntry", "FolderIndex", "format_mtime", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord",
+    "FolderEntry", "FolderIndex", "format_mtime", "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord",
     "human_bytes", "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
     "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord",
     "latest_generation", "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError",
-    "log_context", "make_s3_client", "MANIFEST_VERSION", "ManifestHeader", "MIB", "MigrationError",
+    "log_context", "make_s3_client", "MANIFEST_VERSION", "manifest_version", "ManifestHeader", "MIB", "MigrationError",
     "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "out",
     "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift", "PlanRecord", "prepare_work_dir",
     "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone", "RcloneError",
     "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz", "Record", "RecordError",
     "RecordExists", "Records", "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL",
-    "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name",
+    "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "SERVER_MTIME", "S3Error", "S3NotFoundError", "sanitize_name",
     "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
     "summary_line", "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
     "WorkerPool",
@@ -1032,6 +1032,13 @@ def format_mtime(seconds: float) -> str:
     return _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def format_mtime_ns(ns: int) -> str:
+    """Integer nanoseconds since the epoch as RFC 3339 with all nine digits (``mtime_ns`` reads it back)."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    base = _dt.datetime.fromtimestamp(seconds, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -1339,8 +1346,21 @@ def large_file_id(path: str, size: int, mtime: str) -> str:
 
 # Record formats
 
-# The manifest format this code writes and reads; a newer one is refused, never half-read.
-MANIFEST_VERSION = 1
+# The newest manifest format this code reads; a newer one is refused, never half-read.
+# 1: every ``m`` is the file's own mtime as rclone lists it. 2: the header's ``mtime_kind`` says
+# what ``m`` is; ``server`` (an S3-backed SOURCE listed without a HEAD per object) means the
+# object's LastModified: it marks a version (it changes on every upload) but is not the
+# file's mtime, which the zipper takes from the downloaded file into the part's entries
+# (``mtime``) and large-file records. A manifest is written as 1 whenever 1 says all of it,
+# so that readers of 1 keep reading it; they refuse a 2 instead of misreading its times.
+MANIFEST_VERSION = 2
+SERVER_MTIME = "server"
+
+
+def manifest_version(mtime_kind: str | None, was_kind: str | None = None) -> int:
+    """The version a manifest is written as: 2 when its times (``mtime_kind``) or those of the
+    previous generation in its changes file (``was_kind``) are S3 LastModified, else 1."""
+    return 2 if SERVER_MTIME in (mtime_kind, was_kind) else 1
 
 _JSON_TYPES: dict[str, Any] = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict,
                                "list": list, "Any": object}
@@ -1417,6 +1437,13 @@ class PlanRecord(Record):
     large_file_threshold_bytes: int | None = None
     split_threshold: int | None = None
     max_zip_bytes: int | None = None
+    mtime_kind: str | None = None  # SERVER_MTIME: every folder of the generation is listed so
+
+    def check(self, key: str) -> None:
+        if self.mtime_kind not in (None, SERVER_MTIME):
+            raise NewerFormat(f"the map plan {key!r} lists mtimes of a kind this code does not know "
+                              f"({self.mtime_kind!r}): it was written by a newer version of these scripts; "
+                              "run that version")
 
 
 @dataclass(frozen=True)
@@ -1441,10 +1468,13 @@ class ManifestHeader(Record):
     changes: dict | None = None
     changes_key: str | None = None
     previous_generation: int | None = None
+    mtime_kind: str | None = None  # None: each file's own mtime; SERVER_MTIME: see MANIFEST_VERSION
 
     def check(self, key: str) -> None:
         if self.type != "folder":
             raise RecordError(key, "the first line is not a folder header")
+        if self.mtime_kind not in (None, SERVER_MTIME) and self.version <= MANIFEST_VERSION:
+            raise RecordError(key, f"unknown mtime_kind {self.mtime_kind!r}")
         if self.version > MANIFEST_VERSION:
             raise NewerFormat(f"the manifest {key!r} is of format version {self.version}, newer than this "
                                  f"code reads ({MANIFEST_VERSION}): it was written by a newer version of these "
@@ -2862,6 +2892,28 @@ class Rclone:
                 "Precision": data.get("Precision"),
                 "SlowHash": bool((data.get("Features") or {}).get("SlowHash"))}
 
+    def backend_type(self, path: str) -> str:
+        """The rclone backend type of ``path`` (``s3``, ``drive``, ``local``...): from an
+        on-the-fly remote (``:s3,provider=X:bucket``) itself, else from ``rclone listremotes
+        --json``, which shows names and types only (never a remote's options or secrets);
+        ``""`` when it cannot be told (a remote rclone does not list: then nothing depends on it)."""
+        if is_local_path(path):
+            return "local"
+        head = path.partition(":")[0] if not path.startswith(":") else path[1:].partition(":")[0]
+        name = head.partition(",")[0]
+        if path.startswith(":"):
+            return name
+        out = self.run(["listremotes", "--json"], what="listremotes", timeout_s=120, capture=True,
+                       quiet=True).stdout
+        try:
+            remotes = json.loads(out or "[]")
+        except json.JSONDecodeError:
+            return ""
+        for remote in remotes if isinstance(remotes, list) else []:
+            if isinstance(remote, dict) and remote.get("name") == name:
+                return str(remote.get("type") or "")
+        return ""
+
     def md5_by_download(self, path: str, *, what: str, timeout_s: float | None = None,
                         flags: Sequence[str] = ()) -> dict[str, str]:
         """MD5 of every file under ``path`` (or of the one file it names), read back in full
@@ -2984,8 +3036,11 @@ class FolderIndex:
     kinds: ``f`` normal file, ``l`` large file, ``d`` empty directory.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mtime_kind: str | None = None):
         self.path = path
+        # What ``mtime`` holds (ManifestHeader.mtime_kind): None, each file's own; SERVER_MTIME,
+        # the S3 object's LastModified, which tells versions apart but is not the file's mtime.
+        self.mtime_kind = mtime_kind
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -3087,7 +3142,7 @@ def load_manifest(records: Records, key: str, index_path: str) -> tuple[Manifest
     if not first:
         raise RecordError(key, "the first line is not a folder header")
     header = ManifestHeader.from_json(key, first)
-    index = FolderIndex(index_path)
+    index = FolderIndex(index_path, header.mtime_kind)
     try:
         for row in rows:
             kind = row.get("t")

@@ -34,10 +34,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (all_generations, assign_stems, Config, ConfigError, count, EXIT_OK, EXIT_PARTIAL,
                        EXIT_WAITING, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
-                       latest_generation, Layout, load_manifest, local_name, log_context, MANIFEST_VERSION,
+                       latest_generation, Layout, load_manifest, local_name, log_context, manifest_version,
                        ManifestHeader, MigrationError, out, Passes, PlanRecord, Rclone, RcloneError,
-                       read_index, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script, shard_of,
-                       start_run, StopRequested, table_lines, Unit, utc_now)
+                       read_index, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script,
+                       SERVER_MTIME, shard_of, start_run, StopRequested, table_lines, Unit, utc_now)
 
 log = logging.getLogger("master_mapper")
 
@@ -93,8 +93,11 @@ def listing_hash_kinds(source: dict, destination: dict | None, local_source: boo
 
 def list_into_index(rclone: Rclone, path: str, index: FolderIndex, *, recursive: bool, hashes: Sequence[str],
                     threshold: int, what: str) -> None:
-    """Stream one listing of SOURCE into ``index``; a failed listing raises, never yields 'empty'."""
+    """Stream one listing of SOURCE into ``index``; a failed listing raises, never yields 'empty'.
+    An index of kind SERVER_MTIME is listed with S3's LastModified (no HEAD per object)."""
     flags = ["--no-mimetype"]
+    if index.mtime_kind == SERVER_MTIME:
+        flags.append("--use-server-modtime")
     if recursive:
         flags.append("-R")
     else:
@@ -134,7 +137,7 @@ def _hashes_differ(old: str, new: str) -> int:
 CHANGE_COUNTS = ("added", "changed", "unchanged", "deleted", "dirs_added", "dirs_removed")
 
 
-def _keep_unchanged_parts(db, changes_path: str | None) -> dict:
+def _keep_unchanged_parts(db, changes_path: str | None, was_kind: str | None) -> dict:
     """With ``prev`` attached: every file unchanged since the previous generation keeps its part
     (unless the zipper left it out of that part); the difference is written; its counts returned."""
     same = ("FROM prev.e o WHERE o.path = e.path AND o.kind = 'f' AND o.part IS NOT NULL "
@@ -142,7 +145,7 @@ def _keep_unchanged_parts(db, changes_path: str | None) -> dict:
             "AND NOT EXISTS (SELECT 1 FROM main.leftout l WHERE l.path = e.path AND l.part = o.part)")
     db.execute(f"UPDATE e SET part = (SELECT o.part {same}), gen = (SELECT o.gen {same}) "
                f"WHERE kind = 'f' AND EXISTS (SELECT 1 {same})")
-    return write_changes(db, changes_path)
+    return write_changes(db, changes_path, was_kind)
 
 
 def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int, next_part: int,
@@ -168,7 +171,7 @@ def assign_new_parts(index: FolderIndex, previous: FolderIndex | None, gen: int,
     if previous is not None:
         db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
         with index.attached(previous):
-            changes = _keep_unchanged_parts(db, changes_path)
+            changes = _keep_unchanged_parts(db, changes_path, previous.mtime_kind)
     # Where each new part starts (memory grows with parts, not files).
     starts = plan_parts(_pending(db), max_files=cfg.split_threshold, max_bytes=cfg.max_zip_bytes)
     names = part_names(len(starts), next_part)
@@ -203,9 +206,10 @@ _DIFF = {
 }
 
 
-def change_line(op: str, row: Sequence) -> dict:
+def change_line(op: str, row: Sequence, was_kind: str | None = None) -> dict:
     """One line of a changes file: the entry now and, for a change or a deletion, what it was
-    (with the part that holds the old bytes: what a DESTINATION copy is checked against)."""
+    (with the part that holds the old bytes: what a DESTINATION copy is checked against;
+    ``mtime_kind`` SERVER_MTIME when its ``m`` is the old object's LastModified, not its mtime)."""
     path, kind, size, mtime, hashes, okind, osize, omtime, ohashes, opart = row
     line: dict[str, Any] = {"op": op, "p": path}
     if kind is not None:
@@ -222,12 +226,15 @@ def change_line(op: str, row: Sequence) -> dict:
                 was["h"] = json.loads(ohashes)
             if opart:
                 was["part"] = opart
+            if was_kind:
+                was["mtime_kind"] = was_kind
         line["was"] = was
     return line
 
 
-def write_changes(db, path: str | None) -> dict:
-    """Count (and, given ``path``, write) the folder's difference; ``prev`` must be attached."""
+def write_changes(db, path: str | None, was_kind: str | None = None) -> dict:
+    """Count (and, given ``path``, write) the folder's difference; ``prev`` must be attached
+    (``was_kind``: the mtime kind of its manifest)."""
     counts = {"new_folder": False, "added": 0, "added_bytes": 0, "changed": 0, "changed_bytes": 0,
               "unchanged": 0, "deleted": 0, "deleted_bytes": 0, "dirs_added": 0, "dirs_removed": 0}
     out_fh = gzip.open(path, "wb", compresslevel=6) if path else None
@@ -246,7 +253,7 @@ def write_changes(db, path: str | None) -> dict:
                     elif op == "deleted":
                         counts["deleted_bytes"] += row[6]
                     if out_fh is not None:
-                        out_fh.write(json.dumps(change_line(op, row), ensure_ascii=False, sort_keys=True)
+                        out_fh.write(json.dumps(change_line(op, row, was_kind), ensure_ascii=False, sort_keys=True)
                                      .encode("utf-8", "surrogateescape") + b"\n")
     finally:
         if out_fh is not None:
@@ -272,9 +279,11 @@ def write_manifest(ctx: Run, job: FolderJob, index: FolderIndex, header_extra: d
     files, nbytes = index.count("f")
     large, large_bytes = index.count("l")
     dirs, _ = index.count("d")
-    header = ManifestHeader(type="folder", version=MANIFEST_VERSION, name=name, stem=stem, generation=gen,
-                            files=files, bytes=nbytes, large=large, large_bytes=large_bytes, dirs=dirs,
-                            source=cfg.source, **header_extra)
+    was_kind = header_extra.pop("was_mtime_kind", None)
+    header = ManifestHeader(type="folder", version=manifest_version(index.mtime_kind, was_kind), name=name,
+                            stem=stem, generation=gen, files=files, bytes=nbytes, large=large,
+                            large_bytes=large_bytes, dirs=dirs, source=cfg.source, mtime_kind=index.mtime_kind,
+                            **header_extra)
     path = os.path.join(tmp, local_name(stem, "manifest.gz"))
     with gzip.open(path, "wb", compresslevel=6) as gz:
         gz.write(json.dumps(header.to_json(), ensure_ascii=False, sort_keys=True).encode() + b"\n")
@@ -335,11 +344,12 @@ def map_folder(ctx: Run, job: FolderJob) -> dict:
     runtime.check()
     tmp = cfg.tmp_dir
     path = remote_join(cfg.source, name) if name else cfg.source
-    with runtime.progress.unit(f"map {name or ROOT_LABEL}", name), log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite"))) as index:
+    with runtime.progress.unit(f"map {name or ROOT_LABEL}", name), log_context(folder=name), FolderIndex(os.path.join(tmp, local_name(stem, f"g{gen}", "sqlite")), job.mtime_kind) as index:
         started = time.monotonic()
         list_into_index(rclone, path, index, recursive=bool(name), hashes=hashes,
                         threshold=cfg.large_file_threshold_bytes, what=f"lsjson of {path!r}")
         prev_index = None
+        prev_kind = None
         next_part = 1
         changes_path = os.path.join(tmp, local_name(stem, f"g{gen}", "changes.gz"))
         try:
@@ -347,6 +357,7 @@ def map_folder(ctx: Run, job: FolderJob) -> dict:
                 next_part = int(previous["next_part"])
                 header, prev_index = load_manifest(records, previous["manifest"],
                                                    os.path.join(tmp, local_name(stem, "prev.sqlite")))
+                prev_kind = header.mtime_kind
             left_out = read_left_out(records, layout, stem) if previous is not None else []
             if left_out:
                 log.info("%d files the zipper could not read at SOURCE go into new parts (first: %r)",
@@ -367,6 +378,7 @@ def map_folder(ctx: Run, job: FolderJob) -> dict:
             if previous is not None:
                 extra["changes_key"] = upload_changes(records, layout, gen, stem, changes_path)
                 extra["previous_generation"] = previous["generation"]
+                extra["was_mtime_kind"] = prev_kind
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(changes_path)
@@ -430,7 +442,7 @@ def record_removed_folder(ctx: Run, job: FolderJob) -> dict:
             try:
                 empty.db.create_function("hashes_differ", 2, _hashes_differ, deterministic=True)
                 with empty.attached(prev_index) as db:
-                    counts = write_changes(db, path)
+                    counts = write_changes(db, path, header.mtime_kind)
             finally:
                 empty.close()
             if cfg.dry_run:
@@ -478,6 +490,7 @@ class FolderJob:
     hashes: tuple[str, ...] = ()
     previous: dict | None = field(default=None, compare=False)
     removed: bool = False
+    mtime_kind: str | None = None
 
     @property
     def unit_key(self) -> str:
@@ -511,7 +524,8 @@ def open_generation(ctx: Run, latest: tuple[int, IndexRecord] | None, gens: list
                       previous=latest[0] if latest else None, removed=removed,
                       retired_stems={n: s for n, s in previous_stems.items() if n not in stems},
                       large_file_threshold_bytes=cfg.large_file_threshold_bytes,
-                      split_threshold=cfg.split_threshold, max_zip_bytes=cfg.max_zip_bytes)
+                      split_threshold=cfg.split_threshold, max_zip_bytes=cfg.max_zip_bytes,
+                      mtime_kind=choose_mtime_kind(ctx, latest))
     if not cfg.dry_run and not records.put_json_once(layout.plan(gen), plan.to_json()):
         try:
             theirs = PlanRecord.from_json(layout.plan(gen), records.get_json(layout.plan(gen)))
@@ -524,6 +538,26 @@ def open_generation(ctx: Run, latest: tuple[int, IndexRecord] | None, gens: list
         log.info("another mapper started generation %d at the same moment; joining it", gen)
     log.info("map generation %d: %d folders and the files directly in SOURCE", gen, len(names))
     return plan
+
+
+def choose_mtime_kind(ctx: Run, latest: tuple[int, IndexRecord] | None) -> str | None:
+    """What the map's mtimes are (``PlanRecord.mtime_kind``). An S3-backed SOURCE keeps each
+    file's mtime in object metadata, which rclone reads with one HEAD per object; the listing's
+    LastModified (SERVER_MTIME) costs none and changes on every upload, so it tells versions
+    apart, and the zipper takes the real mtime from the downloaded file. A delta pass keeps the
+    kind of the generation before it (times of two kinds never compare equal: every file would
+    be moved again)."""
+    if latest is not None:
+        before = ctx.records.get_json(ctx.layout.plan(latest[0]))
+        kind = PlanRecord.from_json(ctx.layout.plan(latest[0]), before).mtime_kind if before is not None else None
+        if kind != SERVER_MTIME:
+            log.info("SOURCE's mtimes are listed per object, as in map generation %d", latest[0])
+        return kind
+    if ctx.rclone.backend_type(ctx.cfg.source) == "s3":
+        log.info("SOURCE is S3-backed: listed with each object's LastModified (no request per object); "
+                 "each file's own mtime is taken from its download")
+        return SERVER_MTIME
+    return None
 
 
 def previous_folders(ctx: Run, latest: tuple[int, IndexRecord] | None) -> tuple[dict[str, str], dict[str, dict]]:
@@ -566,8 +600,8 @@ class Mapping:
                  hashes: tuple[str, ...]):
         self.ctx, self.gen = ctx, plan.generation
         previous = previous_folders(ctx, latest)[1]
-        self.jobs = [FolderJob(self.gen, f["name"], f["stem"], hashes, previous.get(f["name"]))
-                     for f in plan.folders]
+        self.jobs = [FolderJob(self.gen, f["name"], f["stem"], hashes, previous.get(f["name"]),
+                               mtime_kind=plan.mtime_kind) for f in plan.folders]
         self.jobs += [FolderJob(self.gen, r["name"], r["stem"], previous=previous[r["name"]], removed=True)
                       for r in plan.removed]
         self.mine = [j for j in self.jobs if ctx.in_shard(j.name)]

@@ -49,7 +49,7 @@ from common_s3 import (all_generations, Config, count, describe_proof, DiskGate,
                        load_manifest, local_name, log_context, MIB, MigrationError, mtime_ns, new_run_id,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
-                       RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, Skipped,
+                       RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, SERVER_MTIME, Skipped,
                        staging_dir, start_run, StopRequested, table_lines, Unit, Upstream, utc_now,
                        VerifiedRecord, wait_for_map, WorkerPool)
 
@@ -260,8 +260,11 @@ def _extract_entries(stream: "_Stream", key: str, entries: list[dict], keep: dic
             raise PartDamaged(key, f"{name!r} has CRC-32 {crc:08x}, recorded {entry['crc32']}")
         if md5 is not None and md5.hexdigest() != entry.get("md5"):
             raise PartDamaged(key, f"{name!r} has MD5 {md5.hexdigest()}, recorded {entry.get('md5')}")
-        if row["mtime"]:
-            ns = mtime_ns(row["mtime"])
+        # The file's own mtime as the zipper recorded it (for a map of files' own mtimes the
+        # map's very string; for SERVER_MTIME the downloaded file's, which the map lacks).
+        mtime = entry.get("mtime") or row["mtime"]
+        if mtime:
+            ns = mtime_ns(mtime)
             os.utime(target, ns=(ns, ns))
         written += 1
         if names is not None:
@@ -434,33 +437,35 @@ def save_sums(cfg: Config, stem: str, part: str, entries: list[dict]) -> None:
     path = sums_path(cfg, stem, part)
     with open(path + ".tmp", "w", encoding="utf-8", errors="surrogateescape") as fh:
         for e in entries:
-            fh.write(json.dumps([e["path"], e.get("md5"), e.get("crc32")], ensure_ascii=False) + "\n")
+            fh.write(json.dumps([e["path"], e.get("md5"), e.get("crc32"), e.get("mtime")], ensure_ascii=False)
+                     + "\n")
     os.replace(path + ".tmp", path)
 
 
 def part_sums(cfg: Config, records: Records, layout: Layout, stem: str, part: str) -> Iterator[tuple]:
-    """(path, md5, crc32) of every entry of a part: kept from its restore in this run, or read
-    from S3 (and checked against the part record)."""
+    """(path, md5, crc32, mtime) of every entry of a part: kept from its restore in this run, or
+    read from S3 (and checked against the part record)."""
     path = sums_path(cfg, stem, part)
     if os.path.exists(path):
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
             for line in fh:
-                yield tuple(json.loads(line))
+                row = json.loads(line)
+                yield tuple(row) + (None,) * (4 - len(row))
         return
     _record, entries = read_part_record(records, layout, stem, part)
     for e in entries:
-        yield e["path"], e.get("md5"), e.get("crc32")
+        yield e["path"], e.get("md5"), e.get("crc32"), e.get("mtime")
 
 
 def load_part_md5s(cfg: Config, records: Records, layout: Layout, stem: str, parts: set[str],
                    index: FolderIndex) -> None:
-    """Put each file's MD5 and CRC-32 recorded by the zipper into the index (table md5)."""
-    index.db.execute("CREATE TABLE IF NOT EXISTS md5 (path TEXT PRIMARY KEY, md5 TEXT, crc32 TEXT)")
+    """Put each file's MD5, CRC-32 and mtime recorded by the zipper into the index (table md5)."""
+    index.db.execute("CREATE TABLE IF NOT EXISTS md5 (path TEXT PRIMARY KEY, md5 TEXT, crc32 TEXT, mtime TEXT)")
     for part in sorted(parts):
-        index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ?, ? WHERE EXISTS "
+        index.db.executemany("INSERT OR REPLACE INTO md5 SELECT ?, ?, ?, ? WHERE EXISTS "
                              "(SELECT 1 FROM e WHERE e.path = ? AND e.part = ?)",
-                             [(p, md5, crc, p, part)
-                              for p, md5, crc in part_sums(cfg, records, layout, stem, part)])
+                             [(p, md5, crc, mtime, p, part)
+                              for p, md5, crc, mtime in part_sums(cfg, records, layout, stem, part)])
     index.commit()
 
 
@@ -549,12 +554,13 @@ def compare_rows(ctx: Run, stem: str, index: FolderIndex, listed: DestListing, r
     (size, the hash kind compared, mtime where kept), or matched by hash or by size; counted
     into ``report``. Returns the folder's large files {path: row}."""
     kind, check_mtime = listed.kind, listed.check_mtime
+    server = index.mtime_kind == SERVER_MTIME  # the map's times are LastModified: own ones are recorded
     larges: dict[str, dict] = {}
     rows = index.db.execute(
-        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, d.size, d.mtime, d.hash FROM e "
-        "LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
+        "SELECT e.path, e.kind, e.size, e.mtime, e.hashes, m.md5, m.crc32, m.mtime, d.size, d.mtime, d.hash "
+        "FROM e LEFT JOIN md5 m ON m.path = e.path LEFT JOIN dest d ON d.path = e.path "
         "WHERE e.kind IN ('f', 'l') ORDER BY e.path")
-    for path, k, size, mtime, hashes, md5, crc32, dsize, dmtime, dhash in rows:
+    for path, k, size, mtime, hashes, md5, crc32, own, dsize, dmtime, dhash in rows:
         report["files"] += 1
         report["bytes"] += size
         if k == "l":
@@ -580,8 +586,17 @@ def compare_rows(ctx: Run, stem: str, index: FolderIndex, listed: DestListing, r
             report["matched_by_hash"] += 1
         else:
             report["matched_by_size"] += 1
-        if check_mtime and mtime and dmtime and abs(parse_mtime(dmtime) - parse_mtime(mtime)) > 1.0:
-            report["differing"].append({"path": path, "why": f"modification time {dmtime} != {mtime}"})
+        then = mtime  # the file's own mtime at SOURCE: the map's, or with LastModified the zipper's record
+        if server and check_mtime:
+            then = own if k == "f" else getattr(large_record(ctx.records, ctx.layout, stem, path, size, mtime),
+                                                "mtime", None)
+        why = None
+        if check_mtime and server and not then:
+            why = "its own modification time was not recorded by the zipper"
+        elif check_mtime and then and dmtime and abs(parse_mtime(dmtime) - parse_mtime(then)) > 1.0:
+            why = f"modification time {dmtime} != {then}"
+        if why:
+            report["differing"].append({"path": path, "why": why})
             report["matched_by_hash" if want and dhash else "matched_by_size"] -= 1
     return larges
 
@@ -649,9 +664,16 @@ def left_out_reasons(records: Records, layout: Layout, stem: str) -> dict[str, s
 
 def large_md5(records: Records, layout: Layout, stem: str, path: str, size: int, mtime: str) -> str | None:
     """The MD5 the zipper took of a large file when it read both ends back after its copy."""
+    record = large_record(records, layout, stem, path, size, mtime)
+    return record.md5 if record is not None else None
+
+
+def large_record(records: Records, layout: Layout, stem: str, path: str, size: int,
+                 mtime: str) -> LargeRecord | None:
+    """The zipper's record of the copy of a large file as mapped (size and the map's mtime), if any."""
     key = layout.large_record(stem, large_file_id(path, size, mtime))
     found = records.get_json(key)
-    return LargeRecord.from_json(key, found).md5 if found is not None else None
+    return LargeRecord.from_json(key, found) if found is not None else None
 
 
 def needed_dirs(paths: Iterable[str]) -> set[str]:
@@ -704,18 +726,22 @@ class Deletions:
         return self
 
     def _restored_sums(self, cfg: Config, records: Records, layout: Layout, paths: Iterable[str]) -> dict:
-        """(md5, crc32) the zipper recorded for each path, from the parts that held the old bytes."""
+        """(md5, crc32, mtime) the zipper recorded for each path, from the parts that held the old
+        bytes; for a large file mapped with LastModified (SERVER_MTIME), its record's mtime."""
         by_part: dict[str, set[str]] = {}
-        for path in paths:
-            part = self.files[path].get("part")
-            if part:
-                by_part.setdefault(part, set()).add(path)
         sums: dict[str, tuple] = {}
+        for path in paths:
+            was = self.files[path]
+            if was.get("part"):
+                by_part.setdefault(was["part"], set()).add(path)
+            elif was.get("mtime_kind") == SERVER_MTIME and was.get("t") == "l":
+                record = large_record(records, layout, self.stem, path, was["s"], was.get("m", ""))
+                sums[path] = (None, None, record.mtime if record is not None else None)
         for part, wanted in by_part.items():
             try:
-                for path, md5, crc in part_sums(cfg, records, layout, self.stem, part):
+                for path, md5, crc, mtime in part_sums(cfg, records, layout, self.stem, part):
                     if path in wanted:
-                        sums[path] = (md5, crc)
+                        sums[path] = (md5, crc, mtime)
             except RecordError as exc:
                 log.warning("the record of part %s is unreadable (%s); its deleted files are compared by "
                             "size and time only", part, exc)
@@ -727,9 +753,13 @@ class Deletions:
         was = self.files[path]
         if size != was["s"]:
             return f"size {size} != restored {was['s']}"
-        if check_mtime and was.get("m") and mtime and abs(parse_mtime(mtime) - parse_mtime(was["m"])) > 1.0:
-            return f"modification time {mtime} != restored {was['m']}"
-        md5, crc = sums.get(path, (None, None))
+        md5, crc, own = sums.get(path, (None, None, None))
+        # ``m`` is the file's own mtime, or (SERVER_MTIME) S3's LastModified: then the zipper's record.
+        then = own if was.get("mtime_kind") == SERVER_MTIME else was.get("m")
+        if check_mtime and was.get("mtime_kind") == SERVER_MTIME and not then:
+            return "its modification time when restored was not recorded"
+        if check_mtime and then and mtime and abs(parse_mtime(mtime) - parse_mtime(then)) > 1.0:
+            return f"modification time {mtime} != restored {then}"
         hashes = was.get("h") or {}
         want = (crc if kind == "crc32" else (md5 or hashes.get("md5")) if kind == "md5"
                 else hashes.get(kind) if kind else None)
@@ -754,7 +784,8 @@ class Deletions:
                 log.warning("%d files deleted at SOURCE are kept at DESTINATION (first: %r); PROPAGATE_DELETES=1 "
                             "deletes them", len(here), here[0])
             return out
-        sums = self._restored_sums(cfg, records, layout, here) if kind in ("crc32", "md5") else {}
+        own_times = check_mtime and any(self.files[p].get("mtime_kind") == SERVER_MTIME for p in here)
+        sums = self._restored_sums(cfg, records, layout, here) if kind in ("crc32", "md5") or own_times else {}
         doomed = []
         for path in here:
             why = self.differs(path, *present[path], kind, check_mtime, sums)

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
-                       FolderEntry, human_bytes, IndexRecord, is_local_path, jsonl_gz_bytes, large_file_id,
+                       FolderEntry, format_mtime_ns, human_bytes, IndexRecord, is_local_path, jsonl_gz_bytes, large_file_id,
                        LargeRecord, Layout, load_manifest, local_name, log_context, MIB, MigrationError,
                        MultipartUpload, out, parse_mtime, PartRecord, Passes, plain_local_name, plan_drift,
                        PlanRecord, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
-                       run_script, Runtime, S3Error, Skipped, staging_dir, start_run, StopRequested, Unit,
+                       run_script, Runtime, S3Error, SERVER_MTIME, Skipped, staging_dir, start_run, StopRequested, Unit,
                        Upstream, utc_now, wait_for_map)
 
 log = logging.getLogger("python_zipper")
@@ -358,6 +358,9 @@ class PartJob:
     bytes: int = 0
     skipped: list[dict] = field(default_factory=list)
     stale_uploads: list[str] = field(default_factory=list)
+    # The map's mtimes are S3 LastModified (SERVER_MTIME): each file's own mtime is the staged
+    # copy's, which rclone set from the object's metadata.
+    server_mtime: bool = False
 
 
 def local_source_dir(cfg: Config, folder: str) -> str | None:
@@ -407,8 +410,13 @@ def stage_files(cfg: Config, rclone: Rclone, job: PartJob, files: Sequence[dict]
                        what=f"download of part {job.part} of {job.folder or ROOT_LABEL}", timeout_s=timeout)
 
 
-def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0) -> list[dict]:
-    """Files whose staged copy is missing or differs from the map (size, or mtime beyond 1 s)."""
+def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0, *,
+                 server_mtime: bool = False) -> list[dict]:
+    """Files whose staged copy is missing or differs from the map (size, or mtime beyond 1 s).
+
+    With ``server_mtime`` the map holds S3's LastModified, which says nothing of the staged
+    copy's mtime: instead of the mtime, the MD5 the listing gave (the object's ETag) must be
+    the staged bytes' own, so a file changed at SOURCE since mapping is still told apart."""
     bad = []
     for f in files:
         path = os.path.join(staging, f["path"])
@@ -419,9 +427,22 @@ def check_staged(files: Sequence[dict], staging: str, precision_s: float = 1.0) 
             continue
         if st.st_size != f["size"]:
             bad.append({"path": f["path"], "reason": f"size {st.st_size} != mapped {f['size']}"})
+        elif server_mtime:
+            mapped = (f.get("hashes") or {}).get("md5")
+            if mapped and file_md5(path) != mapped.lower():
+                bad.append({"path": f["path"], "reason": "MD5 differs from the map"})
         elif f["mtime"] and abs(st.st_mtime - parse_mtime(f["mtime"])) > precision_s:
             bad.append({"path": f["path"], "reason": "modification time differs from the map"})
     return bad
+
+
+def file_md5(path: str) -> str:
+    md5 = hashlib.md5()
+    block = bytearray(MIB)
+    with open(path, "rb", buffering=0) as fh:
+        while k := fh.readinto(block):
+            md5.update(memoryview(block)[:k])
+    return md5.hexdigest()
 
 
 def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict], tmp: str,
@@ -435,9 +456,10 @@ def classify_missing(cfg: Config, rclone: Rclone, job: PartJob, bad: list[dict],
     with open(list_path, "wb") as fh:
         fh.write(b"\0".join(b["path"].encode("utf-8", "surrogateescape") for b in bad))
     try:
-        now = {e["Path"]: e for e in rclone.lsjson(source, ["--files-from0", list_path, "-R", "--files-only",
-                                                            "--no-mimetype"],
-                                                   what=f"re-listing of {len(bad)} files")}
+        flags = ["--files-from0", list_path, "-R", "--files-only", "--no-mimetype"]
+        if job.server_mtime:  # the map's kind of time, to compare with it
+            flags.append("--use-server-modtime")
+        now = {e["Path"]: e for e in rclone.lsjson(source, flags, what=f"re-listing of {len(bad)} files")}
     finally:
         os.remove(list_path)
     mapped = {f["path"]: f for f in job.files}
@@ -557,15 +579,17 @@ def write_zip(sink: S3Sink, job: PartJob, where: str | dict[str, str], skip: set
             runtime.check()
             in_place = not isinstance(where, str)
             full = where[f["path"]] if in_place else os.path.join(where, f["path"])
-            mtime = parse_mtime(f["mtime"]) if f["mtime"] else os.stat(full).st_mtime
+            # The entry's mtime is the file's own: the map's, or with SERVER_MTIME the staged copy's.
+            real = format_mtime_ns(os.stat(full).st_mtime_ns) if job.server_mtime else f["mtime"]
+            mtime = parse_mtime(real) if real else os.stat(full).st_mtime
             info = zipfile.ZipInfo(f["path"], date_time=dos_time(mtime))
             info.external_attr = (0o100644 << 16)
             info.extra = ut_extra(mtime)
             with open(full, "rb", buffering=0) as src:
-                crc, md5 = write_file(zf, info, src, f, in_place=in_place, runtime=runtime,
+                crc, md5 = write_file(zf, info, src, {**f, "mtime": real}, in_place=in_place, runtime=runtime,
                                       buffers=buffers if f["size"] <= bound else ReadBuffers(None, buffers.block))
             entries.append({"path": f["path"], "offset": info.header_offset, "size": f["size"],
-                            "crc32": f"{crc:08x}", "md5": md5, "mtime": f["mtime"]})
+                            "crc32": f"{crc:08x}", "md5": md5, "mtime": real})
     return entries
 
 
@@ -705,7 +729,7 @@ def fetch_files(ctx: Run, job: PartJob, fetch: list[dict], staging: str, list_pa
         if exc.timed_out or exc.quota or exc.disk_full:
             raise
         failure = exc  # some files may have failed only: the check below tells
-    bad = check_staged(fetch, staging)
+    bad = check_staged(fetch, staging, server_mtime=job.server_mtime)
     if failure is not None and not bad:
         raise failure  # every file arrived, yet rclone failed: not a file's trouble
     if not bad:
@@ -816,9 +840,12 @@ def clear_unrecorded(records: Records, layout: Layout, runtime: Runtime, job: Pa
 
 # Large files
 
-def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> LargeRecord:
+def copy_large(ctx: Run, folder: str, stem: str, row: dict, server_mtime: bool = False) -> LargeRecord:
     """rclone copyto SOURCE -> DESTINATION, then prove the copy: a hash kind both ends offer,
-    else both files read back and their MD5s compared.
+    else both files read back and their MD5s compared. The record keeps the file's own mtime:
+    the map's, or with ``server_mtime`` (the map holds S3's LastModified) SOURCE's as one
+    ``lsjson --stat`` gives it before the copy (a change since then fails the hash check, or
+    leaves DESTINATION a time that its verification finds differing).
 
     The copy always transfers (``--ignore-times``): a large file is copied only when no record
     says it was, so whatever DESTINATION holds under that name is not known to be it, and
@@ -833,6 +860,14 @@ def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> LargeRecord:
             log_context(folder=folder, part="large"):
         started = time.monotonic()
         log.info("copying large file %r (%s) SOURCE -> DESTINATION", rel, human_bytes(row["size"]))
+        real = row["mtime"]
+        if server_mtime:
+            found = rclone.stat(src, what=f"mtime of large file {rel!r} at SOURCE")
+            if not found or int(found.get("Size", -1)) != row["size"] or not found.get("ModTime"):
+                raise MigrationError(f"large file {rel!r} is not at SOURCE as mapped (now: "
+                                     f"{found and found.get('Size')} bytes, mapped {row['size']}); "
+                                     "FORCE_RESCAN=1 on the mapper takes its new version")
+            real = found["ModTime"]
         rclone.run_retried(["copyto", "--ignore-times", "--", src, dst], what=f"copy of large file {rel!r}",
                            timeout_s=timeout)
         kinds = sorted(k for k, v in row["hashes"].items() if v)
@@ -854,7 +889,7 @@ def copy_large(ctx: Run, folder: str, stem: str, row: dict) -> LargeRecord:
             md5 = read_back_md5(rclone, src, dst, rel, timeout)
             checked_by = "download"
         file_id = large_file_id(rel, row["size"], row["mtime"])
-        record = LargeRecord(path=rel, size=row["size"], id=file_id, folder=folder, stem=stem, mtime=row["mtime"],
+        record = LargeRecord(path=rel, size=row["size"], id=file_id, folder=folder, stem=stem, mtime=real,
                              md5=md5, checked_by=checked_by, created_at=utc_now(), worker=cfg.worker_id)
         runtime.confirm_claim()
         records.put_json_once(layout.large_record(stem, file_id), record.to_json())
@@ -920,6 +955,7 @@ class Zipping:
             self.problems.append((f"folder {name!r}", str(exc)))
             log.error("folder %r: %s", name, exc)
             return
+        server_mtime = index.mtime_kind == SERVER_MTIME
         try:
             for row in index.rows("l"):
                 file_id = large_file_id(row["path"], row["size"], row["mtime"])
@@ -927,12 +963,12 @@ class Zipping:
                 if file_id in self.done_large.get(stem, set()) or (SCRIPT, stem, unit) in self.failed:
                     continue
                 yield Unit(SCRIPT, "large", name, stem, unit, f"large file {row['path']!r} of folder {name!r}",
-                           functools.partial(copy_large, ctx, name, stem, row),
+                           functools.partial(copy_large, ctx, name, stem, row, server_mtime),
                            (ctx.layout.large_record(stem, file_id),))
             for part in missing:
                 files = list(index.rows("f", part))
                 job = PartJob(folder=name, stem=stem, part=part, gen=gen, files=files,
-                              bytes=sum(f["size"] for f in files),
+                              bytes=sum(f["size"] for f in files), server_mtime=server_mtime,
                               stale_uploads=self.stale.get(ctx.layout.part_object(stem, part), []))
                 yield Unit(SCRIPT, "part", name, stem, part, f"part {part!r} of folder {name!r}",
                            functools.partial(zip_part, ctx, job, self.etags), (ctx.layout.part_record(stem, part),))

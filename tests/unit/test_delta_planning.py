@@ -120,13 +120,24 @@ def test_an_unsafe_path_in_a_changes_file_is_refused(tmp_path):
 def test_destination_copy_is_compared_with_what_was_restored():
     deletions = python_unzipper.Deletions("F", [])
     deletions.files = {"a": {"t": "f", "s": 5, "m": M0, "part": "Part1", "h": {"md5": "m5"}}}
-    sums = {"a": ("m5", "0000abcd")}
+    sums = {"a": ("m5", "0000abcd", M0)}
     assert deletions.differs("a", 5, M0, "0000abcd", "crc32", True, sums) is None
     assert "size" in deletions.differs("a", 6, M0, "0000abcd", "crc32", True, sums)
     assert "modification time" in deletions.differs("a", 5, M1, "0000abcd", "crc32", True, sums)
     assert "crc32" in deletions.differs("a", 5, M0, "ffffffff", "crc32", True, sums)
     assert "md5" in deletions.differs("a", 5, M0, "other", "md5", True, {})  # the map's MD5 when no part sums
     assert deletions.differs("a", 5, M1, None, None, False, {}) is None  # no hash, mtimes not comparable
+
+
+def test_a_copy_mapped_with_s3_lastmodified_is_compared_with_the_mtime_the_zipper_recorded():
+    deletions = python_unzipper.Deletions("F", [])
+    # ``m`` is the object's LastModified (M1); the file's own mtime, from the part's entries, is M0.
+    deletions.files = {"a": {"t": "f", "s": 5, "m": M1, "part": "Part1", "mtime_kind": "server"}}
+    assert deletions.differs("a", 5, M0, None, None, True, {"a": (None, None, M0)}) is None
+    assert "modification time" in deletions.differs("a", 5, M1, None, None, True, {"a": (None, None, M0)})
+    # No recorded mtime: never taken as the same file (kept), unless DESTINATION keeps no mtimes.
+    assert "not recorded" in deletions.differs("a", 5, M0, None, None, True, {})
+    assert deletions.differs("a", 5, M0, None, None, False, {}) is None
 
 
 def test_only_a_folder_with_no_change_of_any_kind_carries_its_verification():

@@ -398,3 +398,61 @@ def test_probe_of_content_md5_never_fails_the_start_on_an_unknown_refusal(stubbe
     stubber.add_client_error("put_object", service_error_code=code, http_status_code=status)
     stubber.add_response("delete_object", {}, {"Bucket": BUCKET, "Key": ANY})
     assert records.probe("work_files_zips/_probe/").md5_checked is checked
+
+
+# What the map's mtimes are (MANIFEST_VERSION 2)
+
+def test_a_manifest_of_own_mtimes_is_written_as_version_1_unchanged():
+    from common_s3 import ManifestHeader, manifest_version
+    assert manifest_version(None) == 1 and manifest_version(None, None) == 1
+    header = ManifestHeader(type="folder", version=manifest_version(None), name="F")
+    assert "mtime_kind" not in header.to_json() and header.to_json()["version"] == 1
+
+
+def test_s3_lastmodified_times_make_version_2_which_this_code_reads_and_names():
+    from common_s3 import MANIFEST_VERSION, SERVER_MTIME, ManifestHeader, manifest_version
+    assert manifest_version(SERVER_MTIME) == 2 and manifest_version(None, SERVER_MTIME) == 2
+    assert MANIFEST_VERSION == 2
+    header = ManifestHeader.from_json("k", {"type": "folder", "version": 2, "mtime_kind": "server"})
+    assert header.mtime_kind == SERVER_MTIME
+    with pytest.raises(RecordError, match="mtime_kind"):
+        ManifestHeader.from_json("k", {"type": "folder", "version": 2, "mtime_kind": "sundial"})
+    with pytest.raises(common_s3.NewerFormat):
+        ManifestHeader.from_json("k", {"type": "folder", "version": 3, "mtime_kind": "sundial"})
+
+
+def test_a_plan_with_an_unknown_mtime_kind_is_refused():
+    from common_s3 import PlanRecord
+    base = {"generation": 1, "created_at": "", "source": "s:", "folders": []}
+    assert PlanRecord.from_json("k", base).mtime_kind is None
+    assert PlanRecord.from_json("k", {**base, "mtime_kind": "server"}).mtime_kind == "server"
+    with pytest.raises(common_s3.NewerFormat):
+        PlanRecord.from_json("k", {**base, "mtime_kind": "sundial"})
+
+
+@pytest.mark.parametrize("ns", [0, 1_600_000_000_123_456_789, 1_600_000_000_000_000_001, 999_999_999])
+def test_format_mtime_ns_round_trips_every_nanosecond(ns):
+    assert common_s3.mtime_ns(common_s3.format_mtime_ns(ns)) == ns
+
+
+def test_backend_type_of_an_on_the_fly_remote_needs_no_rclone_call():
+    rclone = object.__new__(common_s3.Rclone)  # no binary: any call to rclone would fail
+    assert rclone.backend_type(":s3,provider=Other,endpoint='http://x':bucket/p") == "s3"
+    assert rclone.backend_type(":local:/data") == "local"
+    assert rclone.backend_type("/data/x") == "local"
+
+
+def test_backend_type_of_a_named_remote_comes_from_listremotes(monkeypatch):
+    rclone = object.__new__(common_s3.Rclone)
+    seen = []
+    listing = '[{"name":"src","type":"s3","source":"environment","description":""},{"name":"d","type":"drive"}]'
+
+    def run(args, **_kw):
+        seen.append(args)
+        return common_s3.RcloneResult(0, listing, "")
+    monkeypatch.setattr(rclone, "run", run, raising=False)
+    assert rclone.backend_type("src:bucket/tree") == "s3"
+    assert rclone.backend_type("src,provider=Other:bucket") == "s3"
+    assert rclone.backend_type("d:Work") == "drive"
+    assert rclone.backend_type("gone:x") == ""
+    assert seen and all(a == ["listremotes", "--json"] for a in seen)

@@ -345,12 +345,13 @@ def test_local_destination_is_not_used_for_remotes_or_a_folder_named_like_the_st
 # Sums kept between a part's restore and its folder's verification
 
 def test_sums_kept_from_the_restore_are_used_instead_of_s3(cfg, folder):
-    python_unzipper.save_sums(cfg, folder.stem, "Full", [{"path": "a.txt", "md5": "m", "crc32": "c"}])
+    python_unzipper.save_sums(cfg, folder.stem, "Full", [{"path": "a.txt", "md5": "m", "crc32": "c",
+                                                          "mtime": MTIME}])
     assert list(python_unzipper.part_sums(cfg, folder.records, folder.layout, folder.stem, "Full")) == \
-        [("a.txt", "m", "c")]
+        [("a.txt", "m", "c", MTIME)]
     os.remove(python_unzipper.sums_path(cfg, folder.stem, "Full"))
     from_s3 = list(python_unzipper.part_sums(cfg, folder.records, folder.layout, folder.stem, "Full"))
-    assert [p for p, _m, _c in from_s3] == list(FILES)
+    assert [p for p, _m, _c, _t in from_s3] == list(FILES)
 
 
 # A folder is verified by the worker that restores its last part

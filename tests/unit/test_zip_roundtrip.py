@@ -553,6 +553,22 @@ def test_check_staged(tmp_path):
     assert "size" in bad[0]["reason"]
 
 
+def test_check_staged_with_s3_lastmodified_compares_the_listed_md5_instead_of_the_mtime(tmp_path):
+    staging = str(tmp_path)
+    # The map's times are LastModified (an upload time), never the staged copy's own mtime.
+    rows = stage(staging, [("same.txt", b"12345", "2026-01-01T00:00:00.123Z"),
+                           ("changed.txt", b"abcde", "2026-01-01T00:00:00.123Z"),
+                           ("unhashed.txt", b"xy", "2026-01-01T00:00:00.123Z")])
+    rows[0]["hashes"] = {"md5": hashlib.md5(b"12345").hexdigest()}
+    rows[1]["hashes"] = {"md5": hashlib.md5(b"abcdX").hexdigest()}  # same size, other bytes since mapping
+    for name in ("same.txt", "changed.txt", "unhashed.txt"):
+        os.utime(os.path.join(staging, name), (1_000_000_000, 1_000_000_000))
+    assert [b["path"] for b in python_zipper.check_staged(rows, staging)] == ["same.txt", "changed.txt",
+                                                                             "unhashed.txt"]
+    bad = python_zipper.check_staged(rows, staging, server_mtime=True)
+    assert [(b["path"], b["reason"]) for b in bad] == [("changed.txt", "MD5 differs from the map")]
+
+
 def test_existing_records_are_grouped_by_exact_stem(records):
     for key in ("work_files_zips/_parts/Photos/Full.json",
                 "work_files_zips/_parts/Photos/Full.entries.jsonl.gz",

@@ -64,6 +64,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import zlib
 from collections import deque
 import dataclasses
 from dataclasses import dataclass, field
@@ -72,21 +73,23 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "ClaimRecord",
     "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
-    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK",
-    "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched", "final_line",
-    "FolderEntry", "FolderIndex", "format_mtime", "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord",
-    "human_bytes", "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path",
-    "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord",
-    "latest_generation", "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError",
-    "log_context", "make_s3_client", "MANIFEST_VERSION", "manifest_version", "ManifestHeader", "MIB", "MigrationError",
-    "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "out",
-    "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift", "PlanRecord", "prepare_work_dir",
-    "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone", "RcloneError",
-    "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz", "Record", "RecordError",
-    "RecordExists", "Records", "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL",
-    "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "SERVER_MTIME", "S3Error", "S3NotFoundError", "sanitize_name",
-    "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
-    "summary_line", "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
+    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP",
+    "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus",
+    "Fetched", "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime",
+    "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord", "human_bytes", "in_shard",
+    "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3",
+    "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation",
+    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context",
+    "make_s3_client", "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB",
+    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id",
+    "NewerFormat", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift",
+    "PlanRecord", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
+    "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz",
+    "read_manifest_header", "Record", "RecordError", "RecordExists", "Records", "remote_join",
+    "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime",
+    "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging",
+    "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line",
+    "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
     "WorkerPool",
 ]
 
@@ -3184,6 +3187,25 @@ def latest_generation(records: Records, layout: Layout) -> tuple[int, IndexRecor
     return None
 
 
+def read_manifest_header(records: Records, key: str) -> ManifestHeader:
+    """The first line of a folder manifest (a gzip member starts there: nothing more is read)."""
+    data = records.get_bytes(key)
+    if data is None:
+        raise RecordError(key, "missing")
+    try:
+        first = json.loads(gzip.GzipFile(fileobj=io.BytesIO(data)).readline())
+    except (OSError, EOFError, zlib.error, json.JSONDecodeError) as exc:
+        raise RecordError(key, f"unreadable header: {exc}") from None
+    return ManifestHeader.from_json(key, first)
+
+
+def folder_entry(h: ManifestHeader) -> FolderEntry:
+    """A folder's entry in its generation's index: what its manifest's header says."""
+    return FolderEntry(name=h.name, stem=h.stem, files=h.files, bytes=h.bytes, large=h.large,
+                       large_bytes=h.large_bytes, dirs=h.dirs, parts=h.parts, part_table=h.part_table,
+                       next_part=h.next_part, changes=h.changes, changes_key=h.changes_key)
+
+
 # The run: its context and its passes
 
 @dataclass
@@ -3472,6 +3494,9 @@ class Upstream:
                 state = "ended"
         return state
 
+    def running(self, script: str) -> bool:
+        return self._state(script) == "running"
+
     def reason(self) -> str | None:
         if not self.scripts or self.ctx.cfg.dry_run:
             return None
@@ -3493,9 +3518,69 @@ class Upstream:
         return None
 
 
-def wait_for_map(ctx: Run, upstream: Upstream) -> tuple[int, IndexRecord] | None:
+class MapView:
+    """The map generation a stage works on: a complete one (its index), or, while the mapper maps
+    it, the folders whose manifest is on S3 so far (a manifest is whole once it is there), found
+    again by each ``refresh()`` until the index appears."""
+
+    def __init__(self, ctx: Run, gen: int, index: IndexRecord | None, plan: PlanRecord | None = None):
+        self.ctx, self.gen, self.index, self.plan = ctx, gen, index, plan
+        self._entries: dict[str, FolderEntry] = {}
+
+    @property
+    def complete(self) -> bool:
+        return self.index is not None
+
+    @property
+    def source(self) -> str | None:
+        return self.index.source if self.index is not None else self.plan.source
+
+    @property
+    def folders(self) -> list[FolderEntry]:
+        if self.index is not None:
+            return self.index.folders
+        return [self._entries[f["stem"]] for f in self.plan.folders if f["stem"] in self._entries]
+
+    def total(self, what: str) -> int:
+        return self.index.total(what) if self.index is not None else sum(getattr(f, what) for f in self.folders)
+
+    def as_index(self) -> IndexRecord:
+        """The index, or while the generation is unfinished one of the folders mapped so far."""
+        if self.index is not None:
+            return self.index
+        plan = self.plan
+        return IndexRecord(generation=self.gen, folders=self.folders, created_at=plan.created_at, source=plan.source,
+                           previous=plan.previous, retired_stems=plan.retired_stems,
+                           totals={k: sum(getattr(f, k) or 0 for f in self.folders)
+                                   for k in ("files", "bytes", "large", "large_bytes", "dirs")})
+
+    def refresh(self) -> None:
+        if self.index is not None:
+            return
+        records, layout = self.ctx.records, self.ctx.layout
+        self.index = read_index(records, layout, self.gen)
+        if self.index is not None:
+            return
+        planned = {f["stem"] for f in self.plan.folders}
+        for item in records.list_keys(layout.manifests_of(self.gen)):
+            stem = layout.stem_of(item["Key"])
+            if stem in planned and stem not in self._entries:
+                self._entries[stem] = folder_entry(read_manifest_header(records, item["Key"]))
+
+    def waiting(self, upstream: Upstream) -> str | None:
+        """While the generation is unfinished and the mapper maps it: a reason to look again."""
+        if self.index is not None:
+            return None
+        why = upstream.reason()
+        return None if why is None else (f"{why}; map generation {self.gen}: {len(self._entries)} of "
+                                         f"{len(self.plan.folders)} folders mapped so far")
+
+
+def wait_for_map(ctx: Run, upstream: Upstream, *, partial: str = "no") -> MapView | None:
     """The latest complete map; while there is none, or a newer generation is being mapped,
-    wait as long as the mapper may still write it (see ``Upstream``)."""
+    wait as long as the mapper may still write it (see ``Upstream``). With ``partial`` "any", a
+    generation the mapper is mapping now is returned at once, unfinished (``MapView``); with
+    "first", only when it is the first (a delta pass is waited for whole)."""
     wait = 0.5
     longest = max(0.5, min(10.0, ctx.cfg.lease_seconds / 6))
     last = ""
@@ -3504,10 +3589,17 @@ def wait_for_map(ctx: Run, upstream: Upstream) -> tuple[int, IndexRecord] | None
         gens = all_generations(ctx.records, ctx.layout)
         mapping = bool(gens) and (latest is None or gens[-1] > latest[0])
         if latest is not None and not mapping:
-            return latest
+            return MapView(ctx, *latest)
         why = upstream.reason() if "mapper" in upstream.scripts else None
         if why is None or (latest is not None and not why.startswith(SCRIPT_FILES["mapper"])):
-            return latest  # the mapper is not running: the newest complete map, as when run alone
+            # the mapper is not running: the newest complete map, as when run alone
+            return None if latest is None else MapView(ctx, *latest)
+        if gens and (partial == "any" or partial == "first" and latest is None) and upstream.running("mapper"):
+            body = ctx.records.get_json(ctx.layout.plan(gens[-1]))
+            if body is not None:
+                view = MapView(ctx, gens[-1], None, PlanRecord.from_json(ctx.layout.plan(gens[-1]), body))
+                view.refresh()
+                return view
         said = f"{why}; waiting for {'the' if latest is None else 'the newer'} map generation {gens[-1] if gens else 1}"
         (log.debug if said == last else log.info)("%s (looking again every few seconds)", said)
         last = said

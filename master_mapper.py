@@ -22,21 +22,19 @@ import contextlib
 import functools
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (all_generations, assign_stems, Config, ConfigError, count, EXIT_OK, EXIT_PARTIAL,
-                       EXIT_WAITING, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
+                       EXIT_WAITING, folder_entry, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
                        latest_generation, Layout, load_manifest, local_name, log_context, manifest_version,
                        ManifestHeader, MigrationError, out, Passes, PlanRecord, Rclone, RcloneError,
-                       read_index, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script,
+                       read_index, read_manifest_header, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script,
                        SERVER_MTIME, shard_of, start_run, StopRequested, table_lines, Unit, utc_now)
 
 log = logging.getLogger("master_mapper")
@@ -639,10 +637,7 @@ def write_index(ctx: Run, plan: PlanRecord) -> IndexRecord:
     records, layout, gen = ctx.records, ctx.layout, plan.generation
     folders = []
     for folder in plan.folders:
-        h = read_manifest_header(records, layout.manifest(gen, folder["stem"]))
-        folders.append(FolderEntry(name=h.name, stem=h.stem, files=h.files, bytes=h.bytes, large=h.large,
-                                   large_bytes=h.large_bytes, dirs=h.dirs, parts=h.parts, part_table=h.part_table,
-                                   next_part=h.next_part, changes=h.changes, changes_key=h.changes_key))
+        folders.append(folder_entry(read_manifest_header(records, layout.manifest(gen, folder["stem"]))))
     removed = []
     for folder in plan.removed:
         record = records.get_json(layout.removed(gen, folder["stem"]))
@@ -800,18 +795,6 @@ def print_plan(gen: int, planned: list[dict]) -> None:
         for path, size in s.get("large_files", []):
             out.info(f"large file {s['name'] + '/' if s['name'] else ''}{path} ({human_bytes(size)}) "
                       "goes SOURCE to DESTINATION directly\n")
-
-
-def read_manifest_header(records: Records, key: str) -> ManifestHeader:
-    """The first line of a folder manifest (a gzip member starts there: nothing more is read)."""
-    data = records.get_bytes(key)
-    if data is None:
-        raise RecordError(key, "missing")
-    try:
-        first = json.loads(gzip.GzipFile(fileobj=io.BytesIO(data)).readline())
-    except (OSError, EOFError, zlib.error, json.JSONDecodeError) as exc:
-        raise RecordError(key, f"unreadable header: {exc}") from None
-    return ManifestHeader.from_json(key, first)
 
 
 def write_folder_list(records: Records, layout: Layout, index: IndexRecord) -> None:

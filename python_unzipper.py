@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from common_s3 import (all_generations, Config, count, describe_proof, DiskGate, EXIT_OK, EXIT_PARTIAL,
                        EXIT_USAGE, EXIT_WAITING, FolderEntry, FolderIndex, format_mtime, human_bytes,
                        IndexRecord, is_local_path, large_file_id, LargeRecord, latest_generation, Layout,
-                       load_manifest, local_name, log_context, MIB, MigrationError, mtime_ns, new_run_id,
+                       load_manifest, local_name, log_context, MapView, MIB, MigrationError, most_severe, mtime_ns, new_run_id,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
                        RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, SERVER_MTIME, Skipped,
@@ -1051,14 +1051,17 @@ class Restoring:
     verification. A folder whose every part is zipped is verified by the worker that restores
     its last part (``Finisher``), so verification overlaps the transfers."""
 
-    def __init__(self, ctx: Run, gen: int, index: IndexRecord, folders: list[FolderEntry], passes: Passes):
+    def __init__(self, ctx: Run, gen: int, index: IndexRecord, folders: list[FolderEntry], passes: Passes,
+                 view: MapView | None = None):
         records, layout = ctx.records, ctx.layout
         self.ctx, self.gen, self.index, self.folders, self.passes = ctx, gen, index, folders, passes
+        self.view = view  # unfinished while the mapper maps this (first) generation: see _grow
         # Files deleted at SOURCE, per folder stem, over every generation; with PROPAGATE_DELETES=1
         # a folder with deletions is pending until they are handled for this generation.
         self.sources = deletion_sources(records, layout, gen)
         self.deleted_done = {layout.stem_of(k["Key"]) for k in records.list_keys(layout.deletions_of(gen))}
-        self.local = local_destination(ctx.cfg, folders)
+        self.local = local_destination(ctx.cfg, folders if view is None or view.complete else [
+            FolderEntry(name=f["name"], stem=f["stem"]) for f in view.plan.folders])
         self.dest_features: dict = {}
         self.verified_now: dict[str, Any] = {}
         self.failed_parts: dict[str, list] = {}
@@ -1081,6 +1084,22 @@ class Restoring:
         self.repairs = list_repairs(records, layout, self.gen)
         self._fresh = True
 
+    def _grow(self) -> None:
+        """The folders mapped since the last pass, while the mapper maps this first generation."""
+        if self.view is None or self.view.complete and self.index is self.view.index:
+            return
+        self.view.refresh()
+        self.index = self.view.as_index()
+        known = {f.stem for f in self.folders}
+        new = [f for f in self.index.folders if f.stem not in known and self.ctx.in_shard(f.name)]
+        self.folders += new
+        self.pending += [f for f in new if f.stem not in self.verified or f.stem in self.repairs]
+        self.pending_stems |= {f.stem for f in new}
+
+    @property
+    def map_complete(self) -> bool:
+        return self.view is None or self.view.complete
+
     def waiting_for_zipper(self) -> bool:
         """Some folder still to restore has parts not zipped, or large files not copied, yet."""
         for f in self.pending:
@@ -1096,6 +1115,7 @@ class Restoring:
         if not self._fresh:  # a pass before this one: look at the records again
             self.refresh()
             self.pending = [f for f in self.pending if f.stem not in self.verified or f.stem in self.repairs]
+            self._grow()
             self.problems = [p for p in self.problems if not p[0].startswith("folder ")]
         self._fresh = False
         self.finisher = Finisher(self.verify)
@@ -1781,7 +1801,8 @@ def conclude(ctx: Run, work: Restoring) -> int:
     if work.local is not None:
         # Every folder of the map, not only this worker's shard: others may still be staging.
         remove_local_tmp(work.local, everything=not work.problems and all(e["state"] == "verified" for e in entries)
-                         and all(f.stem in work.verified for f in work.index.folders), worker_id=cfg.worker_id)
+                         and work.map_complete and all(f.stem in work.verified for f in work.index.folders),
+                         worker_id=cfg.worker_id)
     report = make_report(cfg, work.gen, entries, work.problems, mode="restore")
     report["removed_folders"] = removed_report
     deletion_totals(report, [d for d in (e.get("deleted_at_source") for e in [*entries, *removed_report])
@@ -1808,7 +1829,13 @@ def run(ctx: Run) -> int:
     cfg, records, layout = ctx.cfg, ctx.records, ctx.layout
     start_run(ctx)
     upstream = Upstream(ctx)
-    latest = latest_generation(records, layout) if "--verify" in ctx.argv else wait_for_map(ctx, upstream)
+    view = None
+    if "--verify" in ctx.argv:
+        latest = latest_generation(records, layout)
+    else:
+        # Started with the mapper on a first map: its folders are restored as they are mapped and zipped.
+        view = wait_for_map(ctx, upstream, partial="first")
+        latest = None if view is None else (view.gen, view.as_index())
     if latest is None:
         if not all_generations(records, layout) and records.head(layout.folder_list) is not None:
             return run_legacy(ctx, verify="--verify" in ctx.argv or cfg.dry_run)
@@ -1824,7 +1851,7 @@ def run(ctx: Run) -> int:
     if "--verify" in ctx.argv:
         return verify_only(ctx, gen, folders)
     passes = Passes(ctx, SCRIPT)
-    work = Restoring(ctx, gen, index, folders, passes)
+    work = Restoring(ctx, gen, index, folders, passes, view)
     to_restore = announce(ctx, work)
     if cfg.dry_run:
         print_plan(ctx, work, to_restore)
@@ -1833,9 +1860,14 @@ def run(ctx: Run) -> int:
         work.dest_features = ctx.rclone.features(destination_root(cfg))
     passes.held_of, passes.progress_of = work.held, work.progressed
     # Started with the zipper: restore its parts as their records appear, until it has ended.
-    passes.look_again_while(lambda: upstream.reason() if work.waiting_for_zipper() else None)
+    passes.look_again_while(lambda: upstream.reason() if work.waiting_for_zipper() or not view.complete else None)
     work.take(passes.run(work.units), passes.plan_errors)
-    return conclude(ctx, work)
+    code = conclude(ctx, work)
+    if not view.complete:
+        log.error("map generation %d is not complete: the mapper ended without mapping every folder; run "
+                  "master_mapper.py again (it continues), then python_zipper.py and python_unzipper.py", gen)
+        return most_severe(code, EXIT_WAITING)
+    return code
 
 
 def planned_deletions(records: Records, layout: Layout, gen: int, index: dict, sources: dict,

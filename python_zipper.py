@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
-                       FolderEntry, format_mtime_ns, human_bytes, IndexRecord, is_local_path, jsonl_gz_bytes, large_file_id,
-                       LargeRecord, Layout, load_manifest, local_name, log_context, MIB, MigrationError,
+                       FolderEntry, format_mtime_ns, human_bytes, is_local_path, jsonl_gz_bytes, large_file_id,
+                       LargeRecord, Layout, load_manifest, MapView, local_name, log_context, MIB, MigrationError,
                        MultipartUpload, out, parse_mtime, PartRecord, Passes, plain_local_name, plan_drift,
                        PlanRecord, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
                        run_script, Runtime, S3Error, SERVER_MTIME, Skipped, staging_dir, start_run, StopRequested, Unit,
@@ -916,13 +916,16 @@ def read_back_md5(rclone: Rclone, src: str, dst: str, rel: str, timeout_s: float
 class Zipping:
     """The zipper's units of one map generation, planned afresh for each pass from a fresh
     listing of the part and large-file records (the first pass uses the listing made at start).
-    A folder's manifest is loaded only when the plan reaches it."""
+    A folder's manifest is loaded only when the plan reaches it. While the mapper still maps the
+    generation (``MapView`` unfinished), each pass also takes the folders mapped since."""
 
-    def __init__(self, ctx: Run, gen: int, folders: list[FolderEntry], failed: set):
-        self.ctx, self.gen, self.folders, self.failed = ctx, gen, folders, failed
+    def __init__(self, ctx: Run, view: MapView, failed: set):
+        self.ctx, self.view, self.gen, self.failed = ctx, view, view.gen, failed
+        self.folders: list[FolderEntry] = []
         self.etags = EtagStyle()
         self.stale: dict[str, list[str]] = {}
         self.problems: list[tuple[str, str]] = []  # folders whose manifest could not be read
+        self.counted: dict[str, tuple[int, int, int]] = {}  # stem -> units to do, their bytes, parts done
         self._fresh = False
         self.refresh()
 
@@ -930,7 +933,26 @@ class Zipping:
         records, layout = self.ctx.records, self.ctx.layout
         self.done_parts = records.record_names(layout.parts_root)
         self.done_large = records.record_names(layout.large_root)
+        self.view.refresh()
+        self.folders = [f for f in self.view.folders if self.ctx.in_shard(f.name)]
         self._fresh = True
+        new = [f for f in self.folders if f.stem not in self.counted]
+        for folder in new:
+            self.counted[folder.stem] = self._count(folder)
+        if new:
+            units, nbytes, skipped = (sum(c[i] for c in self.counted.values()) for i in range(3))
+            self.ctx.runtime.progress.plan(units, nbytes, skipped=skipped)
+
+    def _count(self, folder: FolderEntry) -> tuple[int, int, int]:
+        """What a folder adds to the progress display when it is first planned: its parts still
+        to make and its large files still to copy (as far as the index tells), their bytes, and
+        its parts already made."""
+        todo = set(self.parts_to_make(folder))
+        copied = len(self.done_large.get(folder.stem, set()))
+        large_left = max(0, folder.large - copied)
+        nbytes = sum(p["bytes"] for p in folder.part_table or [] if p["name"] in todo)
+        return (len(todo) + large_left, nbytes + (folder.large_bytes if large_left else 0),
+                len(folder.part_table or []) - len(todo))
 
     def parts_to_make(self, folder: FolderEntry) -> list[str]:
         return [p["name"] for p in folder.part_table or []
@@ -990,12 +1012,12 @@ def write_legacy_progress(records: Records, layout: Layout, folder: FolderEntry,
         "folder_complete": True, "updated_at": utc_now()})
 
 
-def check_against_map(ctx: Run, gen: int, index: IndexRecord) -> None:
+def check_against_map(ctx: Run, gen: int, source: str | None) -> None:
     """SOURCE must be the one mapped (exit 2 if not); planning variables changed since are
     warned of; a remote DESTINATION that is not configured is exit 2 now, not 3 per file."""
     cfg = ctx.cfg
-    if index.source != cfg.source:
-        raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {index.source!r}; "
+    if source != cfg.source:
+        raise ConfigError(f"SOURCE={cfg.source!r} differs from the map's source {source!r}; "
                           "the zipper must read the SOURCE that was mapped")
     plan = ctx.records.get_json(ctx.layout.plan(gen))
     for line in plan_drift(cfg.environ, PlanRecord.from_json(ctx.layout.plan(gen), plan) if plan is not None else None):
@@ -1004,25 +1026,18 @@ def check_against_map(ctx: Run, gen: int, index: IndexRecord) -> None:
         ctx.rclone.features(cfg.destination, "DESTINATION")
 
 
-def announce(ctx: Run, work: Zipping, index: IndexRecord) -> int:
-    """Log what this run has to do and plan the progress display; the number of parts to make."""
-    folders = work.folders
+def announce(ctx: Run, work: Zipping) -> int:
+    """Log what this run has to do (the progress display is planned by ``Zipping``); the number
+    of parts to make."""
+    folders, view = work.folders, work.view
     if ctx.mode == "shards":
         log.info("static shard %d of %d: %d of the %d folders", ctx.cfg.worker_index, ctx.cfg.worker_count,
-                 len(folders), len(index.folders))
+                 len(folders), len(view.folders))
     total_parts = sum(len(f.part_table or []) for f in folders)
-    todo = {f.stem: set(work.parts_to_make(f)) for f in folders}
-    todo_parts = sum(len(v) for v in todo.values())
-    log.info("map generation %d: %d folders, %d parts (%d to make), %d large files",
-             work.gen, len(folders), total_parts, todo_parts, index.total("large"))
-    # Large files still to copy, as far as the index tells (a changed file keeps old records too).
-    large_left = {f.stem: f.large - len(work.done_large.get(f.stem, set())) for f in folders
-                  if f.large > len(work.done_large.get(f.stem, set()))}
-    ctx.runtime.progress.plan(
-        todo_parts + sum(large_left.values()),
-        sum(p["bytes"] for f in folders for p in f.part_table or [] if p["name"] in todo[f.stem])
-        + sum(f.large_bytes for f in folders if f.stem in large_left),
-        skipped=total_parts - todo_parts)
+    todo_parts = sum(len(work.parts_to_make(f)) for f in folders)
+    so_far = "" if view.complete else f" mapped so far (the mapper is still mapping; {len(view.plan.folders)} planned)"
+    log.info("map generation %d: %d folders%s, %d parts (%d to make), %d large files",
+             work.gen, len(folders), so_far, total_parts, todo_parts, view.total("large"))
     return todo_parts
 
 
@@ -1073,7 +1088,12 @@ def summarise(ctx: Run, work: Zipping, outcomes: list[tuple[Unit, Any]], plan_er
             write_legacy_progress(ctx.records, ctx.layout, folder, work.done_parts.get(folder.stem, set()))
     log.info("zipper finished: %d parts made, %d failed, %d files left out (%d changed or gone at SOURCE, "
              "%d unreadable there)", made, len(failed), skipped_files, skipped_files - unreadable, unreadable)
+    if not work.view.complete:
+        log.error("map generation %d is not complete: the mapper ended without mapping every folder; run "
+                  "master_mapper.py again (it continues), then python_zipper.py", work.gen)
     if not failed and not skipped_files:
+        if not work.view.complete:
+            return EXIT_WAITING
         log.info("next: run python_unzipper.py")
         return EXIT_OK
     for what, why in failed:
@@ -1090,19 +1110,21 @@ def summarise(ctx: Run, work: Zipping, outcomes: list[tuple[Unit, Any]], plan_er
 
 def run(ctx: Run) -> int:
     start_run(ctx)
-    latest = wait_for_map(ctx, Upstream(ctx))  # a mapper started together with this zipper writes it
-    if latest is None:
+    upstream = Upstream(ctx)
+    # A mapper started together with this zipper writes the map: its folders are zipped as they appear.
+    view = wait_for_map(ctx, upstream, partial="any")
+    if view is None:
         log.error("no complete map on S3 under %r: run master_mapper.py first", ctx.cfg.prefix)
         return EXIT_WAITING
-    gen, index = latest
-    check_against_map(ctx, gen, index)
+    check_against_map(ctx, view.gen, view.source)
     passes = Passes(ctx, SCRIPT)
-    work = Zipping(ctx, gen, [f for f in index.folders if ctx.in_shard(f.name)], passes.failed)
-    todo_parts = announce(ctx, work, index)
+    work = Zipping(ctx, view, passes.failed)
+    todo_parts = announce(ctx, work)
     if ctx.cfg.dry_run:
         print_plan(ctx, work)
         return EXIT_OK
-    work.stale = list_stale_uploads(ctx.records, ctx.cfg.prefix) if todo_parts else {}
+    work.stale = list_stale_uploads(ctx.records, ctx.cfg.prefix) if todo_parts or not view.complete else {}
+    passes.look_again_while(lambda: view.waiting(upstream))
     outcomes = passes.run(work.units)
     return summarise(ctx, work, outcomes, passes.plan_errors)
 

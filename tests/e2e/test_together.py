@@ -30,6 +30,18 @@ def folders_tree(root: str, folders: int = 6, files: int = 11) -> None:
                 fh.write(os.urandom(3000 + 97 * i))
 
 
+def slow_listing(env: Env, folder: str, seconds: float) -> str:
+    """An RCLONE_BIN that takes ``seconds`` longer to list ``folder``."""
+    path = os.path.join(env.tmp, "rclone-slow-listing")
+    with open(path, "w") as fh:
+        fh.write(f"""#!/bin/bash
+case "$*" in *lsjson*"{folder}"*) sleep {seconds} ;; esac
+exec "{env.vars['RCLONE_BIN']}" "$@"
+""")
+    os.chmod(path, 0o755)
+    return path
+
+
 def test_three_stages_started_in_reversed_order_finish_the_migration_together(env: Env):
     folders_tree(env.source)
     # SOURCE read through rclone and slowed, so the zipper takes seconds and the unzipper can
@@ -41,7 +53,8 @@ def test_three_stages_started_in_reversed_order_finish_the_migration_together(en
     time.sleep(1)
     zipper = env.popen("python_zipper.py", RCLONE_BWLIMIT="100k", MAX_PARALLEL_WORKERS="1", **wait)
     time.sleep(1)
-    mapper = env.popen("master_mapper.py", **wait)
+    # The mapper lists one folder slowly: the zipper starts on the folders mapped before it.
+    mapper = env.popen("master_mapper.py", RCLONE_BIN=slow_listing(env, "top 05", 4), **wait)
     codes = {}
     for name, proc in (("mapper", mapper), ("zipper", zipper), ("unzipper", unzipper)):
         out, err = proc.communicate(timeout=240)
@@ -56,6 +69,8 @@ def test_three_stages_started_in_reversed_order_finish_the_migration_together(en
     restored = [o["LastModified"] for k, o in objects.items() if k.startswith(env.prefix + "_restored/")]
     assert len(made) >= 12 and len(restored) == len(made)
     assert min(restored) < max(made), "the unzipper restored nothing before the zipper ended"
+    index = [o["LastModified"] for k, o in objects.items() if k.endswith("/index.json")]
+    assert min(made) < min(index), "the zipper made no part before the whole map was written"
     assert "python_zipper.py is still running" in codes["unzipper"][1]
     assert "master_mapper.py is not running yet" in codes["zipper"][1]
 

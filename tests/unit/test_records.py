@@ -456,3 +456,46 @@ def test_backend_type_of_a_named_remote_comes_from_listremotes(monkeypatch):
     assert rclone.backend_type("d:Work") == "drive"
     assert rclone.backend_type("gone:x") == ""
     assert seen and all(a == ["listremotes", "--json"] for a in seen)
+
+
+def sent_sha256_headers(cfg, calls) -> list[str]:
+    """The X-Amz-Content-SHA256 of each request the client of ``cfg`` signs, answered
+    before it is sent (``before-send`` returns a response: nothing leaves the process)."""
+    from botocore.awsrequest import AWSResponse
+
+    class Raw:
+        def stream(self):
+            return iter([b""])
+
+    client = common_s3.make_s3_client(cfg)
+    seen: list[str] = []
+
+    def answer(request, **_kwargs):
+        seen.append(request.headers["X-Amz-Content-SHA256"].decode())
+        return AWSResponse(request.url, 200, {"ETag": '"0"'}, Raw())
+
+    client.meta.events.register("before-send.s3", answer)
+    for call in calls:
+        call(client)
+    return seen
+
+
+def part_uploads(client) -> None:
+    data = b"x" * 100_000
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    client.put_object(Bucket=BUCKET, Key="k", Body=data, ContentMD5=md5)
+    client.upload_part(Bucket=BUCKET, Key="k", UploadId="u", PartNumber=1, Body=data, ContentMD5=md5)
+
+
+@pytest.mark.parametrize("checksums,signed", [("auto", False), ("off", True)])
+def test_bodies_are_not_signed_with_their_sha256_over_http_when_content_md5_is_sent(
+        aws_credentials, make_cfg, checksums, signed):
+    """Over http botocore hashes every body for its SigV4 signature unless told not to: with
+    Content-MD5 on every upload (S3_CHECKSUMS=auto) that pass over the bytes is left out."""
+    cfg = make_cfg(S3_ENDPOINT="http://127.0.0.1:9", S3_CHECKSUMS=checksums)
+    seen = sent_sha256_headers(cfg, [part_uploads])
+    assert len(seen) == 2
+    if signed:
+        assert seen == [hashlib.sha256(b"x" * 100_000).hexdigest()] * 2
+    else:
+        assert seen == ["UNSIGNED-PAYLOAD"] * 2

@@ -1671,16 +1671,17 @@ def make_s3_client(cfg: Config):
     """One client per run, shared by all threads (boto3 clients are thread-safe).
 
     With S3_CHECKSUMS=auto every upload that matters carries a Content-MD5 (each chunk of a
-    part, every record) and the zipper compares each part's ETag with its own MD5s, so a body
-    is not also signed with its SHA-256 (``payload_signing_enabled``): botocore leaves that out
-    over https already when Content-MD5 is there, and over http it would hash every byte once
-    more. With S3_CHECKSUMS=off botocore's default (sign every body over http) is kept.
+    part, every record) and the zipper compares each part's ETag with its own MD5s, so over
+    http a body is not also signed with its SHA-256 (``payload_signing_enabled``), which would
+    hash every byte once more: botocore itself leaves it out over https when Content-MD5 is
+    there, and https is left to botocore's rule. With S3_CHECKSUMS=off botocore's default
+    (sign every body over http) is kept.
     """
     import boto3
     from botocore.config import Config as BotoConfig
 
     s3_options: dict[str, Any] = {"addressing_style": "path"} if cfg.endpoint else {}
-    if cfg.s3_checksums != "off":
+    if cfg.s3_checksums != "off" and (cfg.endpoint or "").lower().startswith("http://"):
         s3_options["payload_signing_enabled"] = False
     boto_cfg = BotoConfig(
         retries={"mode": "adaptive", "max_attempts": cfg.s3_max_retries},

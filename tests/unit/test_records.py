@@ -480,22 +480,28 @@ def sent_sha256_headers(cfg, calls) -> list[str]:
     return seen
 
 
+DATA = b"x" * 100_000
+
+
 def part_uploads(client) -> None:
-    data = b"x" * 100_000
-    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
-    client.put_object(Bucket=BUCKET, Key="k", Body=data, ContentMD5=md5)
-    client.upload_part(Bucket=BUCKET, Key="k", UploadId="u", PartNumber=1, Body=data, ContentMD5=md5)
+    md5 = base64.b64encode(hashlib.md5(DATA).digest()).decode()
+    client.put_object(Bucket=BUCKET, Key="k", Body=DATA, ContentMD5=md5)
+    client.upload_part(Bucket=BUCKET, Key="k", UploadId="u", PartNumber=1, Body=DATA, ContentMD5=md5)
 
 
-@pytest.mark.parametrize("checksums,signed", [("auto", False), ("off", True)])
-def test_bodies_are_not_signed_with_their_sha256_over_http_when_content_md5_is_sent(
-        aws_credentials, make_cfg, checksums, signed):
+@pytest.mark.parametrize("scheme,checksums,signed", [("http", "auto", False), ("http", "off", True),
+                                                     ("https", "auto", False)])
+def test_bodies_are_not_signed_with_their_sha256_when_content_md5_is_sent(
+        aws_credentials, make_cfg, scheme, checksums, signed):
     """Over http botocore hashes every body for its SigV4 signature unless told not to: with
-    Content-MD5 on every upload (S3_CHECKSUMS=auto) that pass over the bytes is left out."""
-    cfg = make_cfg(S3_ENDPOINT="http://127.0.0.1:9", S3_CHECKSUMS=checksums)
+    Content-MD5 on every upload (S3_CHECKSUMS=auto) that pass over the bytes is left out, as
+    botocore does over https by itself."""
+    cfg = make_cfg(S3_ENDPOINT=f"{scheme}://127.0.0.1:9", S3_CHECKSUMS=checksums)
     seen = sent_sha256_headers(cfg, [part_uploads])
-    assert len(seen) == 2
-    if signed:
-        assert seen == [hashlib.sha256(b"x" * 100_000).hexdigest()] * 2
-    else:
-        assert seen == ["UNSIGNED-PAYLOAD"] * 2
+    assert seen == [hashlib.sha256(DATA).hexdigest() if signed else "UNSIGNED-PAYLOAD"] * 2
+
+
+def test_https_keeps_botocores_rule_for_bodies_without_content_md5(aws_credentials, make_cfg):
+    cfg = make_cfg(S3_ENDPOINT="https://127.0.0.1:9")
+    seen = sent_sha256_headers(cfg, [lambda c: c.put_object(Bucket=BUCKET, Key="k", Body=DATA)])
+    assert seen == [hashlib.sha256(DATA).hexdigest()]

@@ -1671,10 +1671,21 @@ _RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
 # S3 client
 
 def make_s3_client(cfg: Config):
-    """One client per run, shared by all threads (boto3 clients are thread-safe)."""
+    """One client per run, shared by all threads (boto3 clients are thread-safe).
+
+    With S3_CHECKSUMS=auto every upload that matters carries a Content-MD5 (each chunk of a
+    part, every record) and the zipper compares each part's ETag with its own MD5s, so over
+    http a body is not also signed with its SHA-256 (``payload_signing_enabled``), which would
+    hash every byte once more: botocore itself leaves it out over https when Content-MD5 is
+    there, and https is left to botocore's rule. With S3_CHECKSUMS=off botocore's default
+    (sign every body over http) is kept.
+    """
     import boto3
     from botocore.config import Config as BotoConfig
 
+    s3_options: dict[str, Any] = {"addressing_style": "path"} if cfg.endpoint else {}
+    if cfg.s3_checksums != "off" and (cfg.endpoint or "").lower().startswith("http://"):
+        s3_options["payload_signing_enabled"] = False
     boto_cfg = BotoConfig(
         retries={"mode": "adaptive", "max_attempts": cfg.s3_max_retries},
         connect_timeout=10,
@@ -1682,7 +1693,7 @@ def make_s3_client(cfg: Config):
         max_pool_connections=max(10, cfg.max_parallel_workers * 6),
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"addressing_style": "path"} if cfg.endpoint else {},
+        s3=s3_options,
         tcp_keepalive=True,
     )
     session = boto3.session.Session(region_name=cfg.region or ("us-east-1" if cfg.endpoint else None))

@@ -146,8 +146,9 @@ class S3Sink:
     full chunk is handed over as it is (never copied), so memory stays at
     ``chunk x (uploaders + 1)`` whatever the part's size. An object smaller than one chunk
     is sent with a single PUT. Every chunk carries a Content-MD5; the SHA-256 of the whole
-    object is computed on the way, and its MD5 too unless ``whole_md5`` is False (servers
-    whose multipart ETags are MD5-of-chunk-MD5s do not need it).
+    object is computed on the way, and its MD5 too, over the chunks as they are cut, unless
+    ``whole_md5`` is False (servers whose multipart ETags are MD5-of-chunk-MD5s, or that check
+    each chunk's Content-MD5, do not need it); a single PUT's MD5 is its chunk's.
     """
 
     def __init__(self, records: Records, key: str, chunk_bytes: int, runtime: Runtime,
@@ -187,8 +188,6 @@ class S3Sink:
         n = len(data)
         self.total += n
         self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
         view = memoryview(data)
         while len(view):
             room = self.chunk - len(self.buf)
@@ -240,6 +239,8 @@ class S3Sink:
             for t in self._threads:
                 t.start()
         self.chunks += 1
+        if self.md5 is not None:  # chunks are cut in order; a single PUT needs no whole MD5 (its chunk's is it)
+            self.md5.update(body)
         self._wait_slot()
         self._queue.put((self.chunks, body))  # its MD5 is computed by the uploader, beside the zip
 
@@ -317,9 +318,9 @@ class S3Sink:
 
     def whole_md5(self) -> str | None:
         """MD5 of the whole object, when known (always for a single PUT)."""
-        if self.md5 is not None:
-            return self.md5.hexdigest()
-        return self.chunk_md5s[0].hex() if not self.multipart and self.chunk_md5s else None
+        if not self.multipart:
+            return self.chunk_md5s[0].hex() if self.chunk_md5s else None
+        return self.md5.hexdigest() if self.md5 is not None else None
 
     def abort(self) -> None:
         if self.upload is not None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import zipfile
 
 import pytest
@@ -81,6 +82,41 @@ def test_flipped_byte_in_a_part_is_detected_and_not_restored(env):
     assert not os.path.exists(os.path.join(env.destination, "Photos", "img_000.jpg"))
     assert f"{env.prefix}_restored/Photos/Part1.json" not in env.objects()
     # Every other folder was restored.
+    assert os.path.exists(os.path.join(env.destination, "Unicode", "日本語のファイル.txt"))
+
+
+def flip_at_rest(env, key: str, offset: int) -> None:
+    """Flip one byte of the object as the server keeps it, its ETag left as it was: damage on
+    the server's disk, which neither the ETag nor the size tells."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    stored = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(env.bucket, key)
+    body = bytearray(stored.value)
+    body[offset] ^= 0x01
+    stored.value = bytes(body)
+
+
+@pytest.mark.parametrize("spot, found_by", [("file data", "CRC-32"), ("central directory", "SHA-256")])
+def test_byte_flipped_at_rest_is_refused_before_any_file_is_restored(env, spot, found_by):
+    zipped(env)
+    key = f"{env.prefix}Photos_Part1.zip"
+    record = json.loads(env.get(record_key(env, "Photos", "Part1")))
+    etag = env.objects()[key]["ETag"]
+    body = env.get(key)
+    if spot == "file data":  # inside the first file's bytes, past its local header
+        first = json.loads(gzip.decompress(env.get(record["entries_key"])).splitlines()[0])["offset"]
+        names, extra = struct.unpack("<HH", body[first + 26:first + 30])
+        offset = first + 30 + names + extra + 5
+    else:
+        offset = body.rindex(b"PK\x01\x02") + 12  # the last entry's DOS time in the central directory
+    flip_at_rest(env, key, offset)
+    assert env.get(key) != body and env.objects()[key]["ETag"] == etag == f'"{record["etag"]}"'
+    proc = env.run("python_unzipper.py")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert key in proc.stderr and "damaged" in proc.stderr and found_by in proc.stderr, proc.stderr[-3000:]
+    for i in range(10):  # the files of Part1: none left staging
+        assert not os.path.exists(os.path.join(env.destination, "Photos", f"img_{i:03d}.jpg"))
+    assert f"{env.prefix}_restored/Photos/Part1.json" not in env.objects()
     assert os.path.exists(os.path.join(env.destination, "Unicode", "日本語のファイル.txt"))
 
 

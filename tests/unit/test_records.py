@@ -456,3 +456,52 @@ def test_backend_type_of_a_named_remote_comes_from_listremotes(monkeypatch):
     assert rclone.backend_type("d:Work") == "drive"
     assert rclone.backend_type("gone:x") == ""
     assert seen and all(a == ["listremotes", "--json"] for a in seen)
+
+
+def sent_sha256_headers(cfg, calls) -> list[str]:
+    """The X-Amz-Content-SHA256 of each request the client of ``cfg`` signs, answered
+    before it is sent (``before-send`` returns a response: nothing leaves the process)."""
+    from botocore.awsrequest import AWSResponse
+
+    class Raw:
+        def stream(self):
+            return iter([b""])
+
+    client = common_s3.make_s3_client(cfg)
+    seen: list[str] = []
+
+    def answer(request, **_kwargs):
+        seen.append(request.headers["X-Amz-Content-SHA256"].decode())
+        return AWSResponse(request.url, 200, {"ETag": '"0"'}, Raw())
+
+    client.meta.events.register("before-send.s3", answer)
+    for call in calls:
+        call(client)
+    return seen
+
+
+DATA = b"x" * 100_000
+
+
+def part_uploads(client) -> None:
+    md5 = base64.b64encode(hashlib.md5(DATA).digest()).decode()
+    client.put_object(Bucket=BUCKET, Key="k", Body=DATA, ContentMD5=md5)
+    client.upload_part(Bucket=BUCKET, Key="k", UploadId="u", PartNumber=1, Body=DATA, ContentMD5=md5)
+
+
+@pytest.mark.parametrize("scheme,checksums,signed", [("http", "auto", False), ("http", "off", True),
+                                                     ("https", "auto", False)])
+def test_bodies_are_not_signed_with_their_sha256_when_content_md5_is_sent(
+        aws_credentials, make_cfg, scheme, checksums, signed):
+    """Over http botocore hashes every body for its SigV4 signature unless told not to: with
+    Content-MD5 on every upload (S3_CHECKSUMS=auto) that pass over the bytes is left out, as
+    botocore does over https by itself."""
+    cfg = make_cfg(S3_ENDPOINT=f"{scheme}://127.0.0.1:9", S3_CHECKSUMS=checksums)
+    seen = sent_sha256_headers(cfg, [part_uploads])
+    assert seen == [hashlib.sha256(DATA).hexdigest() if signed else "UNSIGNED-PAYLOAD"] * 2
+
+
+def test_https_keeps_botocores_rule_for_bodies_without_content_md5(aws_credentials, make_cfg):
+    cfg = make_cfg(S3_ENDPOINT="https://127.0.0.1:9")
+    seen = sent_sha256_headers(cfg, [lambda c: c.put_object(Bucket=BUCKET, Key="k", Body=DATA)])
+    assert seen == [hashlib.sha256(DATA).hexdigest()]

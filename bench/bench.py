@@ -956,7 +956,7 @@ class Bench:
         return m
 
     def m_pipeline(self, label: str, *, source: str, destination: str, out_root: str, runs: str, snap: dict,
-                   files: int, nbytes: int, endpoint: str, proxy: Proxy, name: str = "pipeline (3 scripts)",
+                   files: int, nbytes: int, endpoint: str, proxy: Proxy, name: str = "pipeline, one after another",
                    extra_env: dict | None = None, stages=SCRIPTS) -> dict:
         work_dir = os.path.join(runs, "pipeline-work")
         os.makedirs(work_dir)
@@ -1044,13 +1044,13 @@ class Bench:
             log(f"   pipeline{suffix}, one stage after another")
             ms.append(self.m_pipeline(label, source=source, destination=dest_seq, out_root=out_seq, runs=runs,
                                       snap=snap, files=files, nbytes=nbytes, endpoint=proxy.url, proxy=proxy,
-                                      name=f"pipeline{suffix}, one after another", extra_env=extra_env))
+                                      name="pipeline, one after another", extra_env=extra_env))
         if "together" in self.args.methods:
             log(f"   pipeline{suffix}, stages together")
             ms.append(self.m_together(f"{label}-together", source=source, destination=dest_tog, out_root=out_tog,
                                       runs=runs, snap=snap, files=files, nbytes=nbytes, endpoint=proxy.url,
                                       proxy=proxy, first_file=first_file, extra_env=extra_env,
-                                      name=f"pipeline{suffix}, stages together"))
+                                      name="pipeline, stages together"))
 
     # --- data sets
     def run_set(self, name: str) -> None:

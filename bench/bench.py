@@ -1070,27 +1070,13 @@ class Bench:
                    "methods": []}
         self.sections.append(section)
         self.current = name
-        ms = section["methods"]
-        methods = args.methods
-        if "cp" in methods:
-            log("   cp -a")
-            ms.append(self.m_cp(name, src, runs, snap, files, nbytes))
-        if "rclone" in methods:
-            log("   rclone copy via S3")
-            ms.append(self.m_rclone_s3(name, src, runs, snap, files, nbytes, proxy=self.proxy,
-                                       name="rclone copy via S3", hub_path=f"{name}/rclone-copy"))
-            if args.proxy_overhead:
-                log("   rclone copy via S3, no proxy (info)")
-                ms.append(self.m_rclone_s3(name, src, runs, snap, files, nbytes, proxy=None,
-                                           name="rclone copy via S3, no proxy (info)",
-                                           hub_path=f"{name}/rclone-copy-noproxy"))
-        if "archive" in methods:
-            log("   rclone archive create/extract")
-            ms.append(self.m_archive(name, src, runs, snap, files, nbytes))
-        dst, dst_tog = os.path.join(runs, "pipeline-dest"), os.path.join(runs, "together-dest")
-        self.seq_and_together(name, ms, source=src, dest_seq=dst, dest_tog=dst_tog, out_seq=dst, out_tog=dst_tog,
-                              runs=runs, snap=snap, files=files, nbytes=nbytes, proxy=self.proxy,
-                              first_file=first_local_file(dst_tog, snap))
+        for k in range(args.rounds):
+            label, rruns = round_of(name, runs, k)
+            os.makedirs(rruns, exist_ok=True)
+            if args.rounds > 1:
+                log(f"   round {k + 1} of {args.rounds}")
+            self.local_round(name, label, rruns, section["methods"], src=src, snap=snap, files=files, nbytes=nbytes)
+        collapse_rounds(section)
         self.ratios(section)
         if name in args.mode_sets and args.remotes:
             self.run_remotes(name, root, runs, snap, files, nbytes, info)
@@ -1100,14 +1086,40 @@ class Bench:
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(runs, ignore_errors=True)
 
+    def local_round(self, name: str, label: str, runs: str, ms: list, *, src: str, snap: dict, files: int,
+                    nbytes: int) -> None:
+        """One round of the methods on a local set (``label`` and ``runs`` are this round's)."""
+        methods, args = self.args.methods, self.args
+        if "cp" in methods:
+            log("   cp -a")
+            ms.append(self.m_cp(label, src, runs, snap, files, nbytes))
+        if "rclone" in methods:
+            log("   rclone copy via S3")
+            ms.append(self.m_rclone_s3(label, src, runs, snap, files, nbytes, proxy=self.proxy,
+                                       name="rclone copy via S3", hub_path=f"{label}/rclone-copy"))
+            if args.proxy_overhead:
+                log("   rclone copy via S3, no proxy (info)")
+                ms.append(self.m_rclone_s3(label, src, runs, snap, files, nbytes, proxy=None,
+                                           name="rclone copy via S3, no proxy (info)",
+                                           hub_path=f"{label}/rclone-copy-noproxy"))
+        if "archive" in methods:
+            log("   rclone archive create/extract")
+            ms.append(self.m_archive(label, src, runs, snap, files, nbytes))
+        dst, dst_tog = os.path.join(runs, "pipeline-dest"), os.path.join(runs, "together-dest")
+        self.seq_and_together(label, ms, source=src, dest_seq=dst, dest_tog=dst_tog, out_seq=dst, out_tog=dst_tog,
+                              runs=runs, snap=snap, files=files, nbytes=nbytes, proxy=self.proxy,
+                              first_file=first_local_file(dst_tog, snap))
+
     def run_remotes(self, name: str, set_root: str, runs: str, snap: dict, files: int, nbytes: int,
                     info: dict) -> None:
         log(f"== {name}, remotes mode: SOURCE and DESTINATION each on its own rclone serve s3")
         rruns = os.path.join(runs, "remotes")
         dst_data = os.path.join(rruns, "dst-data")
         src_srv = S3Server(f"{name}-source", set_root, self.rclone, self.log_dir)          # bucket "source"
+        buckets = [[f"{b}{round_of('', '', k)[0]}" for b in ("direct", "pipeline", "together")]
+                   for k in range(self.args.rounds)]
         dst_srv = S3Server(f"{name}-dest", dst_data, self.rclone, self.log_dir,
-                           buckets=("direct", "pipeline", "together"))
+                           buckets=tuple(b for bs in buckets for b in bs))
         section = {"title": f"{name}, remotes mode: SOURCE and DESTINATION as rclone S3 remotes",
                    "set": name, "mode": "remotes", "data": info, "baseline": "rclone copy direct",
                    "methods": []}
@@ -1117,20 +1129,22 @@ class Bench:
             remotes = {**src_srv.rclone_env("srcs3"), **dst_srv.rclone_env("dsts3")}
             env = self.base_env()
             env.update(remotes)
-            log("   rclone copy SOURCE -> DESTINATION direct")
-            step = self.runner.run(f"{name}-remotes-direct", [self.rclone, "copy", "srcs3:source", "dsts3:direct",
-                                                              "--transfers", str(self.args.transfers)], env)
-            step["step"] = "SOURCE -> DESTINATION"
-            m = self.method_from_steps("rclone copy direct", "rclone-copy", [step], files, nbytes)
-            self.verify(m, snap, os.path.join(dst_data, "direct"))
-            section["methods"].append(m)
-            self.seq_and_together(f"{name}-remotes", section["methods"], source="srcs3:source",
-                                  dest_seq="dsts3:pipeline", dest_tog="dsts3:together",
-                                  out_seq=os.path.join(dst_data, "pipeline"),
-                                  out_tog=os.path.join(dst_data, "together"), runs=rruns, snap=snap,
-                                  files=files, nbytes=nbytes, proxy=self.proxy,
-                                  first_file=first_remote_file(dst_srv, "together", snap), extra_env=remotes,
-                                  suffix=" with remotes")
+            for k, (direct, seq, tog) in enumerate(buckets):
+                label, kruns = round_of(f"{name}-remotes", rruns, k)
+                log("   rclone copy SOURCE -> DESTINATION direct")
+                step = self.runner.run(f"{label}-direct", [self.rclone, "copy", "srcs3:source", f"dsts3:{direct}",
+                                                           "--transfers", str(self.args.transfers)], env)
+                step["step"] = "SOURCE -> DESTINATION"
+                m = self.method_from_steps("rclone copy direct", "rclone-copy", [step], files, nbytes)
+                self.verify(m, snap, os.path.join(dst_data, direct))
+                section["methods"].append(m)
+                self.seq_and_together(label, section["methods"], source="srcs3:source",
+                                      dest_seq=f"dsts3:{seq}", dest_tog=f"dsts3:{tog}",
+                                      out_seq=os.path.join(dst_data, seq), out_tog=os.path.join(dst_data, tog),
+                                      runs=kruns, snap=snap, files=files, nbytes=nbytes, proxy=self.proxy,
+                                      first_file=first_remote_file(dst_srv, tog, snap), extra_env=remotes,
+                                      suffix=" with remotes")
+            collapse_rounds(section)
         finally:
             src_srv.stop()
             dst_srv.stop()
@@ -1149,15 +1163,18 @@ class Bench:
         self.sections.append(section)
         self.current = f"{name}, {ms_:g} ms delay"
         try:
-            log("   rclone copy via S3 (delayed)")
-            section["methods"].append(self.m_rclone_s3(f"{name}-delay", src, druns, snap, files, nbytes,
-                                                       proxy=proxy, name="rclone copy via S3 (delayed)",
-                                                       hub_path=f"{name}/delay-rclone-copy"))
-            dst, dst_tog = os.path.join(druns, "pipeline-dest"), os.path.join(druns, "together-dest")
-            self.seq_and_together(f"{name}-delay", section["methods"], source=src, dest_seq=dst,
-                                  dest_tog=dst_tog, out_seq=dst, out_tog=dst_tog, runs=druns, snap=snap,
-                                  files=files, nbytes=nbytes, proxy=proxy,
-                                  first_file=first_local_file(dst_tog, snap), suffix=" (delayed)")
+            for k in range(self.args.rounds):
+                label, kruns = round_of(f"{name}-delay", druns, k)
+                log("   rclone copy via S3 (delayed)")
+                section["methods"].append(self.m_rclone_s3(label, src, kruns, snap, files, nbytes, proxy=proxy,
+                                                           name="rclone copy via S3 (delayed)",
+                                                           hub_path=f"{label}/rclone-copy"))
+                dst, dst_tog = os.path.join(kruns, "pipeline-dest"), os.path.join(kruns, "together-dest")
+                self.seq_and_together(label, section["methods"], source=src, dest_seq=dst,
+                                      dest_tog=dst_tog, out_seq=dst, out_tog=dst_tog, runs=kruns, snap=snap,
+                                      files=files, nbytes=nbytes, proxy=proxy,
+                                      first_file=first_local_file(dst_tog, snap), suffix=" (delayed)")
+            collapse_rounds(section)
         finally:
             proxy.stop()
         self.ratios(section)
@@ -1239,9 +1256,10 @@ class Bench:
             add(f"mapper on {mm['data']['files']:,} empty files: peak RSS (MiB)",
                 r["peak_rss_bytes"] / MIB if r["status"] == "ok" else None, TARGETS["mapper_million_rss_mib"], "MiB",
                 f"took {r['wall_s']:.1f}s; rclone lsjson peaked at {r['peak_children_rss_bytes'] / MIB:.0f} MiB")
-        checked = [(sec["title"], m) for sec in self.sections for m in sec["methods"] if "tree_check" in m]
-        bad = [f"{m['method']} ({t.split(':')[0]}): {m['tree_check']['summary']}"
-               for t, m in checked if not m["tree_check"]["ok"]]
+        checked = [(sec["title"].split(":")[0], m["method"], summary) for sec in self.sections
+                   for m in sec["methods"] if "tree_check" in m
+                   for summary in m.get("rounds_tree", [m["tree_check"]["summary"]])]
+        bad = [f"{method} ({title}): {summary}" for title, method, summary in checked if summary != "ok"]
         if checked:
             out.append({"target": "every output tree equals SOURCE (paths, sizes, SHA-256, mtime within 1 s)",
                         "measured": f"{len(checked) - len(bad)}/{len(checked)} trees ok", "limit": "all",
@@ -1290,6 +1308,34 @@ class Bench:
                 TARGETS["script_rss_mib"], "MiB",
                 f"its rclone children peaked at {s['peak_children_rss_bytes'] / MIB:.0f} MiB (summed)"
                 + ("" if s["rc"] == 0 else f"; the script exited {s['rc']}"))
+
+
+def round_of(label: str, runs: str, k: int) -> tuple[str, str]:
+    """Round ``k``'s label and folder: the first round keeps the plain ones."""
+    if k == 0:
+        return label, runs
+    return f"{label}-r{k + 1}", os.path.join(runs, f"round{k + 1}")
+
+
+def collapse_rounds(section: dict) -> None:
+    """One row per method after ``--rounds``: the round of median wall time (the lower middle one for an
+    even count), or the first failed round, with every round's wall time beside it."""
+    by_name: dict[str, list[dict]] = {}
+    for m in section["methods"]:
+        by_name.setdefault(m["method"], []).append(m)
+    rows = []
+    for ms in by_name.values():
+        if len(ms) == 1:
+            rows.append(ms[0])
+            continue
+        failed = [m for m in ms if m.get("status") != "ok"]
+        rep = dict(failed[0] if failed else sorted(ms, key=lambda m: m["wall_s"])[(len(ms) - 1) // 2])
+        rep["rounds_wall_s"] = [m.get("wall_s") for m in ms]
+        rep["rounds_tree"] = [m.get("tree_check", {}).get("summary", "not checked") for m in ms]
+        if rep.get("kind") == "together":
+            rep["rounds_first_file_s"] = [m.get("first_file_s") for m in ms]
+        rows.append(rep)
+    section["methods"] = rows
 
 
 def ok(m: dict | None) -> bool:
@@ -1408,6 +1454,11 @@ def render(bench: Bench, meta: dict, targets: list[dict]) -> str:
                 mp = m["map"]
                 if "parts" in mp:
                     lines.append(f"{'  (map: ' + str(mp['parts']) + ' parts, largest ' + fmt(mp['largest_part_bytes'] / MIB) + ' MiB)':<34}")
+            if m.get("rounds_wall_s"):
+                lines.append(f"{'':<34} median of {len(m['rounds_wall_s'])} rounds, in run order: "
+                             + ", ".join(fmt(w) for w in m["rounds_wall_s"]) + " s"
+                             + ("; first file at DESTINATION " + ", ".join(fmt(w) for w in m["rounds_first_file_s"])
+                                + " s" if m.get("rounds_first_file_s") else ""))
             if m.get("kind") == "together":
                 lines.append(f"{'':<34} started at one instant in the order {', '.join(m['started_order'])}; "
                              "each stage's wall is from that instant to its exit; first file at DESTINATION "
@@ -1483,6 +1534,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--request-log", action="store_true",
                     help="the proxies also log every S3 request (time, method, status, bytes, path) "
                          "to requests-<proxy>.log in the log folder")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each mode's methods this many times, in turn (baseline, pipeline one after another, "
+                         "stages together, baseline, ...); the table shows the median round of each [1]")
     ap.add_argument("--transfers", type=int, default=8, help="rclone copy --transfers [8]")
     ap.add_argument("--archive-format", default="zip", choices=("zip", "tar"), help="rclone archive format [zip]")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -1516,6 +1570,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--env wants KEY=VALUE, got {pair!r}")
         k, v = pair.split("=", 1)
         args.env_pairs[k] = v
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.small < 0 or args.large < 0 or args.folders < 1:
         ap.error("--small and --large must be >= 0, --folders >= 1")
     return args

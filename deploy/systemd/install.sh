@@ -4,8 +4,8 @@
 #
 #   sudo sh deploy/systemd/install.sh
 #
-# - copies the units, the worker templates (python_zipper@.service, ...) and the timers to
-#   /etc/systemd/system;
+# - copies the units (the chain's and migrate.py's, cloud-migration-together.service), the
+#   worker templates (python_zipper@.service, ...) and the timers to /etc/systemd/system;
 # - installs the shared settings (cloud-migration-common.conf) once, as
 #   /etc/cloud-migration/units.conf, and links it into each unit's drop-in directory as
 #   <unit>.d/10-cloud-migration.conf (a later unit, e.g. a template, needs only one more link);
@@ -19,12 +19,16 @@
 set -eu
 src=$(cd "$(dirname "$0")" && pwd)
 dest=${DESTDIR:-}
-units="master_mapper.service python_zipper.service python_unzipper.service cloud-migration.service"
+# The chain (the stages one after the other) and migrate.py (the stages together).
+units="master_mapper.service python_zipper.service python_unzipper.service cloud-migration.service
+       cloud-migration-together.service"
 # The worker templates (README, "Many machines"): instance = WORKER_INDEX.
-templates="master_mapper@.service python_zipper@.service python_unzipper@.service cloud-migration@.service"
+templates="master_mapper@.service python_zipper@.service python_unzipper@.service cloud-migration@.service
+           cloud-migration-together@.service"
+timers="cloud-migration.timer cloud-migration@.timer cloud-migration-together.timer cloud-migration-together@.timer"
 
 install -d -m 0755 "$dest/etc/systemd/system" "$dest/etc/cloud-migration"
-for unit in $units $templates cloud-migration.timer cloud-migration@.timer; do
+for unit in $units $templates $timers; do
     install -m 0644 "$src/$unit" "$dest/etc/systemd/system/$unit"
 done
 install -m 0644 "$src/cloud-migration-common.conf" "$dest/etc/cloud-migration/units.conf"
@@ -47,6 +51,7 @@ if [ -z "$dest" ]; then
     install -d -m 0700 -o cloud-migration -g cloud-migration /var/lib/cloud-migration
     systemctl daemon-reload
     echo "installed; next: edit /etc/cloud-migration/migration.env, put rclone.conf in" \
-         "/var/lib/cloud-migration, then: systemctl enable --now cloud-migration.timer" \
-         "(one worker) or cloud-migration@<index>.timer for each worker (WORKER_COUNT in migration.env)"
+         "/var/lib/cloud-migration, then one of: systemctl enable --now cloud-migration-together.timer" \
+         "(the stages together, migrate.py), cloud-migration.timer (the stages one after the other)," \
+         "or cloud-migration-together@<index>.timer for each worker (WORKER_COUNT in migration.env)"
 fi

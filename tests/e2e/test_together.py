@@ -5,11 +5,14 @@ before it through the bucket and ends when that one has ended and nothing is lef
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from e2ekit import Env
+from e2ekit import ROOT, Env
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 
@@ -101,3 +104,54 @@ def test_stages_started_at_the_same_instant_on_a_tiny_tree_miss_nothing(env: Env
     results = [(p.returncode, err[-2000:]) for p in procs for _out, err in [p.communicate(timeout=120)]]
     assert [c for c, _e in results] == [0, 0, 0], results
     assert_same_tree(env.source, env.destination)
+
+
+SCRIPTS = ("python_unzipper.py", "python_zipper.py", "master_mapper.py")
+
+
+def start_together(env: Env, work_dir: str | None = None, **extra: str) -> dict[str, subprocess.Popen]:
+    """The three stages at one instant, each in its own process group (a kill takes its rclone too)."""
+    env_vars = {**env.vars, "UPSTREAM_WAIT": "60", "LEASE_SECONDS": "6", "PROGRESS_INTERVAL": "1", **extra}
+    if work_dir:
+        env_vars["WORK_DIR"] = work_dir
+    return {s: subprocess.Popen([sys.executable, os.path.join(ROOT, s)], env=env_vars, cwd=env.tmp,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for s in SCRIPTS}
+
+
+@pytest.mark.parametrize("victim, after_s", [("master_mapper.py", 1.5), ("python_zipper.py", 3.0),
+                                             ("python_unzipper.py", 4.0)])
+def test_kill9_of_one_stage_while_all_three_run_then_migrate_finishes(env: Env, victim: str, after_s: float):
+    folders_tree(env.source, folders=6, files=11)
+    env.via_rclone()
+    procs = start_together(env, RCLONE_BWLIMIT="200k", MAX_PARALLEL_WORKERS="1")
+    time.sleep(after_s)
+    os.killpg(procs[victim].pid, signal.SIGKILL)
+    codes = {s: p.wait(120) for s, p in procs.items()}
+    for proc in procs.values():
+        proc.communicate()
+    assert codes[victim] == -signal.SIGKILL, codes
+    # The others end on their own (the dead stage's heartbeat names a process that is gone),
+    # with 0, or 4 for what the dead one left undone.
+    assert all(codes[s] in (0, 4) for s in SCRIPTS if s != victim), codes
+    rerun = env.run("migrate.py", RERUN_BACKOFF="1", LEASE_SECONDS="6", UPSTREAM_WAIT="10", timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert_same_tree(env.source, env.destination)
+
+
+def test_two_workers_per_stage_on_claims_started_together_do_each_unit_once(env: Env):
+    folders_tree(env.source, folders=6, files=11)
+    env.via_rclone()
+    workers = [start_together(env, os.path.join(env.tmp, f"work{n}"), WORKER_ID=f"w{n}", RCLONE_BWLIMIT="300k")
+               for n in (1, 2)]
+    results = {(n, s): (p.wait(180), p.communicate()[1]) for n, w in enumerate(workers) for s, p in w.items()}
+    assert all(code == 0 for code, _err in results.values()), {k: (c, e[-2000:]) for k, (c, e) in results.items()}
+    assert_same_tree(env.source, env.destination)
+    objects = env.objects()
+    parts = [k for k in objects if k.startswith(env.prefix + "_parts/") and k.endswith(".json")]
+    made = sum(err.count("part uploaded:") for (_n, s), (_c, err) in results.items() if s == "python_zipper.py")
+    restored = sum(err.count("part restored:") for (_n, s), (_c, err) in results.items() if s == "python_unzipper.py")
+    assert made == len(parts) == restored, (made, len(parts), restored)
+    for stage in ("python_zipper.py", "python_unzipper.py"):
+        assert all("mode: claims" in results[(n, stage)][1] for n in (0, 1))
+        assert all(err.count("part ") > 0 for (_n, s), (_c, err) in results.items() if s == stage)

@@ -288,6 +288,17 @@ class Migration:
             return None
         return body if isinstance(body, dict) and isinstance(body.get("retry_after"), str) else None
 
+    def wait_out(self, seconds: float) -> None:
+        """A quota pause: until its end, or until the pause record is gone or ends sooner (a person
+        lifted it), looked at every RERUN_BACKOFF seconds (at least 1, at most 600)."""
+        end = time.monotonic() + seconds
+        while self.signum is None and time.monotonic() < end:
+            self.sleep(min(max(1.0, min(600.0, self.settings.backoff_s)), end - time.monotonic()))
+            pause = self.pause()
+            if pause is None or parse_mtime(pause["retry_after"]) <= time.time():
+                self.display.say("info", "the quota pause at DESTINATION has ended; going on")
+                return
+
     def sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while self.signum is None and time.monotonic() < end:
@@ -295,9 +306,10 @@ class Migration:
 
 
 def drive(m: Migration) -> int:
-    """Rounds until the migration is done, a person must act, or MAX_ROUNDS is spent."""
+    """Rounds until the migration is done, a person must act, or MAX_ROUNDS is spent (a round
+    that ended in a quota pause waited out does not count)."""
     scripts: Sequence[str] = STAGES
-    round_no = 1
+    round_no, spent = 1, 0
     while True:
         m.display.say("info", f"round {round_no}: starting {', '.join(SCRIPT_FILES[s] for s in scripts)} together")
         codes = {s: EXIT_OK for s in STAGES} | m.run_round(scripts)
@@ -305,38 +317,37 @@ def drive(m: Migration) -> int:
             return 128 + m.signum
         pause = m.pause()
         verdict = judge(codes, paused=pause is not None)
-        told = ", ".join(f"{s} {codes[s]}" for s in scripts)
+        told = f"round {round_no}: exit codes " + ", ".join(f"{s} {codes[s]}" for s in scripts)
         if verdict.action == "done":
-            m.display.say("info", f"round {round_no}: exit codes {told}: the migration is restored and verified")
+            m.display.say("info", f"{told}: the migration is restored and verified")
             return EXIT_OK
         if verdict.action == "stop":
-            m.display.say("error", f"round {round_no}: exit codes {told}: {verdict.why}; stopping with exit "
-                                   f"{verdict.code}")
+            m.display.say("error", f"{told}: {verdict.why}; stopping with exit {verdict.code}")
             return verdict.code
         if verdict.action == "quota":
-            wait = max(0.0, parse_mtime(pause["retry_after"]) - time.time()) + 5
             if not m.settings.wait_for_quota:
-                m.display.say("error", f"round {round_no}: exit codes {told}: DESTINATION refused uploads for a "
-                                       f"provider quota until {pause['retry_after']}; run python migrate.py again "
-                                       "then (WAIT_FOR_QUOTA=1 waits it out)")
+                m.display.say("error", f"{told}: DESTINATION refused uploads for a provider quota until "
+                                       f"{pause['retry_after']}; run python migrate.py again then (WAIT_FOR_QUOTA=1 "
+                                       "waits it out)")
                 return EXIT_TEMPORARY
-            m.display.say("warning", f"round {round_no}: DESTINATION is paused for a quota until "
-                                     f"{pause['retry_after']}: waiting {wait / 3600:.1f} h (WAIT_FOR_QUOTA=1)")
-            m.sleep(wait)
-        elif round_no >= m.settings.max_rounds:
-            m.display.say("error", f"round {round_no}: exit codes {told}; {round_no} rounds of MAX_ROUNDS="
-                                   f"{m.settings.max_rounds} done and work is left: see the lines above, "
-                                   "python migrate.py --status, then run python migrate.py again")
-            return verdict.code
+            wait = max(0.0, parse_mtime(pause["retry_after"]) - time.time()) + 5
+            m.display.say("warning", f"{told}: DESTINATION is paused for a quota until {pause['retry_after']}: "
+                                     f"waiting {wait / 3600:.1f} h (WAIT_FOR_QUOTA=1)")
+            m.wait_out(wait)
         else:
-            round_no += 1
-            wait = pause_before(round_no, m.settings.backoff_s)
-            m.display.say("warning", f"round {round_no - 1}: exit codes {told}: work is left; running again from "
-                                     f"{SCRIPT_FILES[verdict.stage]} in {wait:.0f} s (round {round_no} of at "
-                                     f"most {m.settings.max_rounds})")
+            spent += 1
+            if spent >= m.settings.max_rounds:
+                m.display.say("error", f"{told}; {spent} rounds of MAX_ROUNDS={m.settings.max_rounds} done and work "
+                                       "is left: see the lines above, python migrate.py --status, then run python "
+                                       "migrate.py again")
+                return verdict.code
+            wait = pause_before(spent + 1, m.settings.backoff_s)
+            m.display.say("warning", f"{told}: work is left; running again from {SCRIPT_FILES[verdict.stage]} in "
+                                     f"{wait:.0f} s (round {spent + 1} of at most {m.settings.max_rounds})")
             m.sleep(wait)
         if m.signum is not None:
             return 128 + m.signum
+        round_no += 1
         scripts = STAGES[STAGES.index(verdict.stage):]
 
 

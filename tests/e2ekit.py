@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import boto3
@@ -118,12 +119,16 @@ def base_env(tmp: str, endpoint: str, bucket: str) -> dict:
     }
 
 
-def kill_at(env: Env, script: str, delay: float, **extra: str) -> int:
-    """Start the script in its own process group and SIGKILL the whole group after ``delay``;
-    returns its exit code (-9 when the kill landed)."""
+def kill_at(env: Env, script: str, delay: float, *, after_key: str | None = None, **extra: str) -> int:
+    """Start the script in its own process group and SIGKILL the whole group after ``delay``
+    (counted from the moment ``after_key`` exists on S3, if given, at most 60 s); returns its
+    exit code (-9 when the kill landed)."""
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script)], env={**env.vars, **extra},
                             cwd=env.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+    deadline = time.monotonic() + 60
+    while after_key and proc.poll() is None and after_key not in env.objects() and time.monotonic() < deadline:
+        time.sleep(0.1)
     try:
         proc.wait(delay)
     except subprocess.TimeoutExpired:

@@ -3,7 +3,9 @@ together, runs again from the stage that left work, and stops when a person must
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -83,3 +85,56 @@ def test_one_command_checks_the_configuration_once_and_starts_nothing(env: Env):
     assert proc.returncode == 2, out
     assert out.count("S3_BUCKET is required") == 1 and "nothing was started" in out
     assert "round 1" not in out and "Traceback" not in out
+
+
+def test_one_command_stops_at_a_quota_pause_or_waits_it_out_when_asked(env: Env):
+    env.via_rclone()  # the unzipper uploads with rclone copy, as to a cloud DESTINATION
+    for folder in ("A", "B"):
+        os.makedirs(os.path.join(env.source, folder))
+        for i in range(4):
+            with open(os.path.join(env.source, folder, f"f{i}.txt"), "wb") as fh:
+                fh.write(os.urandom(900))
+    shim = at_its_limit(env.tmp, env.vars["RCLONE_BIN"], env.destination)
+    proc = migrate(env, RCLONE_BIN=shim, RERUN_BACKOFF="1", LEASE_SECONDS="6")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-4000:]
+    assert "DESTINATION refused uploads for a provider quota until" in out and "WAIT_FOR_QUOTA=1" in out
+    assert "round 2" not in out
+    pause_key = f"{env.prefix}_pause/destination.json"
+    pause = json.loads(env.get(pause_key))
+    assert not [k for k in env.objects() if "/_restored/" in k]
+
+    # Asked to wait: it waits, looks at the pause again, and goes on once it is over.
+    proc = migrate(env, RCLONE_BIN=shim, RERUN_BACKOFF="1", LEASE_SECONDS="6", WAIT_FOR_QUOTA="1")
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "waiting" in line and "(WAIT_FOR_QUOTA=1)" in line:
+            # The next day: the quota is lifted (the shim goes) and the pause has passed.
+            os.remove(shim)
+            shutil.copy(env.vars["RCLONE_BIN"], shim)
+            env.put(pause_key, json.dumps({**pause, "retry_after": "2001-01-01T00:00:00Z"}).encode())
+    assert proc.wait(60) == 0, "".join(lines[-40:])
+    text = "".join(lines)
+    assert "the quota pause at DESTINATION has ended; going on" in text
+    assert "round 2: starting python_zipper.py, python_unzipper.py together" in text \
+        or "round 2: starting python_unzipper.py together" in text
+    assert_same_tree(env.source, env.destination)
+
+
+def at_its_limit(tmp: str, real: str, destination: str) -> str:
+    """An RCLONE_BIN that answers every copy to DESTINATION as Google Drive does at its daily limit."""
+    path = os.path.join(tmp, "rclone-at-limit")
+    says = "googleapi: Error 403: User rate limit exceeded., userRateLimitExceeded"
+    with open(path, "w") as fh:
+        fh.write(f"""#!/bin/bash
+case "$1 $*" in copy*"{destination}"*)
+    echo "ERROR : Google drive root 'Migrated': Received upload limit error: {says}" >&2
+    echo "ERROR : Attempt 1/3 failed with 1 errors and: {says}" >&2
+    echo "Failed to copy: fatal error encountered" >&2
+    exit 7 ;;
+esac
+exec "{real}" "$@"
+""")
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+    return path

@@ -3599,19 +3599,22 @@ def wait_for_map(ctx: Run, upstream: Upstream, *, partial: str = "no") -> MapVie
         latest = latest_generation(ctx.records, ctx.layout)
         gens = all_generations(ctx.records, ctx.layout)
         mapping = bool(gens) and (latest is None or gens[-1] > latest[0])
-        if latest is not None and not mapping:
+        # A mapper running may be beginning a newer generation (FORCE_RESCAN): wait for it too.
+        if latest is not None and not mapping and (ctx.cfg.dry_run or not upstream.running("mapper")):
             return MapView(ctx, *latest)
         why = upstream.reason() if "mapper" in upstream.scripts else None
         if why is None or (latest is not None and not why.startswith(SCRIPT_FILES["mapper"])):
             # the mapper is not running: the newest complete map, as when run alone
             return None if latest is None else MapView(ctx, *latest)
-        if gens and (partial == "any" or partial == "first" and latest is None) and upstream.running("mapper"):
+        if mapping and (partial == "any" or partial == "first" and latest is None) and upstream.running("mapper"):
             body = ctx.records.get_json(ctx.layout.plan(gens[-1]))
             if body is not None:
                 view = MapView(ctx, gens[-1], None, PlanRecord.from_json(ctx.layout.plan(gens[-1]), body))
                 view.refresh()
                 return view
-        said = f"{why}; waiting for {'the' if latest is None else 'the newer'} map generation {gens[-1] if gens else 1}"
+        said = (f"{why}; waiting for {'the' if latest is None else 'the newer'} map generation {gens[-1] if gens else 1}"
+                if mapping or latest is None else f"{why}; waiting for it to end (it may map a newer generation "
+                                                  f"than {latest[0]})")
         (log.debug if said == last else log.info)("%s (looking again every few seconds)", said)
         last = said
         ctx.runtime.stop.wait(wait)

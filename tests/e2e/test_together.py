@@ -5,6 +5,7 @@ before it through the bucket and ends when that one has ended and nothing is lef
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from e2ekit import ROOT, Env
+from e2ekit import ROOT, Env, base_env
 from sample_tree import make_tree
 from treecheck import assert_same_tree
 
@@ -155,3 +156,52 @@ def test_two_workers_per_stage_on_claims_started_together_do_each_unit_once(env:
     for stage in ("python_zipper.py", "python_unzipper.py"):
         assert all("mode: claims" in results[(n, stage)][1] for n in (0, 1))
         assert all(err.count("part ") > 0 for (_n, s), (_c, err) in results.items() if s == stage)
+
+
+def test_static_shards_started_together_on_a_server_without_conditional_writes(tmp_path, rclone_s3):
+    """rclone serve s3 ignores conditional writes: two workers per stage with WORKER_COUNT=2, the
+    six started at one instant; each shard's zipper follows the mapper folder by folder."""
+    endpoint, _data = rclone_s3
+    bucket = f"together-{os.getpid()}-{random.randrange(10**6)}"
+    env = Env(endpoint=endpoint, bucket=bucket, tmp=str(tmp_path), vars=base_env(str(tmp_path), endpoint, bucket))
+    env.s3.create_bucket(Bucket=bucket)
+    folders_tree(env.source, folders=6, files=11)
+    env.via_rclone()
+    workers = [start_together(env, os.path.join(env.tmp, f"work{n}"), WORKER_ID=f"s{n}", WORKER_COUNT="2",
+                              WORKER_INDEX=str(n), RCLONE_BWLIMIT="300k") for n in (0, 1)]
+    results = {(n, s): (p.wait(180), p.communicate()[1]) for n, w in enumerate(workers) for s, p in w.items()}
+    assert all(code == 0 for code, _err in results.values()), {k: (c, e[-2000:]) for k, (c, e) in results.items()}
+    assert_same_tree(env.source, env.destination)
+    for stage in SCRIPTS:
+        assert all("static shard" in results[(n, stage)][1] for n in (0, 1)), stage
+    parts = [k for k in env.objects() if k.startswith(env.prefix + "_parts/") and k.endswith(".json")]
+    made = sum(err.count("part uploaded:") for (_n, s), (_c, err) in results.items() if s == "python_zipper.py")
+    assert made == len(parts)
+
+
+def test_a_delta_pass_mapped_and_zipped_while_the_first_generation_is_restored(env: Env):
+    """A new generation (FORCE_RESCAN) is mapped and zipped while an unzipper still restores the
+    first one: it finishes the first, the next unzipper the second; nothing is lost or mixed."""
+    folders_tree(env.source, folders=6, files=11)
+    env.via_rclone()
+    for script in ("master_mapper.py", "python_zipper.py"):
+        assert env.run(script).returncode == 0
+    unzipper = env.popen("python_unzipper.py", RCLONE_BWLIMIT="150k", LEASE_SECONDS="6", MAX_PARALLEL_WORKERS="1")
+    time.sleep(1.5)
+    with open(os.path.join(env.source, "top 01", "added.txt"), "wb") as fh:
+        fh.write(os.urandom(1234))
+    with open(os.path.join(env.source, "top 02", "file 03.txt"), "wb") as fh:
+        fh.write(os.urandom(4321))
+    os.remove(os.path.join(env.source, "top 03", "file 00.txt"))
+    delta = {"LEASE_SECONDS": "6", "UPSTREAM_WAIT": "30", "WORK_DIR": os.path.join(env.tmp, "work-delta")}
+    mapper = env.popen("master_mapper.py", FORCE_RESCAN="1", **delta)
+    zipper = env.popen("python_zipper.py", **delta)
+    results = {name: (p.wait(180), p.communicate()[1]) for name, p in
+               (("unzipper", unzipper), ("mapper", mapper), ("zipper", zipper))}
+    assert {k: c for k, (c, _e) in results.items()} == {"unzipper": 0, "mapper": 0, "zipper": 0}, \
+        {k: (c, e[-2000:]) for k, (c, e) in results.items()}
+    assert "map generation 1" in results["unzipper"][1] and "map generation 2" in results["zipper"][1]
+    final = env.run("python_unzipper.py", PROPAGATE_DELETES="1", MAX_DELETE="100%")
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "map generation 2" in final.stderr
+    assert_same_tree(env.source, env.destination)

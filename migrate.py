@@ -170,11 +170,12 @@ class Display:
     def say(self, level: str, text: str) -> None:
         """The command's own lines go through the log; above the bars on a terminal."""
         with self.lock:
-            if self.bars:
-                next(iter(self.bars.values())).clear()
-            getattr(log, level)("%s", text)
-            for bar in self.bars.values():
-                bar.refresh()
+            if not self.bars:
+                getattr(log, level)("%s", text)
+                return
+            bar = next(iter(self.bars.values()))
+            with type(bar).external_write_mode(file=sys.stderr):  # every bar cleared, then drawn again
+                getattr(log, level)("%s", text)
 
     def update(self, beats: Mapping[str, HeartbeatRecord | None], ended: Mapping[str, int]) -> None:
         words = {s: describe(beats.get(s), ended.get(s)) for s in STAGES}
@@ -188,7 +189,7 @@ class Display:
             self.say("info", "progress: " + "; ".join(f"{s} {words[s]}" for s in STAGES))
 
     def close(self) -> None:
-        for bar in self.bars.values():
+        for bar in reversed(list(self.bars.values())):  # the lowest first: the cursor ends at the start of a line
             bar.close()
         self.bars = {}
 

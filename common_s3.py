@@ -79,18 +79,18 @@ __all__ = [
     "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord", "human_bytes", "in_shard",
     "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3",
     "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation",
-    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context",
-    "make_s3_client", "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB",
+    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
+    "make_s3_client", "MANIFEST_VERSION", "manifest_version", "ManifestHeader", "MapView", "MIB",
     "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id",
     "NewerFormat", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift",
-    "PlanRecord", "prepare_work_dir", "Progress", "ProgressPrinter", "proof_warnings", "QuotaPaused",
-    "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz",
-    "read_manifest_header", "Record", "RecordError", "RecordExists", "Records", "remote_join",
-    "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime",
-    "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging",
-    "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested", "summary_line",
-    "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord",
-    "WorkerPool",
+    "PlanRecord", "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter", "proof_warnings",
+    "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index",
+    "read_jsonl_gz", "read_manifest_header", "Record", "RecordError", "RecordExists", "Records",
+    "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run",
+    "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME",
+    "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
+    "summary_line", "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
+    "VerifiedRecord", "WorkerPool",
 ]
 
 GIB = 1 << 30
@@ -833,12 +833,13 @@ _LOG_CONTEXT = threading.local()
 
 
 class _ContextFilter(logging.Filter):
-    def __init__(self, script: str):
+    def __init__(self, script: str, worker: str | None = None):
         super().__init__()
-        self.script = script
+        self.script, self.worker = script, worker
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.script = self.script
+        record.worker = self.worker
         ctx = getattr(_LOG_CONTEXT, "ctx", {})
         for name in ("folder", "part"):
             if not hasattr(record, name):
@@ -847,19 +848,30 @@ class _ContextFilter(logging.Filter):
 
 
 class _JsonFormatter(logging.Formatter):
-    _STD = set(logging.makeLogRecord({}).__dict__) | {"script", "folder", "part", "message", "fields"}
+    """One JSON object per line. A line logged with ``extra={"event": kind, "data": {...}}``
+    (``log_event``) carries ``event`` and each of its numbers in ``fields``; the summary event
+    also carries ``exit_code`` at the top (README: "Structured events")."""
+
+    _STD = set(logging.makeLogRecord({}).__dict__) | {"script", "folder", "part", "message", "fields", "worker",
+                                                       "event", "data"}
 
     def format(self, record: logging.LogRecord) -> str:
+        event = getattr(record, "event", None)
         obj = {
             "time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname,
             "script": getattr(record, "script", None),
+            "worker": getattr(record, "worker", None),
             "folder": getattr(record, "folder", None),
             "part": getattr(record, "part", None),
+            "event": event,
             "message": record.getMessage().strip("\n"),
         }
-        fields = dict(getattr(record, "fields", None) or {})
+        data = getattr(record, "data", None) or {}
+        if event == "summary":
+            obj["exit_code"] = data.get("exit_code")
+        fields = {**data, **(getattr(record, "fields", None) or {})}
         if record.exc_info:
             fields["exception"] = self.formatException(record.exc_info)
         obj["fields"] = fields
@@ -901,26 +913,40 @@ def table_lines(rows: Sequence[Sequence[str]], *, indent: str = "", max_width: i
     return [(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in rows]
 
 
-def setup_logging(level: str, fmt: str, script: str) -> None:
+def setup_logging(level: str, fmt: str, script: str, worker: str | None = None) -> None:
     """Send every log line to stderr and every result line to stdout, as text or JSON."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    handler.addFilter(_ContextFilter(script))
+    handler.addFilter(_ContextFilter(script, worker))
     root.addHandler(handler)
     root.setLevel(level)
     for old in list(out.handlers):
         out.removeHandler(old)
     result = logging.StreamHandler(sys.stdout)
     result.setFormatter(_JsonFormatter() if fmt == "json" else _PlainFormatter())
-    result.addFilter(_ContextFilter(script))
+    result.addFilter(_ContextFilter(script, worker))
     out.addHandler(result)
     out.setLevel(logging.INFO)
     out.propagate = False
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_event(logger: logging.Logger, level: int, event: str, data: Mapping[str, Any], msg: str, *args: Any) -> None:
+    """A log line that is also an event: with LOG_FORMAT=json, ``event`` and every number of
+    ``data`` (files, bytes, seconds, rates) are fields of their own; as text, only the line."""
+    logger.log(level, msg, *args, extra={"event": event, "data": dict(data)})
+
+
+def progress_data(snap: Mapping[str, Any]) -> dict:
+    """The numbers of a progress snapshot, for events: ETA in seconds (None when unknown)."""
+    rate, left = snap["bytes_per_s"], max(0, snap["bytes_total"] - snap["bytes_done"])
+    return {k: snap[k] for k in ("units_done", "units_total", "units_failed", "units_interrupted", "bytes_done",
+                                 "bytes_total", "bytes_per_s", "elapsed_s")} | {
+        "eta_s": round(left / rate, 1) if rate else None}
 
 
 @contextlib.contextmanager
@@ -3762,7 +3788,7 @@ class ProgressPrinter:
             else:
                 text = self.line()
                 if text:
-                    log.info("%s", text)
+                    log_event(log, logging.INFO, "progress", progress_data(self.progress.snapshot()), "%s", text)
 
     def __enter__(self) -> "ProgressPrinter":
         if self.bar is not None:
@@ -4166,8 +4192,11 @@ def _configure(script: str, environ: Mapping[str, str], read_only: bool) -> Conf
             log.warning("%s", line)
         log.error("configuration: %s", exc)
         log.error("%s", final_line(script, EXIT_USAGE) + "; nothing was changed")
+        if fmt == "json":  # the run's last line, as for every run
+            log_event(log, logging.ERROR, "summary", {"exit_code": EXIT_USAGE, "error": str(exc)},
+                      "summary: nothing done, invalid configuration")
         return None
-    setup_logging(cfg.log_level, cfg.log_format, script)
+    setup_logging(cfg.log_level, cfg.log_format, script, cfg.worker_id)
     for line in typos:
         log.warning("%s", line)
     if cfg.prefix and not cfg.prefix.endswith("/"):
@@ -4283,9 +4312,14 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
                 lock.release()
     code = status.code
     if not read_only:
-        log.info("%s", summary_line(runtime.progress))
+        summary = {"exit_code": code, **progress_data(runtime.progress.snapshot()),
+                   "skipped": runtime.progress.skipped, "dry_run": cfg.dry_run}
+        if cfg.log_format != "json":
+            log.info("%s", summary_line(runtime.progress))
         if cfg.dry_run and code == EXIT_OK:
             log.info("dry run done: nothing was changed; run again without DRY_RUN to do it")
         else:
             (log.info if code == EXIT_OK else log.error)("%s", final_line(script, code, runtime.paused))
+        if cfg.log_format == "json":  # the run's last line: its totals, for machines
+            log_event(log, logging.INFO, "summary", summary, "%s", summary_line(runtime.progress))
     return code

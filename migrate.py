@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from common_s3 import (EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPORARY, EXIT_USAGE,
                        SCRIPT_FILES, Config, ConfigError, HeartbeatRecord, Layout, MigrationError,
-                       Records, early_exit, env_bool, env_number, human_bytes, log, make_s3_client,
+                       Records, early_exit, env_bool, env_number, human_bytes, log, log_event, make_s3_client,
                        most_severe, near_misses, parse_mtime, setup_logging, variables_help)
 
 STAGES = ("mapper", "zipper", "unzipper")
@@ -240,6 +241,7 @@ class Migration:
     settings: Settings
     display: Display
     signum: int | None = None
+    rounds: int = 0
 
     def beats(self, pids: Mapping[str, int]) -> dict[str, HeartbeatRecord | None]:
         """The heartbeat of each stage of this round (``pids``): the display's one source."""
@@ -314,6 +316,7 @@ def drive(m: Migration) -> int:
     while True:
         m.display.say("info", f"round {round_no}: starting {', '.join(SCRIPT_FILES[s] for s in scripts)} together")
         codes = {s: EXIT_OK for s in STAGES} | m.run_round(scripts)
+        m.rounds = round_no
         if m.signum is not None:
             return 128 + m.signum
         pause = m.pause()
@@ -410,6 +413,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                   "nothing was started")
         return EXIT_USAGE
     env = stage_env(environ, tty)
+    setup_logging("INFO", fmt if fmt in ("text", "json") else "text", SCRIPT, env["WORKER_ID"])
     m = Migration(cfg, env, Records(make_s3_client(cfg), cfg), Layout(cfg.prefix), settings,
                   Display(tty, fmt == "json"))
     old = {s: signal.signal(s, lambda signum, _f: setattr(m, "signum", signum))
@@ -423,6 +427,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if code >= 128:
         log.error("stopped by signal %d; every stage saved its progress; run python migrate.py again to continue",
                   code - 128)
+    if fmt == "json":  # the command's last line, as each stage's: its exit code
+        log_event(log, logging.INFO, "summary", {"exit_code": code, "rounds": m.rounds}, "summary: exit %d", code)
     return code
 
 

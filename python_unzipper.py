@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from common_s3 import (all_generations, Config, count, describe_proof, DiskGate, EXIT_OK, EXIT_PARTIAL,
                        EXIT_USAGE, EXIT_WAITING, FolderEntry, FolderIndex, format_mtime, human_bytes,
                        IndexRecord, is_local_path, large_file_id, LargeRecord, latest_generation, Layout,
-                       load_manifest, local_name, log_context, MapView, MIB, MigrationError, most_severe, mtime_ns, new_run_id,
+                       load_manifest, local_name, log_context, log_event, MapView, MIB, MigrationError, most_severe, mtime_ns, new_run_id,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
                        RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, SERVER_MTIME, Skipped,
@@ -387,8 +387,10 @@ def restore_part(ctx: Run, job: RestoreJob) -> dict:
                             worker=cfg.worker_id).to_json()
         if not job.repair:
             records.put_json_once(layout.restored_record(job.stem, job.part), out)
-        log.info("part restored: %s, %s in %.1fs (read %.1fs, upload %.1fs)", count(written, "file"),
-                 human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
+        log_event(log, logging.INFO, "part_restored",
+                  {"files": written, "bytes": need, "seconds": round(time.monotonic() - started, 3)},
+                  "part restored: %s, %s in %.1fs (read %.1fs, upload %.1fs)", count(written, "file"),
+                  human_bytes(need), time.monotonic() - started, fetched - started, time.monotonic() - fetched)
         return out
 
 

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (Config, ConfigError, count, DiskGate, EXIT_OK, EXIT_PARTIAL, EXIT_WAITING,
                        FolderEntry, format_mtime_ns, human_bytes, is_local_path, jsonl_gz_bytes, large_file_id,
-                       LargeRecord, Layout, load_manifest, MapView, local_name, log_context, MIB, MigrationError,
+                       LargeRecord, Layout, load_manifest, log_event, MapView, local_name, log_context, MIB, MigrationError,
                        MultipartUpload, out, parse_mtime, PartRecord, Passes, plain_local_name, plan_drift,
                        PlanRecord, Rclone, RcloneError, RecordExists, Records, remote_join, ROOT_LABEL, Run,
                        run_script, Runtime, S3Error, SERVER_MTIME, Skipped, staging_dir, start_run, StopRequested, Unit,
@@ -706,8 +706,11 @@ def zip_part(ctx: Run, job: PartJob, etags: EtagStyle | None = None) -> PartReco
             if sink is None:  # recorded by another worker meanwhile
                 return entries
             record = publish_part(ctx, job, sink, entries, etags)
-            log.info("part uploaded: %s, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
-                     count(len(entries), "file"), human_bytes(sink.total), time.monotonic() - started,
+            log_event(log, logging.INFO, "part_uploaded",
+                      {"files": len(entries), "bytes": sink.total, "seconds": round(time.monotonic() - started, 3),
+                       "downloaded_files": len(fetch)},
+                      "part uploaded: %s, %s in %.1fs (%s %.1fs, zip+upload %.1fs)",
+                      count(len(entries), "file"), human_bytes(sink.total), time.monotonic() - started,
                      f"download of {count(len(fetch), 'file')}" if fetch else "nothing to download",
                      staged_at - started, time.monotonic() - staged_at)
             return record

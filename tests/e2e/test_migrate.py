@@ -69,9 +69,11 @@ def test_one_command_stops_at_once_when_a_person_must_act(env: Env):
     missing = os.path.join(env.tmp, "no such folder")
     started = time.monotonic()
     # The zipper and the unzipper would wait up to a minute for a map that never comes.
-    proc = migrate(env, SOURCE=missing, UPSTREAM_WAIT="60", RERUN_BACKOFF="1")
+    proc = migrate(env, SOURCE=missing, UPSTREAM_WAIT="60", RERUN_BACKOFF="1", LOG_FORMAT="json")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out[-3000:]
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]  # every line, the stages' too
+    assert events[-1]["event"] == "summary" and events[-1]["exit_code"] == 2 and events[-1]["script"] == "migrate"
     assert time.monotonic() - started < 30
     assert "SOURCE" in out and "mapper ended with exit 2: stopping the others" in out
     assert "a person must act" in out and "round 2" not in out

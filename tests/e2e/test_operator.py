@@ -89,6 +89,9 @@ def test_progress_bar_on_a_terminal(env):
     assert "B/s" in screen and "units" in screen and "zipper:" in screen, screen[-2000:]
 
 
+JSON_KEYS = {"time", "level", "script", "worker", "folder", "part", "event", "message", "fields"}
+
+
 def test_json_logs_every_line_including_rclone(env):
     env.via_rclone()  # every script then runs rclone, whose lines must be JSON too
     make_tree(env.source, small_files=12)
@@ -98,9 +101,23 @@ def test_json_logs_every_line_including_rclone(env):
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
         objs = [json.loads(line) for line in lines]  # every line is one JSON object
         for obj in objs:
-            assert set(obj) == {"time", "level", "script", "folder", "part", "message", "fields"}, obj
+            assert set(obj) - {"exit_code"} == JSON_KEYS, obj
+            assert obj["worker"], obj
         assert any(o["message"].startswith("rclone: ") for o in objs), f"{script}: no rclone line"
         assert any(o["folder"] for o in objs)
+        # The run ends with one summary event: its exit code is the process's, its totals numbers.
+        last = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert last["event"] == "summary" and last["exit_code"] == proc.returncode == last["fields"]["exit_code"]
+        assert [o["event"] for o in objs].count("summary") == 1
+        assert last["fields"]["units_done"] > 0 and isinstance(last["fields"]["bytes_done"], int)
+        kind = {"python_zipper.py": "part_uploaded", "python_unzipper.py": "part_restored"}.get(script)
+        if kind:
+            parts = [o for o in objs if o["event"] == kind]
+            assert parts and all(isinstance(o["fields"]["files"], int) and o["fields"]["bytes"] > 0
+                                 and o["folder"] is not None and o["part"] for o in parts), parts[:2]
+    bad = env.run("python_zipper.py", LOG_FORMAT="json", S3_BUCKET="")
+    last = json.loads(bad.stderr.strip().splitlines()[-1])
+    assert bad.returncode == 2 and last["event"] == "summary" and last["exit_code"] == 2
     status = env.run("python_unzipper.py", "--status", LOG_FORMAT="json")
     assert all(json.loads(line)["message"] is not None for line in status.stdout.splitlines())
 

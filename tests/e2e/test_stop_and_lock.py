@@ -34,6 +34,15 @@ def rclone_children(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it has ended (it may end between a listing and this)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
 def wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -53,7 +62,7 @@ def test_signal_during_download_stops_cleanly_and_rerun_finishes(env, sig, code)
     # lands while rclone is downloading a part.
     proc = env.popen("python_zipper.py", RCLONE_BWLIMIT="20k", MAX_PARALLEL_WORKERS="1")
     children = wait_for(lambda: [c for c in rclone_children(proc.pid)
-                                 if b"copy" in open(f"/proc/{c}/cmdline", "rb").read()], 30, "a download")
+                                 if b"copy" in cmdline(c)], 30, "a download")
     tmp_dir = os.path.join(env.vars["WORK_DIR"], ".tmp", "zipper")
     assert os.listdir(tmp_dir), "no staging folder while downloading"
     started = time.monotonic()
@@ -81,7 +90,7 @@ def test_sigterm_during_unzipper_upload_stops_cleanly_and_rerun_finishes(env):
         assert env.run(script).returncode == 0
     proc = env.popen("python_unzipper.py", RCLONE_BWLIMIT="20k", MAX_PARALLEL_WORKERS="2")
     children = wait_for(lambda: [c for c in rclone_children(proc.pid)
-                                 if b"copy" in open(f"/proc/{c}/cmdline", "rb").read()], 30, "an upload")
+                                 if b"copy" in cmdline(c)], 30, "an upload")
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)

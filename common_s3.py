@@ -46,6 +46,7 @@ import fcntl
 import functools
 import gzip
 import hashlib
+import html
 import io
 import json
 import logging
@@ -73,24 +74,24 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 __all__ = [
     "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "ClaimRecord",
     "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
-    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP",
-    "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus",
-    "Fetched", "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime",
-    "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord", "human_bytes", "in_shard",
-    "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3",
-    "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation",
-    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
-    "make_s3_client", "MANIFEST_VERSION", "manifest_version", "ManifestHeader", "MapView", "MIB",
-    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id",
-    "NewerFormat", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift",
-    "PlanRecord", "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter", "proof_warnings",
-    "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index",
-    "read_jsonl_gz", "read_manifest_header", "Record", "RecordError", "RecordExists", "Records",
-    "remote_join", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run",
-    "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME",
-    "setup_logging", "shard_of", "show_status", "Skipped", "staging_dir", "start_run", "StopRequested",
-    "summary_line", "table_lines", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
-    "VerifiedRecord", "WorkerPool",
+    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP", "EXIT_FAILED",
+    "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched",
+    "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime", "format_mtime_ns", "GIB",
+    "handle_signals", "Heartbeat", "HeartbeatRecord", "human_bytes", "in_shard", "IndexRecord", "InstanceLock",
+    "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing",
+    "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation", "Layout", "lease_clock",
+    "load_manifest", "local_name", "LockHeldError", "log_context", "log_event", "make_s3_client",
+    "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB", "MigrationError", "most_severe",
+    "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "out", "parse_mtime", "PartRecord",
+    "Passes", "plain_local_name", "plan_drift", "PlanRecord", "prepare_work_dir", "Progress", "progress_data",
+    "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError",
+    "RcloneResult", "read_index", "read_jsonl_gz", "read_manifest_header", "Record", "RecordError",
+    "RecordExists", "Records", "remote_join", "render_status_page", "RestoreRecord", "retry_call", "RetryPolicy",
+    "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError",
+    "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status", "Skipped", "split_html_option",
+    "stage_eta", "staging_dir", "start_run", "StopRequested", "summary_line", "table_lines", "throughput_svg",
+    "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord", "WorkerPool",
+    "write_status_page",
 ]
 
 GIB = 1 << 30
@@ -4035,9 +4036,13 @@ def proof_warnings(proof: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def show_status(cfg: Config, records: Records, layout: Layout) -> int:
-    """``--status``: one table across all stages, from S3 only; no lock; exit 0."""
+def show_status(cfg: Config, records: Records, layout: Layout, html_path: str | None = None) -> int:
+    """``--status``: one table across all stages, from S3 only; no lock; exit 0. With
+    ``--html FILE`` the same, and FILE written as a status page."""
     status = collect_status(records, layout)
+    if html_path is not None:
+        write_status_page(html_path, render_status_page(status, cfg.prefix, utc_now()))
+        log.info("status page written: %s", html_path)
     if status["generation"] is None:
         out.info(f"no complete map under s3://{cfg.bucket}/{cfg.prefix} yet (generations started: "
                   f"{len(status['generations'])}); run master_mapper.py\n")
@@ -4061,10 +4066,7 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
         remaining = {"zipper": sum(f["bytes_to_upload"] for f in fs),
                      "unzipper": sum(f["bytes_to_restore"] for f in fs)}
         for script, left in remaining.items():
-            live = [b for b in status["heartbeats"].get(script) or [] if b.get("state") == "running"
-                    and not b.get("stale")]
-            rate = sum(b.get("bytes_per_s") or 0 for b in live)
-            eta = left / rate if rate else None
+            eta = stage_eta(status, script, left)
             out.info(f"{script}: {human_bytes(left)} left, "
                      + (("ETA " + _fmt_eta(eta)) if eta else "ETA unknown (no worker running)" if left else "done")
                      + "\n")
@@ -4103,6 +4105,263 @@ def show_status(cfg: Config, records: Records, layout: Layout) -> int:
                       + (f", mode: {beat['mode']}" if beat.get("mode") else "")
                       + (f", last error: {beat['last_error'][:100]}" if beat.get("last_error") else "") + "\n")
     return EXIT_OK
+
+
+# Status page
+
+# The page's own colours per stage (the chart's lines and the bars).
+_STAGE_COLOURS = {"mapper": "#7b5ea7", "zipper": "#1f77b4", "unzipper": "#2ca02c"}
+_PAGE_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:12px;color:#222;background:#fff}
+h1{font-size:20px;margin:4px 0}h2{font-size:16px;margin:18px 0 6px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:3px 6px;
+border-bottom:1px solid #eee;vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;white-space:nowrap}
+.wrap{overflow-x:auto}.bar{background:#eee;height:10px;border-radius:3px;min-width:60px;position:relative}
+.bar>i{display:block;height:10px;border-radius:3px}.k{color:#666}.bad{color:#b00020}.ok{color:#2a7a2a}
+.tot{display:flex;flex-wrap:wrap;gap:8px}.tot>div{border:1px solid #ddd;border-radius:6px;padding:6px 10px;
+min-width:200px;flex:1}svg{max-width:100%;height:auto;background:#fafafa;border:1px solid #eee}
+"""
+
+
+def _esc(value: Any) -> str:
+    """Any value as HTML text: folder names and errors are user data, never markup."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _bar(done: int, total: int, stage: str) -> str:
+    width = 100 if not total else round(100 * min(done, total) / total)
+    return (f'<div class="bar" title="{done}/{total}"><i style="width:{width}%;'
+            f'background:{_STAGE_COLOURS[stage]}"></i></div>')
+
+
+def _rows(head: Sequence[str], rows: Iterable[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+    """A table of already-escaped cells."""
+    out = ["<div class=\"wrap\"><table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>")
+    return "".join(out) + "</table></div>"
+
+
+def stage_eta(status: Mapping[str, Any], script: str, left_bytes: int) -> float | None:
+    """Seconds until ``script`` has moved ``left_bytes`` at the summed rate of its live workers."""
+    live = [b for b in status["heartbeats"].get(script) or [] if b.get("state") == "running"
+            and not b.get("stale")]
+    rate = sum(b.get("bytes_per_s") or 0 for b in live)
+    return left_bytes / rate if rate and left_bytes else None
+
+
+def throughput_series(beat: Mapping[str, Any]) -> list[list[tuple[float, float]]]:
+    """A worker's heartbeat history as lines of (POSIX time, bytes/s) points; a gap of more than
+    three intervals (the worker was not running) starts a new line."""
+    gap_s = 3 * float(beat.get("interval_s") or 30)
+    lines: list[list[tuple[float, float]]] = []
+    last: tuple[float, int] | None = None
+    joined = False
+    for sample in beat.get("history") or []:
+        try:
+            t, done = parse_mtime(sample[0]), int(sample[1])
+        except (IndexError, TypeError, ValueError):
+            continue
+        if last is not None and 0 < t - last[0] <= gap_s and done >= last[1]:
+            if not joined:
+                lines.append([])
+            lines[-1].append((t, (done - last[1]) / (t - last[0])))
+            joined = True
+        else:
+            joined = False
+        last = (t, done)
+    return lines
+
+
+def throughput_svg(heartbeats: Mapping[str, Sequence[Mapping[str, Any]]], width: int = 720,
+                   height: int = 180) -> str:
+    """Bytes per second over time, one line per worker coloured by stage, drawn as inline SVG."""
+    series = [(script, beat.get("worker"), line) for script in ("mapper", "zipper", "unzipper")
+              for beat in heartbeats.get(script) or [] for line in throughput_series(beat)]
+    points = [p for _s, _w, line in series for p in line]
+    if not points:
+        return '<p class="k">no throughput history yet (written with each heartbeat)</p>'
+    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
+    top = max(p[1] for p in points) or 1.0
+    left, pad = 70, 20
+    span = max(t1 - t0, 1.0)
+
+    def xy(p: tuple[float, float]) -> str:
+        return (f"{left + (width - left - pad) * (p[0] - t0) / span:.1f},"
+                f"{height - pad - (height - 2 * pad) * p[1] / top:.1f}")
+    out = [f'<svg viewBox="0 0 {width} {height}" width="{width}" '
+           f'height="{height}" role="img" aria-label="throughput over time">',
+           f'<line x1="{left}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
+           f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{height - pad}" stroke="#999"/>',
+           f'<text x="{left - 4}" y="{pad + 4}" font-size="11" text-anchor="end">{_esc(human_bytes(top))}/s</text>',
+           f'<text x="{left - 4}" y="{height - pad}" font-size="11" text-anchor="end">0</text>',
+           f'<text x="{left}" y="{height - 4}" font-size="11">{_esc(_utc(t0))}</text>',
+           f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{_esc(_utc(t1))}</text>']
+    for script, worker, line in series:
+        if len(line) == 1:
+            line = line * 2
+        out.append(f'<polyline fill="none" stroke="{_STAGE_COLOURS[script]}" stroke-width="2" '
+                   f'points="{" ".join(xy(p) for p in line)}"><title>{_esc(script)} {_esc(worker)}</title>'
+                   "</polyline>")
+    legend = " ".join(f'<span style="color:{c}">&#9632; {s}</span>' for s, c in _STAGE_COLOURS.items()
+                      if any(x[0] == s for x in series))
+    return "".join(out) + "</svg>" + f"<p>{legend}</p>"
+
+
+def _utc(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _page_totals(status: Mapping[str, Any]) -> str:
+    fs = status["folders"]
+    parts = sum(f["parts"] for f in fs)
+    verified = sum(1 for f in fs if f["verified"] == "yes")
+    cells = []
+    for stage, word, done, total, left in (
+            ("zipper", "uploaded", sum(f["uploaded"] for f in fs), parts, sum(f["bytes_to_upload"] for f in fs)),
+            ("unzipper", "restored", sum(f["restored"] for f in fs), parts, sum(f["bytes_to_restore"] for f in fs)),
+            ("unzipper", "verified", verified, len(fs), None)):
+        unit = "folders" if word == "verified" else "parts"
+        if left is None:
+            after = ""
+        else:
+            eta = stage_eta(status, stage, left)
+            after = (f"<br>{_esc(human_bytes(left))} left, "
+                     + (f"ETA {_esc(_fmt_eta(eta))}" if eta else "ETA unknown (no worker running)" if left
+                        else "done"))
+        cells.append(f"<div><b>{word}</b> {done}/{total} {unit}{_bar(done, total, stage)}{after}</div>")
+    files = sum(f["files"] for f in fs)
+    cells.insert(0, f"<div><b>mapped</b> generation {_esc(status['generation'])}: {len(fs)} folders, {files} "
+                    f"files, {_esc(human_bytes(sum(f['bytes'] for f in fs)))}<br><span class=\"k\">completed "
+                    f"{_esc(status.get('mapped_at'))}</span></div>")
+    return '<div class="tot">' + "".join(cells) + "</div>"
+
+
+def _page_folders(status: Mapping[str, Any]) -> str:
+    rows = []
+    for f in status["folders"]:
+        verified = {"yes": '<span class="ok">yes</span>', "repair": '<span class="bad">repair</span>'}.get(
+            f["verified"], _esc(f["verified"]))
+        rows.append((f'<span class="folder">{_esc(f["folder"] or ROOT_LABEL)}</span>', str(f["files"]),
+                     _esc(human_bytes(f["bytes"])),
+                     f"{f['uploaded']}/{f['parts']}{_bar(f['uploaded'], f['parts'], 'zipper')}",
+                     f"{f['restored']}/{f['parts']}{_bar(f['restored'], f['parts'], 'unzipper')}",
+                     f"{f['large_done']}/{f['large']}", verified, f'<span class="bad">{_esc(f["last_error"])}</span>'))
+    return _rows(("folder", "files", "bytes", "uploaded", "restored", "large files", "verified", "last error"),
+                 rows, numeric=(1, 2))
+
+
+def _page_workers(status: Mapping[str, Any]) -> str:
+    rows = []
+    for script in ("mapper", "zipper", "unzipper"):
+        for beat in status["heartbeats"].get(script) or []:
+            if beat.get("stale"):
+                state = f'<span class="bad">stale: last heartbeat {_esc(_fmt_age(beat.get("age_s")))} ago</span>'
+            elif beat.get("state") == "running":
+                state = '<span class="ok">live</span>'
+            else:
+                state = _esc(beat.get("state"))
+            rows.append((_esc(script), _esc(beat.get("worker")), state, _esc(beat.get("updated_at")),
+                         _esc(beat.get("units_done")), _esc(beat.get("units_failed")),
+                         _esc(human_bytes(beat.get("bytes_per_s") or 0)) + "/s",
+                         _esc(", ".join(str(c) for c in (beat.get("current") or [])[:3])),
+                         _esc(beat.get("mode")), f'<span class="bad">{_esc(beat.get("last_error"))}</span>'))
+    if not rows:
+        return '<p class="k">no worker has run yet</p>'
+    return _rows(("stage", "worker", "state", "updated", "done", "failed", "rate", "now on", "mode",
+                  "last error"), rows, numeric=(4, 5, 6))
+
+
+def _page_claims(status: Mapping[str, Any]) -> str:
+    if not status["claims"]:
+        return '<p class="k">no live claims</p>'
+    return _rows(("stage", "folder", "unit", "worker", "held for", "last renewal", "stale"),
+                 ((_esc(c["stage"]), _esc(c["stem"]), _esc(c["unit"]), _esc(c["worker"]),
+                   _esc(_fmt_age(c["held_for_s"])), _esc(_fmt_age(c["since_renewal_s"])) + " ago",
+                   '<span class="bad">yes</span>' if c["stale"] else "no") for c in status["claims"]))
+
+
+def _page_notes(status: Mapping[str, Any]) -> str:
+    """The last errors, the pause, the proof and the generations with their deletions."""
+    out = []
+    pause = status.get("pause")
+    if isinstance(pause, dict):
+        out.append(f'<p class="bad"><b>PAUSED</b>: DESTINATION refused uploads for a provider quota at '
+                   f"{_esc(pause.get('detected_at'))} (worker {_esc(pause.get('worker'))}: "
+                   f"{_esc(pause.get('message'))}); workers wait until {_esc(pause.get('retry_after'))}</p>")
+    errors = [(f["folder"] or ROOT_LABEL, f["last_error"]) for f in status["folders"] if f["last_error"]]
+    errors += [(f"{s} worker {b.get('worker')}", b["last_error"]) for s in ("mapper", "zipper", "unzipper")
+               for b in (status["heartbeats"].get(s) or [])[:3] if b.get("last_error")]
+    out.append("<h2>Last errors</h2>" + (_rows(("where", "error"), ((_esc(w), _esc(e)) for w, e in errors[:20]))
+                                          if errors else '<p class="k">none</p>'))
+    proof = status.get("proof")
+    if isinstance(proof, dict):
+        out.append(f"<h2>Proof</h2><p>{_esc(describe_proof(proof))}, as of {_esc(proof.get('at'))}</p>"
+                   + "".join(f'<p class="bad">WARNING: {_esc(line)}</p>' for line in proof_warnings(proof)))
+    history = status.get("history") or []
+    if history:
+        out.append("<h2>Generations and deletions</h2><ul>"
+                   + "".join(f"<li>{_esc(describe_generation(h))}</li>" for h in history) + "</ul>")
+    return "".join(out)
+
+
+def render_status_page(status: Mapping[str, Any], prefix: str, now: str) -> str:
+    """One self-contained HTML page of ``collect_status()``: inline CSS and SVG, no script and
+    no external asset, every value escaped. It holds folder names and counts, never a
+    credential or an endpoint."""
+    body = [f"<h1>Migration status</h1><p class=\"k\">S3 prefix {_esc(prefix or '(none)')}, "
+            f"read {_esc(now)}; mode: {_esc(status.get('mode') or 'not known yet')}</p>"]
+    if status["generation"] is None:
+        body.append(f"<p>no complete map yet (generations started: {len(status.get('generations') or [])}); "
+                    "run master_mapper.py</p>")
+    else:
+        body.append("<h2>Stages</h2>" + _page_totals(status))
+    body.append("<h2>Throughput</h2>" + throughput_svg(status["heartbeats"]))
+    if status["generation"] is not None:
+        body.append(f"<h2>Folders ({len(status['folders'])})</h2>" + _page_folders(status))
+    body.append("<h2>Workers</h2>" + _page_workers(status))
+    body.append(f"<h2>Claims ({len(status['claims'])})</h2>" + _page_claims(status))
+    body.append(_page_notes(status))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>Migration status</title><style>{_PAGE_CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+
+
+def write_status_page(path: str, page: str) -> None:
+    """The page written whole (a temporary file beside it, then renamed); a ConfigError naming
+    ``--html`` when the file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".status-", suffix=".tmp",
+                                         delete=False) as tmp:
+            tmp.write(page)
+    except OSError as exc:
+        raise ConfigError(f"--html {path!r} cannot be written: {exc.strerror or exc}; name a file in a "
+                          "writable folder") from None
+    try:
+        os.replace(tmp.name, path)
+    except OSError as exc:
+        os.unlink(tmp.name)
+        raise ConfigError(f"--html {path!r} cannot be written: {exc.strerror or exc}; name a file in a "
+                          "writable folder") from None
+
+
+def split_html_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
+    """``argv`` without ``--html FILE``, and FILE; a ConfigError when --html comes without
+    --status or without a file."""
+    args = list(argv)
+    if "--html" not in args:
+        return args, None
+    i = args.index("--html")
+    if i + 1 >= len(args) or args[i + 1].startswith("--"):
+        raise ConfigError("--html needs a file: --status --html FILE")
+    path = args[i + 1]
+    del args[i:i + 2]
+    if "--status" not in args:
+        raise ConfigError("--html FILE is accepted only with --status: --status --html FILE")
+    return args, path
 
 
 # Running a script
@@ -4256,14 +4515,15 @@ def _code_of(exc: BaseException, cfg: Config, runtime: Runtime) -> int:
     return EXIT_FAILED
 
 
-def _work(cfg: Config, body: Callable[[Run], int], runtime: Runtime, argv: Sequence[str]) -> int:
+def _work(cfg: Config, body: Callable[[Run], int], runtime: Runtime, argv: Sequence[str],
+          html_path: str | None = None) -> int:
     """Connect to the bucket and run the script's body (or ``--status``) with its heartbeat
     and progress display."""
     records = Records(make_s3_client(cfg), cfg, stop=runtime.stop)
     records.check_bucket()
     layout = Layout(cfg.prefix)
     if "--status" in argv:
-        return show_status(cfg, records, layout)
+        return show_status(cfg, records, layout, html_path)
     ctx = Run(cfg, records, layout, Rclone(cfg, runtime), runtime, DiskGate(cfg, runtime), list(argv))
     with Heartbeat(records, layout, cfg, runtime) as beat, ProgressPrinter(cfg, runtime.progress):
         code = body(ctx)
@@ -4282,6 +4542,13 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
+    html_path = None
+    if "--status" in options and "-h" not in argv and "--help" not in argv:
+        try:
+            argv, html_path = split_html_option(argv)
+        except ConfigError as exc:
+            sys.stderr.write(f"{script}: {exc}; see --help\n")
+            return EXIT_USAGE
     early = early_exit(script, doc, argv, options)
     if early is not None:
         return early
@@ -4296,7 +4563,7 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
     with handle_signals(runtime):
         try:
             lock = None if read_only else _take_work_dir(cfg, runtime)
-            status.set(_work(cfg, body, runtime, argv))
+            status.set(_work(cfg, body, runtime, argv, html_path))
         except (Exception, Interrupted) as exc:
             status.set(_code_of(exc, cfg, runtime))
         finally:

@@ -7,9 +7,10 @@ split of the normal files into zip parts. A rerun continues an unfinished map;
 FORCE_RESCAN=1 lists SOURCE again as a new generation, and the zipper and unzipper
 then move only what changed.
 
-Usage: python master_mapper.py [--help | --status]
+Usage: python master_mapper.py [--help | --status [--html FILE]]
 
   --status   one table of the whole migration across all stages, read from S3 (no lock)
+  --html FILE  with --status: also write it as one self-contained HTML page (README: Status page)
 
 Example:
   SOURCE=onedrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\

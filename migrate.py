@@ -11,8 +11,9 @@ provider quota, waited out with WAIT_FOR_QUOTA=1; or another instance holds the 
 stages read the same variables as when they run one by one; every line they log is shown,
 marked with the stage's name.
 
-Usage: python migrate.py [--status]
+Usage: python migrate.py [--status [--html FILE]]
   --status   what python_unzipper.py --status shows: every stage, folder and worker
+  --html FILE  with --status: also write that view as one self-contained HTML page to FILE
 
 Example:
   SOURCE=onedrive:Work DESTINATION=gdrive:Work S3_BUCKET=my-hub python migrate.py
@@ -394,8 +395,9 @@ def _shown(script: str) -> list[str]:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
-    if argv == ["--status"]:
-        return subprocess.call([sys.executable, os.path.join(HERE, SCRIPT_FILES["unzipper"]), "--status"])
+    if argv == ["--status"] or (len(argv) == 3 and "--status" in argv and "--html" in argv):
+        # python_unzipper.py checks --html FILE as it does its own.
+        return subprocess.call([sys.executable, os.path.join(HERE, SCRIPT_FILES["unzipper"])] + argv)
     early = early_exit(SCRIPT, __doc__, argv, (), help_text)
     if early is not None:
         return early

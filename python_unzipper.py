@@ -10,12 +10,13 @@ DESTINATION offers a kind that was recorded), and writes a report on S3 and unde
 WORK_DIR/reports. Folders the zipper has not finished are restored as far as they go
 (exit code 4; run again later).
 
-Usage: python python_unzipper.py [--help | --verify | --status]
+Usage: python python_unzipper.py [--help | --verify | --status [--html FILE]]
 
   --verify   check DESTINATION against the map, transfer nothing; print every missing,
              differing and extra file; exit 0 when all match, 3 otherwise. The next
              normal run restores exactly the damaged files.
   --status   one table of the whole migration across all stages, read from S3 (no lock)
+  --html FILE  with --status: also write it as one self-contained HTML page (README: Status page)
 
 Example:
   DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub S3_ENDPOINT=https://s3.wasabisys.com \\

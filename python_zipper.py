@@ -9,9 +9,10 @@ large-file threshold are copied SOURCE to DESTINATION with rclone, checked and
 recorded. A file that vanished or changed at SOURCE since mapping is reported by
 path and left out; the rest proceeds and the exit code is 3.
 
-Usage: python python_zipper.py [--help | --status]
+Usage: python python_zipper.py [--help | --status [--html FILE]]
 
   --status   one table of the whole migration across all stages, read from S3 (no lock)
+  --html FILE  with --status: also write it as one self-contained HTML page (README: Status page)
 
 Example:
   SOURCE=onedrive:"Work Files" DESTINATION=gdrive:"Work Files" S3_BUCKET=my-hub \\

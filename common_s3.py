@@ -72,26 +72,26 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 __all__ = [
-    "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost", "ClaimRecord",
-    "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof", "DestinationPause",
-    "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit", "EXIT_CODES_HELP", "EXIT_FAILED",
-    "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING", "ExitStatus", "Fetched",
-    "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime", "format_mtime_ns", "GIB",
-    "handle_signals", "Heartbeat", "HeartbeatRecord", "human_bytes", "in_shard", "IndexRecord", "InstanceLock",
-    "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing",
-    "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation", "Layout", "lease_clock",
-    "load_manifest", "local_name", "LockHeldError", "log_context", "log_event", "make_s3_client",
-    "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB", "MigrationError", "most_severe",
-    "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "out", "parse_mtime", "PartRecord",
-    "Passes", "plain_local_name", "plan_drift", "PlanRecord", "prepare_work_dir", "Progress", "progress_data",
-    "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError",
-    "RcloneResult", "read_index", "read_jsonl_gz", "read_manifest_header", "Record", "RecordError",
-    "RecordExists", "Records", "remote_join", "render_status_page", "RestoreRecord", "retry_call", "RetryPolicy",
-    "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError",
-    "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status", "Skipped", "split_html_option",
-    "stage_eta", "staging_dir", "start_run", "StopRequested", "summary_line", "table_lines", "throughput_svg",
-    "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord", "WorkerPool",
-    "write_status_page",
+    "add_sample", "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost",
+    "ClaimRecord", "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof",
+    "DestinationPause", "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit",
+    "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING",
+    "ExitStatus", "Fetched", "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime",
+    "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord", "HISTORY_SAMPLES", "human_bytes",
+    "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3",
+    "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation",
+    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
+    "make_s3_client", "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB",
+    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat",
+    "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift", "PlanRecord",
+    "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone",
+    "RcloneError", "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz", "read_manifest_header",
+    "Record", "RecordError", "RecordExists", "Records", "remote_join", "render_status_page", "RestoreRecord",
+    "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError",
+    "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status",
+    "Skipped", "split_html_option", "stage_eta", "staging_dir", "start_run", "StopRequested", "summary_line",
+    "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
+    "VerifiedRecord", "WorkerPool", "write_status_page",
 ]
 
 GIB = 1 << 30
@@ -1641,6 +1641,7 @@ class HeartbeatRecord(Record):
     errors: dict = field(default_factory=dict)
     exit_code: int | None = None
     mode: str | None = None
+    history: list = field(default_factory=list)  # [[updated_at, bytes moved by this worker so far]], bounded
 
 
 @dataclass(frozen=True)
@@ -3404,10 +3405,26 @@ class Passes:
 
 # Heartbeat, the start of a run, and the status view
 
+HISTORY_SAMPLES = 288
+
+
+def add_sample(history: Sequence[Any], sample: Any, limit: int = HISTORY_SAMPLES) -> list:
+    """``history`` with ``sample`` appended, at most ``limit`` long: when full, every other
+    sample of the older half is dropped, so the history spans the whole run, finer where recent."""
+    out = list(history) + [sample]
+    if len(out) > limit:
+        half = len(out) // 2
+        out = out[:half:2] + out[half:]
+    return out
+
+
 class Heartbeat:
     """Writes the run's progress to ``P_status/<script>/<worker>.json`` at start, every
     ``min(30, PROGRESS_INTERVAL)`` seconds and at the end. A failed write is logged and
-    never stops the run."""
+    never stops the run.
+
+    Each write appends (time, bytes moved) to the record's bounded ``history``, which the
+    status page draws as throughput; it goes on from the history the worker's previous run left."""
 
     def __init__(self, records: Records, layout: Layout, cfg: Config, runtime: Runtime):
         self.records = records
@@ -3418,13 +3435,38 @@ class Heartbeat:
         self.interval_s = min(30.0, cfg.progress_interval_s)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="heartbeat")
+        self._history: list | None = None
+        self._history_lock = threading.Lock()
+        self._moved_before = 0
+
+    def _earlier_history(self) -> list:
+        """The history the worker's previous run left, and the bytes it ends at."""
+        try:
+            old = self.records.get_json(self.key)
+        except (MigrationError, OSError) as exc:
+            log.debug("earlier heartbeat not read: %s", exc)
+            return []
+        history = old.get("history") if isinstance(old, dict) else None
+        if not isinstance(history, list):
+            return []
+        try:
+            self._moved_before = int(history[-1][1]) if history else 0
+        except (IndexError, TypeError, ValueError):
+            return []
+        return history[-HISTORY_SAMPLES:]
 
     def write(self, state: str) -> None:
         if self.cfg.dry_run:
             return
+        snap = self.progress.snapshot()
+        with self._history_lock:
+            if self._history is None:
+                self._history = self._earlier_history()
+            self._history = add_sample(self._history, [snap["updated_at"], self._moved_before + snap["bytes_done"]])
+            history = list(self._history)
         body = HeartbeatRecord(script=self.cfg.script, worker=self.cfg.worker_id, state=state,
                                host=socket.gethostname(), pid=os.getpid(), interval_s=self.interval_s,
-                               **self.progress.snapshot()).to_json()
+                               history=history, **snap).to_json()
         try:
             self.records.put_json(self.key, body)
         except (MigrationError, OSError) as exc:

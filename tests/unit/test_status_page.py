@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from common_s3 import (ROOT_LABEL, ConfigError, render_status_page, split_html_option,
-                       throughput_svg, write_status_page)
+from common_s3 import (ROOT_LABEL, ConfigError, Heartbeat, HeartbeatRecord, Layout, Runtime, add_sample,
+                       render_status_page, split_html_option, throughput_svg, write_status_page)
 
 
 def beat(script, worker, *, state="running", stale=False, history=(), **extra):
@@ -101,3 +101,31 @@ def test_write_status_page(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["status.html"]
     with pytest.raises(ConfigError, match="--html"):
         write_status_page(str(tmp_path / "missing" / "status.html"), "x")
+
+
+def test_add_sample_stays_bounded_and_spans_the_run():
+    history: list = []
+    for i in range(2000):
+        history = add_sample(history, i, limit=288)
+        assert len(history) <= 288
+    assert history[0] == 0 and history[-1] == 1999
+    assert history == sorted(history)
+    assert history[-10:] == list(range(1990, 2000))  # recent samples kept at full resolution
+
+
+def test_heartbeat_history_goes_on_from_the_previous_run(records, make_cfg):
+    cfg = make_cfg()
+    layout = Layout(cfg.prefix)
+    first = Runtime()
+    beat = Heartbeat(records, layout, cfg, first)
+    first.progress.bytes_done = 1000
+    beat.write("running")
+    first.progress.bytes_done = 5000
+    beat.write("finished")
+    second = Runtime()
+    beat = Heartbeat(records, layout, cfg, second)
+    second.progress.bytes_done = 200
+    beat.write("running")
+    body = records.get_json(layout.heartbeat(cfg.script, cfg.worker_id))
+    assert [moved for _t, moved in body["history"]] == [1000, 5000, 5200]
+    assert HeartbeatRecord.from_json("k", body).history == body["history"]

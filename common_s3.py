@@ -4194,8 +4194,9 @@ def stage_eta(status: Mapping[str, Any], script: str, left_bytes: int) -> float 
 
 
 def throughput_series(beat: Mapping[str, Any]) -> list[list[tuple[float, float]]]:
-    """A worker's heartbeat history as lines of (POSIX time, bytes/s) points; a gap of more than
-    three intervals (the worker was not running) starts a new line."""
+    """A worker's heartbeat history as lines of (POSIX time, bytes/s) points, each interval's
+    rate drawn from its start to its end; a gap of more than three intervals (the worker was
+    not running) starts a new line."""
     gap_s = 3 * float(beat.get("interval_s") or 30)
     lines: list[list[tuple[float, float]]] = []
     last: tuple[float, int] | None = None
@@ -4208,7 +4209,8 @@ def throughput_series(beat: Mapping[str, Any]) -> list[list[tuple[float, float]]
         if last is not None and 0 < t - last[0] <= gap_s and done >= last[1]:
             if not joined:
                 lines.append([])
-            lines[-1].append((t, (done - last[1]) / (t - last[0])))
+            rate = (done - last[1]) / (t - last[0])
+            lines[-1] += [(last[0], rate), (t, rate)]  # the rate held over the interval: a step
             joined = True
         else:
             joined = False
@@ -4241,8 +4243,6 @@ def throughput_svg(heartbeats: Mapping[str, Sequence[Mapping[str, Any]]], width:
            f'<text x="{left}" y="{height - 4}" font-size="11">{_esc(_utc(t0))}</text>',
            f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{_esc(_utc(t1))}</text>']
     for script, worker, line in series:
-        if len(line) == 1:
-            line = line * 2
         out.append(f'<polyline fill="none" stroke="{_STAGE_COLOURS[script]}" stroke-width="2" '
                    f'points="{" ".join(xy(p) for p in line)}"><title>{_esc(script)} {_esc(worker)}</title>'
                    "</polyline>")

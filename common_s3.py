@@ -89,8 +89,8 @@ __all__ = [
     "Record", "RecordError", "RecordExists", "Records", "remote_join", "render_status_page", "RestoreRecord",
     "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError",
     "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status",
-    "Skipped", "split_html_option", "stage_eta", "staging_dir", "start_run", "StopRequested", "summary_line",
-    "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
+    "Skipped", "split_html_option", "stage_eta", "staging_dir", "start_run", "StatusPublisher", "StopRequested",
+    "summary_line", "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
     "VerifiedRecord", "WorkerPool", "write_status_page",
 ]
 
@@ -553,6 +553,10 @@ VARIABLES = (
     Variable("PROGRESS_INTERVAL", "30",
              "seconds between progress lines when not on a terminal (and heartbeats, at most 30)"),
     Variable("DRY_RUN", "0", "1: print the plan and change nothing on S3, at SOURCE or at DESTINATION"),
+    Variable("STATUS_HTML", "0", "1: with each heartbeat also publish the status page (--status --html) to "
+             "P_status/index.html and log a presigned link to it once"),
+    Variable("STATUS_LINK_HOURS", "24", "hours the logged link works, at most 168: anyone holding it can read the "
+             "page (folder names and counts)"),
     Variable("LOG_LEVEL, LOG_FORMAT", "INFO, text", "INFO; text or json"),
     Variable("WORKER_ID", "host-pid-random", "name of this worker in records and logs"),
     Variable("WORKER_COUNT", "1", "workers of this stage at once; only for static shards, where the S3 server "
@@ -713,6 +717,8 @@ class Config:
     verify_download: bool
     upstream_wait_s: float
     max_delete: tuple[int | None, float | None]  # (a count, or a percentage of the files mapped)
+    status_html: bool = False
+    status_link_hours: float = 24
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
@@ -778,6 +784,9 @@ class Config:
             verify_download=env_bool(environ, "VERIFY_DOWNLOAD"),
             upstream_wait_s=env_number(environ, "UPSTREAM_WAIT", 120, minimum=0, maximum=86400),
             max_delete=parse_max_delete(environ.get("MAX_DELETE", "10%")),
+            status_html=env_bool(environ, "STATUS_HTML"),
+            # SigV4 signs a link for at most 7 days.
+            status_link_hours=env_number(environ, "STATUS_LINK_HOURS", 24, minimum=0.01, maximum=168),
             environ=dict(environ),
         )
 
@@ -1308,6 +1317,10 @@ class Layout:
         return f"{self.prefix}_status/"
 
     @property
+    def status_page(self) -> str:
+        return f"{self.prefix}_status/index.html"
+
+    @property
     def parts_root(self) -> str:
         return f"{self.prefix}_parts/"
 
@@ -1698,8 +1711,10 @@ _RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
 
 # S3 client
 
-def make_s3_client(cfg: Config):
-    """One client per run, shared by all threads (boto3 clients are thread-safe).
+def make_s3_client(cfg: Config, *, signature_version: str | None = None):
+    """One client per run, shared by all threads (boto3 clients are thread-safe);
+    ``signature_version="s3v4"`` for the one that signs links (boto3 presigns with SigV2
+    otherwise, which newer regions and many providers refuse).
 
     With S3_CHECKSUMS=auto every upload that matters carries a Content-MD5 (each chunk of a
     part, every record) and the zipper compares each part's ETag with its own MD5s, so over
@@ -1723,6 +1738,7 @@ def make_s3_client(cfg: Config):
         response_checksum_validation="when_required",
         s3=s3_options,
         tcp_keepalive=True,
+        **({"signature_version": signature_version} if signature_version else {}),
     )
     session = boto3.session.Session(region_name=cfg.region or ("us-east-1" if cfg.endpoint else None))
     return session.client("s3", endpoint_url=cfg.endpoint, config=boto_cfg)
@@ -1825,6 +1841,7 @@ class Records:
         self.caps = Capabilities(False, False, False)
         self.requests = 0
         self._count_lock = threading.Lock()
+        self._signer: Any = None
 
     def count(self, n: int = 1) -> None:
         with self._count_lock:
@@ -1964,6 +1981,14 @@ class Records:
             if rest.endswith(".json") and "/" not in rest:
                 found.setdefault(stem, set()).add(rest[:-len(".json")])
         return found
+
+    def presigned_get(self, key: str, expires_s: int) -> str:
+        """A link that GETs ``key`` without credentials until ``expires_s`` from now (signed
+        locally with SigV4: no request is made)."""
+        if self._signer is None:
+            self._signer = make_s3_client(self.cfg, signature_version="s3v4")
+        return self._signer.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                              ExpiresIn=expires_s)
 
     # Writing
     def put_bytes(self, key: str, body: Any, *, content_type: str = "application/octet-stream",
@@ -3438,6 +3463,7 @@ class Heartbeat:
         self._history: list | None = None
         self._history_lock = threading.Lock()
         self._moved_before = 0
+        self._page = StatusPublisher(records, layout, cfg) if cfg.status_html else None
 
     def _earlier_history(self) -> list:
         """The history the worker's previous run left, and the bytes it ends at."""
@@ -3471,6 +3497,8 @@ class Heartbeat:
             self.records.put_json(self.key, body)
         except (MigrationError, OSError) as exc:
             log.debug("heartbeat not written: %s", exc)
+        if self._page is not None:
+            self._page.publish()
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval_s):
@@ -3497,6 +3525,46 @@ class Heartbeat:
         else:
             state = "finished"
         self.write(state)
+
+
+class StatusPublisher:
+    """STATUS_HTML=1: the status page written to ``P_status/index.html`` with each heartbeat,
+    and a presigned link to it logged once (valid STATUS_LINK_HOURS). A failed publish is
+    said once and never stops the run."""
+
+    def __init__(self, records: Records, layout: Layout, cfg: Config):
+        self.records = records
+        self.layout = layout
+        self.cfg = cfg
+        self._said = False
+        self._failed = False
+
+    def publish(self) -> None:
+        try:
+            page = render_status_page(collect_status(self.records, self.layout), self.cfg.prefix, utc_now())
+            self.records.put_bytes(self.layout.status_page, page.encode("utf-8"),
+                                   content_type="text/html; charset=utf-8")
+        except (MigrationError, OSError) as exc:
+            (log.debug if self._failed else log.warning)("status page not published: %s", exc)
+            self._failed = True
+            return
+        if not self._said:
+            self._said = True
+            log.info("%s", self.link_line())
+
+    def link_line(self) -> str:
+        hours = self.cfg.status_link_hours
+        where = f"s3://{self.cfg.bucket}/{self.layout.status_page}"
+        from botocore.exceptions import BotoCoreError
+        try:
+            url = self.records.presigned_get(self.layout.status_page, int(hours * 3600))
+        except BotoCoreError as exc:  # signed locally: no credentials is its one failure
+            return f"status page published to {where} (no link: {type(exc).__name__})"
+        if "x-amz-security-token" in url.lower():
+            return (f"status page published to {where}; its link is not logged: with temporary credentials "
+                    "it would carry the session token")
+        return (f"status page: {url} (anyone holding this link can read the page for {hours:g} h, "
+                "STATUS_LINK_HOURS; it shows folder names and counts)")
 
 
 MODE_WORDS = {"claims": "workers share units by claims", "shards": "static shards",
@@ -4170,6 +4238,15 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+# An error's text may quote an address (an endpoint, a presigned URL) or an access key id;
+# the page may be read by anyone holding its link, so they are cut out.
+_PAGE_SECRETS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+
+
+def _esc_error(value: Any) -> str:
+    return _esc(_PAGE_SECRETS.sub("[hidden]", "" if value is None else str(value)))
+
+
 def _bar(done: int, total: int, stage: str) -> str:
     width = 100 if not total else round(100 * min(done, total) / total)
     return (f'<div class="bar" title="{done}/{total}"><i style="width:{width}%;'
@@ -4289,7 +4366,7 @@ def _page_folders(status: Mapping[str, Any]) -> str:
                      _esc(human_bytes(f["bytes"])),
                      f"{f['uploaded']}/{f['parts']}{_bar(f['uploaded'], f['parts'], 'zipper')}",
                      f"{f['restored']}/{f['parts']}{_bar(f['restored'], f['parts'], 'unzipper')}",
-                     f"{f['large_done']}/{f['large']}", verified, f'<span class="bad">{_esc(f["last_error"])}</span>'))
+                     f"{f['large_done']}/{f['large']}", verified, f'<span class="bad">{_esc_error(f["last_error"])}</span>'))
     return _rows(("folder", "files", "bytes", "uploaded", "restored", "large files", "verified", "last error"),
                  rows, numeric=(1, 2))
 
@@ -4308,7 +4385,7 @@ def _page_workers(status: Mapping[str, Any]) -> str:
                          _esc(beat.get("units_done")), _esc(beat.get("units_failed")),
                          _esc(human_bytes(beat.get("bytes_per_s") or 0)) + "/s",
                          _esc(", ".join(str(c) for c in (beat.get("current") or [])[:3])),
-                         _esc(beat.get("mode")), f'<span class="bad">{_esc(beat.get("last_error"))}</span>'))
+                         _esc(beat.get("mode")), f'<span class="bad">{_esc_error(beat.get("last_error"))}</span>'))
     if not rows:
         return '<p class="k">no worker has run yet</p>'
     return _rows(("stage", "worker", "state", "updated", "done", "failed", "rate", "now on", "mode",
@@ -4331,11 +4408,11 @@ def _page_notes(status: Mapping[str, Any]) -> str:
     if isinstance(pause, dict):
         out.append(f'<p class="bad"><b>PAUSED</b>: DESTINATION refused uploads for a provider quota at '
                    f"{_esc(pause.get('detected_at'))} (worker {_esc(pause.get('worker'))}: "
-                   f"{_esc(pause.get('message'))}); workers wait until {_esc(pause.get('retry_after'))}</p>")
+                   f"{_esc_error(pause.get('message'))}); workers wait until {_esc(pause.get('retry_after'))}</p>")
     errors = [(f["folder"] or ROOT_LABEL, f["last_error"]) for f in status["folders"] if f["last_error"]]
     errors += [(f"{s} worker {b.get('worker')}", b["last_error"]) for s in ("mapper", "zipper", "unzipper")
                for b in (status["heartbeats"].get(s) or [])[:3] if b.get("last_error")]
-    out.append("<h2>Last errors</h2>" + (_rows(("where", "error"), ((_esc(w), _esc(e)) for w, e in errors[:20]))
+    out.append("<h2>Last errors</h2>" + (_rows(("where", "error"), ((_esc(w), _esc_error(e)) for w, e in errors[:20]))
                                           if errors else '<p class="k">none</p>'))
     proof = status.get("proof")
     if isinstance(proof, dict):

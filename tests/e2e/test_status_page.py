@@ -5,9 +5,11 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
+import urllib.request
 import zlib
 
 import pytest
@@ -138,3 +140,21 @@ def test_status_page_renders_every_folder(env):
     assert proc.returncode == 0 and os.path.getsize(other) > 0, proc.stderr[-2000:]
     proc = env.run("python_zipper.py", "--html", other)
     assert proc.returncode == 2 and "--html FILE is accepted only with --status" in proc.stderr
+
+
+def test_status_html_publishes_the_page_behind_a_presigned_link(env):
+    os.makedirs(os.path.join(env.source, "Tom & Jerry"))
+    with open(os.path.join(env.source, "Tom & Jerry", "a.txt"), "wb") as fh:
+        fh.write(b"some bytes")
+    assert env.run("master_mapper.py").returncode == 0
+    proc = env.run("python_zipper.py", STATUS_HTML="1", STATUS_LINK_HOURS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    links = re.findall(r"status page: (\S+) \(anyone holding this link can read the page for 1 h", proc.stderr)
+    assert len(links) == 1, proc.stderr[-3000:]  # once per run, not once per heartbeat
+    url = links[0]
+    assert url.startswith(env.endpoint + "/") and "X-Amz-Expires=3600" in url and "X-Amz-Signature=" in url
+    assert env.vars["AWS_SECRET_ACCESS_KEY"] not in proc.stderr
+    with urllib.request.urlopen(url, timeout=30) as resp:  # moto on 127.0.0.1, no credentials sent
+        assert resp.headers["Content-Type"].startswith("text/html")
+        page = resp.read().decode()
+    assert "Tom &amp; Jerry" in page and "http" not in page.lower()

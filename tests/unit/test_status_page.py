@@ -4,6 +4,8 @@ import re
 
 import pytest
 
+import common_s3
+
 from common_s3 import (ROOT_LABEL, ConfigError, Heartbeat, HeartbeatRecord, Layout, Runtime, add_sample,
                        render_status_page, split_html_option, throughput_svg, write_status_page)
 
@@ -30,7 +32,10 @@ def fake_status():
         "heartbeats": {
             "zipper": [beat("zipper", "w1", history=history,
                             aws_secret_access_key="SECRETKEY123", endpoint="http://10.0.0.1:9000")],
-            "unzipper": [beat("unzipper", "w2", stale=True, last_error="rclone said <no>")],
+            "unzipper": [beat("unzipper", "w2", stale=True, last_error="rclone said <no>"),
+                         beat("unzipper", "w3", state="unfinished",
+                              last_error="Could not connect to the endpoint URL: https://s3.internal:9000/bkt "
+                                         "(key AKIAABCDEFGHIJKLMNOP)")],
         },
         "claims": [{"stage": "zipper", "stem": "Photos", "unit": "Photos_Part1.zip", "worker": "w1",
                     "held_for_s": 40.0, "since_renewal_s": 5.0, "lease_seconds": 300, "stale": False}],
@@ -57,6 +62,8 @@ def test_self_contained_and_no_credentials():
     assert "http" not in page.lower()  # no asset link, no endpoint
     assert not re.search(r"<(script|link|img|iframe)\b", page)
     assert "SECRETKEY123" not in page and "10.0.0.1" not in page
+    assert "s3.internal" not in page and "AKIAABCDEFGHIJKLMNOP" not in page
+    assert "Could not connect to the endpoint URL: [hidden]" in page
     assert "<svg" in page and "<polyline" in page
     assert "stale" in page and "live" in page
 
@@ -129,3 +136,36 @@ def test_heartbeat_history_goes_on_from_the_previous_run(records, make_cfg):
     body = records.get_json(layout.heartbeat(cfg.script, cfg.worker_id))
     assert [moved for _t, moved in body["history"]] == [1000, 5000, 5200]
     assert HeartbeatRecord.from_json("k", body).history == body["history"]
+
+
+def test_status_html_publishes_the_page_and_logs_its_link_once(records, make_cfg, s3, caplog):
+    cfg = make_cfg(STATUS_HTML="1", STATUS_LINK_HOURS="2")
+    records.cfg = cfg
+    layout = Layout(cfg.prefix)
+    beat = Heartbeat(records, layout, cfg, Runtime())
+    with caplog.at_level("INFO", logger="common_s3"):
+        beat.write("running")
+        beat.write("finished")
+    got = s3.get_object(Bucket=cfg.bucket, Key=layout.status_page)
+    assert got["ContentType"].startswith("text/html")
+    page = got["Body"].read().decode()
+    assert page.startswith("<!DOCTYPE html>") and "unit-worker" in page and "testing" not in page
+    links = [r.getMessage() for r in caplog.records if r.getMessage().startswith("status page: ")]
+    assert len(links) == 1 and "X-Amz-Signature=" in links[0] and "X-Amz-Expires=7200" in links[0]
+    assert "for 2 h, STATUS_LINK_HOURS" in links[0]
+    # The page is not taken for a worker's heartbeat.
+    assert common_s3.collect_status(records, layout)["heartbeats"].keys() == {"zipper"}
+
+
+def test_a_link_carrying_a_session_token_is_not_logged(records, make_cfg, monkeypatch):
+    cfg = make_cfg(STATUS_HTML="1")
+    monkeypatch.setattr(records, "presigned_get",
+                        lambda key, s: f"https://h/{key}?X-Amz-Security-Token=TOKEN&X-Amz-Signature=x")
+    line = common_s3.StatusPublisher(records, Layout(cfg.prefix), cfg).link_line()
+    assert "TOKEN" not in line and "not logged" in line
+
+
+@pytest.mark.parametrize("hours", ["0", "169", "soon"])
+def test_status_link_hours_is_checked(make_cfg, hours):
+    with pytest.raises(ConfigError, match="STATUS_LINK_HOURS"):
+        make_cfg(STATUS_LINK_HOURS=hours)

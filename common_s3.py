@@ -3463,7 +3463,10 @@ class Heartbeat:
         self._history: list | None = None
         self._history_lock = threading.Lock()
         self._moved_before = 0
-        self._page = StatusPublisher(records, layout, cfg) if cfg.status_html else None
+        self._page = StatusPublisher(records, layout, cfg) if cfg.status_html and not cfg.dry_run else None
+        # Its own thread: reading the whole status may take longer than an interval on a large
+        # bucket, and must never make this worker's heartbeat look stale.
+        self._page_thread = threading.Thread(target=self._publish_loop, daemon=True, name="status-page")
 
     def _earlier_history(self) -> list:
         """The history the worker's previous run left, and the bytes it ends at."""
@@ -3497,8 +3500,6 @@ class Heartbeat:
             self.records.put_json(self.key, body)
         except (MigrationError, OSError) as exc:
             log.debug("heartbeat not written: %s", exc)
-        if self._page is not None:
-            self._page.publish()
 
     def _loop(self) -> None:
         while not self._done.wait(self.interval_s):
@@ -3506,9 +3507,18 @@ class Heartbeat:
             if self.runtime.on_quota is not None and not self.cfg.dry_run:
                 DestinationPause(self.records, Layout(self.cfg.prefix), self.runtime).watch()
 
+    def _publish_loop(self) -> None:
+        assert self._page is not None
+        while True:
+            self._page.publish()
+            if self._done.wait(self.interval_s):
+                return
+
     def __enter__(self) -> "Heartbeat":
         self.write("running")
         self._thread.start()
+        if self._page is not None:
+            self._page_thread.start()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, _tb: Any) -> None:
@@ -3525,11 +3535,15 @@ class Heartbeat:
         else:
             state = "finished"
         self.write(state)
+        if self._page is not None:
+            self._page_thread.join(2)
+            if not self._page_thread.is_alive():
+                self._page.publish()  # the page's last word: this worker's end
 
 
 class StatusPublisher:
-    """STATUS_HTML=1: the status page written to ``P_status/index.html`` with each heartbeat,
-    and a presigned link to it logged once (valid STATUS_LINK_HOURS). A failed publish is
+    """STATUS_HTML=1: the status page written to ``P_status/index.html`` every heartbeat
+    interval (in its own thread) and at the end, and a presigned link to it logged once (valid STATUS_LINK_HOURS). A failed publish is
     said once and never stops the run."""
 
     def __init__(self, records: Records, layout: Layout, cfg: Config):

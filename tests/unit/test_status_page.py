@@ -142,14 +142,14 @@ def test_status_html_publishes_the_page_and_logs_its_link_once(records, make_cfg
     cfg = make_cfg(STATUS_HTML="1", STATUS_LINK_HOURS="2")
     records.cfg = cfg
     layout = Layout(cfg.prefix)
-    beat = Heartbeat(records, layout, cfg, Runtime())
     with caplog.at_level("INFO", logger="common_s3"):
-        beat.write("running")
-        beat.write("finished")
+        with Heartbeat(records, layout, cfg, Runtime()):
+            pass  # published once as it starts (its own thread), once as it ends
     got = s3.get_object(Bucket=cfg.bucket, Key=layout.status_page)
     assert got["ContentType"].startswith("text/html")
     page = got["Body"].read().decode()
     assert page.startswith("<!DOCTYPE html>") and "unit-worker" in page and "testing" not in page
+    assert "finished" in page  # the last publish comes after the last heartbeat
     links = [r.getMessage() for r in caplog.records if r.getMessage().startswith("status page: ")]
     assert len(links) == 1 and "X-Amz-Signature=" in links[0] and "X-Amz-Expires=7200" in links[0]
     assert "for 2 h, STATUS_LINK_HOURS" in links[0]

@@ -395,7 +395,7 @@ def _shown(script: str) -> list[str]:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
-    if argv == ["--status"] or (len(argv) == 3 and "--status" in argv and "--html" in argv):
+    if argv == ["--status"] or ("--html" in argv and len(argv) <= 3):
         # python_unzipper.py checks --html FILE as it does its own.
         return subprocess.call([sys.executable, os.path.join(HERE, SCRIPT_FILES["unzipper"])] + argv)
     early = early_exit(SCRIPT, __doc__, argv, (), help_text)

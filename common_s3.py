@@ -83,7 +83,8 @@ __all__ = [
     "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
     "make_s3_client", "MANIFEST_VERSION", "manifest_version", "ManifestHeader", "MapView", "MIB",
     "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id",
-    "NewerFormat", "Notice", "Notifier", "notify_scheme", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift",
+    "NewerFormat", "Notice", "Notifier", "notify_scheme", "out", "parse_mtime", "PartRecord", "Passes",
+    "plain_local_name", "plan_drift",
     "PlanRecord", "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter", "proof_warnings", "QuotaPaused",
     "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz",
     "read_manifest_header", "Record", "RecordError", "RecordExists", "Records", "remote_join",
@@ -4198,9 +4199,9 @@ class Notifier:
     """Tells NOTIFY_URLS what happened. A notice that cannot be sent is logged (naming only the
     service's scheme) and never fails the run; ``send(url, notice) -> bool`` is injectable."""
 
-    def __init__(self, urls: Sequence[str] = (), *, send: Callable[[str, Notice], bool] = _apprise_send) -> None:
+    def __init__(self, urls: Sequence[str] = (), *, send: Callable[[str, Notice], bool] | None = None) -> None:
         self.urls = tuple(urls)
-        self.send = send
+        self.send = _apprise_send if send is None else send
 
     @property
     def enabled(self) -> bool:

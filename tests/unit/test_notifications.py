@@ -112,3 +112,17 @@ def test_systemd_on_failure_tells_what_the_script_could_not(result, status, told
     assert len(sent) == int(told)
     if told:
         assert sent[0][1].title == "python_zipper.service failed" and result in sent[0][1].body
+
+
+def test_migrate_tells_its_end_once_with_each_stage():
+    import time
+    from types import SimpleNamespace
+    from common_s3 import HeartbeatRecord
+    beat = HeartbeatRecord(script="zipper", worker="w", state="finished", units_done=4, bytes_done=3 << 20)
+    m = SimpleNamespace(seen={"zipper": beat}, told="round 1: exit codes ...", started=time.monotonic() - 120)
+    done = migrate.migration_notice(m, EXIT_OK)
+    assert done.title == "migration restored and verified" and "in 2.0 min: zipper: 4 units (3.0 MiB)" in done.body
+    assert migrate.migration_notice(m, EXIT_PARTIAL).kind == "warning"
+    assert migrate.migration_notice(m, EXIT_TEMPORARY) is None  # another instance's lock: nobody needs to act
+    assert migrate.migration_notice(m, 143) is None
+    assert migrate.stage_env({}, False)["NOTIFY_BY_PARENT"] == "1"

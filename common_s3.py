@@ -32,6 +32,7 @@ what comes before it:
   The run                    Run (what a script's run(ctx) gets), Unit, Passes (the one pass loop)
   Heartbeat and status       Heartbeat, start_run, DestinationPause, ProgressPrinter,
                              collect_status, show_status, proof_warnings
+  Notifications              Notice, Notifier (Apprise, NOTIFY_URLS), run_notice, stall_notice
   Running a script           run_script: arguments, configuration, the lock, outcomes to exit codes
 """
 
@@ -83,15 +84,16 @@ __all__ = [
     "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
     "make_s3_client", "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB",
     "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat",
-    "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name", "plan_drift", "PlanRecord",
-    "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter", "proof_warnings", "QuotaPaused", "Rclone",
-    "RcloneError", "RcloneMissingError", "RcloneResult", "read_index", "read_jsonl_gz", "read_manifest_header",
-    "Record", "RecordError", "RecordExists", "Records", "remote_join", "render_status_page", "RestoreRecord",
-    "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run", "run_script", "Runtime", "S3AuthError",
-    "S3Error", "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status",
-    "Skipped", "split_html_option", "stage_eta", "staging_dir", "start_run", "StatusPublisher", "StopRequested",
-    "summary_line", "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES", "variables_help",
-    "VerifiedRecord", "WorkerPool", "write_status_page",
+    "Notice", "Notifier", "notify_scheme", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name",
+    "plan_drift", "PlanRecord", "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter",
+    "proof_warnings", "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index",
+    "read_jsonl_gz", "read_manifest_header", "Record", "RecordError", "RecordExists", "Records", "remote_join",
+    "render_status_page", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run",
+    "run_notice", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name",
+    "SERVER_MTIME", "setup_logging", "shard_of", "show_status", "Skipped", "split_html_option",
+    "split_notify_urls", "stage_eta", "staging_dir", "stall_notice", "start_run", "StatusPublisher",
+    "StopRequested", "summary_line", "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES",
+    "variables_help", "VerifiedRecord", "WorkerPool", "write_status_page",
 ]
 
 GIB = 1 << 30
@@ -558,6 +560,13 @@ VARIABLES = (
     Variable("STATUS_LINK_HOURS", "24", "hours the logged link works, at most 168: anyone holding it can read the "
              "page (folder names and counts)"),
     Variable("LOG_LEVEL, LOG_FORMAT", "INFO, text", "INFO; text or json"),
+    Variable("NOTIFY_URLS", "none", "Apprise URLs, separated by spaces or commas (ntfy://, mailto://, json://, "
+             "slack://, ...): told when a run ends done, partly done, failed or needing a person, a quota pause, a "
+             "stall, and once when the whole migration is restored and verified", (*_EVERY_SCRIPT, "migrate")),
+    Variable("STALL_MINUTES", "120", "tell NOTIFY_URLS when no unit finished for this long while work is left "
+             "(0: never)", (*_EVERY_SCRIPT, "migrate")),
+    # Set by migrate.py for its stages: it tells NOTIFY_URLS of the migration's end itself.
+    Variable("NOTIFY_BY_PARENT", None, "1: the end of this run is told by migrate.py", ()),
     Variable("WORKER_ID", "host-pid-random", "name of this worker in records and logs"),
     Variable("WORKER_COUNT", "1", "workers of this stage at once; only for static shards, where the S3 server "
                                   "ignores conditional writes (else claims need no count)"),
@@ -675,6 +684,27 @@ def _env_words(environ: Mapping[str, str]) -> tuple[str, str, str]:
     return log_level, log_format, checksums
 
 
+# Apprise URLs carry their service's token or password (ntfy://token@host/topic,
+# mailto://user:password@host): a URL is never logged, shown or sent; only its scheme is named.
+def split_notify_urls(text: str | None) -> tuple[str, ...]:
+    """NOTIFY_URLS: Apprise URLs separated by spaces or commas."""
+    return tuple(u for u in re.split(r"[\s,]+", text or "") if u)
+
+
+def notify_scheme(url: str) -> str:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    return scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,30}", scheme) else "?"
+
+
+def _env_notify(environ: Mapping[str, str]) -> tuple[str, ...]:
+    urls = split_notify_urls(environ.get("NOTIFY_URLS"))
+    for n, url in enumerate(urls, 1):
+        if notify_scheme(url) == "?":  # the value is not shown: it may hold a token
+            raise ConfigError(f"NOTIFY_URLS: entry {n} of {len(urls)} is not an Apprise URL (service://...: "
+                              "ntfy://, mailto://, json://, ...; see README, Notifications)")
+    return urls
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every variable of SPEC.md, parsed and validated up front."""
@@ -717,6 +747,9 @@ class Config:
     verify_download: bool
     upstream_wait_s: float
     max_delete: tuple[int | None, float | None]  # (a count, or a percentage of the files mapped)
+    notify_urls: tuple[str, ...] = field(repr=False)  # Apprise URLs hold tokens
+    stall_minutes: float
+    notify_by_parent: bool  # migrate.py tells the end of the migration; its stages do not
     status_html: bool = False
     status_link_hours: float = 24
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
@@ -784,6 +817,9 @@ class Config:
             verify_download=env_bool(environ, "VERIFY_DOWNLOAD"),
             upstream_wait_s=env_number(environ, "UPSTREAM_WAIT", 120, minimum=0, maximum=86400),
             max_delete=parse_max_delete(environ.get("MAX_DELETE", "10%")),
+            notify_urls=_env_notify(environ),
+            stall_minutes=env_number(environ, "STALL_MINUTES", 120, minimum=0, maximum=10080),
+            notify_by_parent=env_bool(environ, "NOTIFY_BY_PARENT"),
             status_html=env_bool(environ, "STATUS_HTML"),
             # SigV4 signs a link for at most 7 days.
             status_link_hours=env_number(environ, "STATUS_LINK_HOURS", 24, minimum=0.01, maximum=168),
@@ -943,6 +979,8 @@ def setup_logging(level: str, fmt: str, script: str, worker: str | None = None) 
     out.propagate = False
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Apprise's lines may name a NOTIFY_URLS URL with its token: our own say what was sent where.
+    logging.getLogger("apprise").setLevel(logging.CRITICAL + 1)
 
 
 def log_event(logger: logging.Logger, level: int, event: str, data: Mapping[str, Any], msg: str, *args: Any) -> None:
@@ -1357,6 +1395,10 @@ class Layout:
     @property
     def pause(self) -> str:
         return f"{self.prefix}_pause/destination.json"
+
+    def notified(self, event: str) -> str:
+        """Created once when NOTIFY_URLS was told ``event`` (g<N>-complete), so that it is told once."""
+        return f"{self.prefix}_status/notified/{event}.json"
 
     # Parsing keys
     @staticmethod
@@ -2282,6 +2324,8 @@ class Runtime:
         self.run_token = ""  # this run's token, from the instance lock (claims carry it)
         self.dead_runs: set[str] = set()  # tokens of earlier runs on this WORK_DIR: all ended
         self.on_quota: Callable[[RcloneError], dict] | None = None  # records a pause on S3
+        self.notifier: Any = None  # a Notifier (below) once the run is configured
+        self.told_complete = False  # the unzipper told NOTIFY_URLS the migration is complete
 
     def _save(self) -> None:
         if self.children_file:
@@ -3467,6 +3511,9 @@ class Heartbeat:
         # Its own thread: reading the whole status may take longer than an interval on a large
         # bucket, and must never make this worker's heartbeat look stale.
         self._page_thread = threading.Thread(target=self._publish_loop, daemon=True, name="status-page")
+        self._mark: tuple | None = None  # units done, failed and bytes at the last change
+        self._moved_at = self.progress.clock()
+        self._told = False
 
     def _earlier_history(self) -> list:
         """The history the worker's previous run left, and the bytes it ends at."""
@@ -3501,9 +3548,30 @@ class Heartbeat:
         except (MigrationError, OSError) as exc:
             log.debug("heartbeat not written: %s", exc)
 
+    def check_stall(self, now: float | None = None) -> bool:
+        """Tell NOTIFY_URLS once when no unit finished for STALL_MINUTES while work is left (units
+        in flight, or planned and not done); once more after the next stall. Whether it told."""
+        snap = self.progress.snapshot()
+        now = self.progress.clock() if now is None else now
+        mark = (snap["units_done"], snap["units_failed"], snap["bytes_done"])
+        if mark != self._mark:
+            self._mark, self._moved_at, self._told = mark, now, False
+            return False
+        left = bool(snap["current"]) or snap["units_total"] > (
+            snap["units_done"] + snap["units_failed"] + snap["units_interrupted"])
+        notifier = self.runtime.notifier
+        if (self._told or not left or self.cfg.stall_minutes <= 0 or notifier is None or not notifier.enabled
+                or now - self._moved_at < self.cfg.stall_minutes * 60):
+            return False
+        self._told = True
+        log.warning("no unit finished for %g minutes (STALL_MINUTES) while work is left", self.cfg.stall_minutes)
+        return notifier.stalled(self.cfg, snap)
+
     def _loop(self) -> None:
         while not self._done.wait(self.interval_s):
             self.write("running")
+            if not self.cfg.dry_run:
+                self.check_stall()
             if self.runtime.on_quota is not None and not self.cfg.dry_run:
                 DestinationPause(self.records, Layout(self.cfg.prefix), self.runtime).watch()
 
@@ -4497,6 +4565,118 @@ def split_html_option(argv: Sequence[str]) -> tuple[list[str], str | None]:
     return args, path
 
 
+# Notifications
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One message to NOTIFY_URLS; ``kind`` is Apprise's notify type (info, success, warning, failure)."""
+
+    kind: str
+    title: str
+    body: str
+
+
+def _apprise_send(url: str, notice: Notice) -> bool:
+    import apprise  # only where NOTIFY_URLS is set: the scripts run without it
+
+    box = apprise.Apprise()
+    if not box.add(url):
+        return False
+    return bool(box.notify(body=notice.body, title=notice.title, notify_type=notice.kind))
+
+
+class Notifier:
+    """Tells NOTIFY_URLS what happened. A notice that cannot be sent is logged (naming only the
+    service's scheme) and never fails the run; ``send(url, notice) -> bool`` is injectable."""
+
+    def __init__(self, urls: Sequence[str] = (), *, send: Callable[[str, Notice], bool] | None = None) -> None:
+        self.urls = tuple(urls)
+        self.send = _apprise_send if send is None else send
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
+
+    def tell(self, notice: Notice | None) -> bool:
+        """Send ``notice`` to every URL; whether all of them took it."""
+        if notice is None or not self.urls:
+            return False
+        every = True
+        for url in self.urls:
+            scheme = notify_scheme(url)
+            try:
+                sent = self.send(url, notice)
+            except ImportError:
+                log.warning("notification not sent: NOTIFY_URLS is set but apprise is not installed for %s "
+                            "(%s -m pip install -r requirements.txt)", sys.executable, sys.executable)
+                return False
+            except Exception as exc:  # noqa: BLE001 - a notification never fails a run; its text may hold the URL
+                log.warning("notification %r not sent to %s: %s", notice.title, scheme, type(exc).__name__)
+                sent = False
+            else:
+                (log.info if sent else log.warning)("notification %r %s %s", notice.title,
+                                                    "sent to" if sent else "not accepted by", scheme)
+            every = every and sent
+        return every
+
+    def stalled(self, cfg: Config, snap: Mapping[str, Any]) -> bool:
+        return self.tell(stall_notice(cfg.script, snap, cfg.stall_minutes, cfg))
+
+
+def _where(cfg: Config | None) -> str:
+    return f" on {socket.gethostname()}" + (f", worker {cfg.worker_id}" if cfg is not None else "")
+
+
+def run_notice(script: str, code: int, snap: Mapping[str, Any], *, paused: Mapping[str, Any] | None = None,
+               causes: Sequence[str] = (), cfg: Config | None = None) -> Notice | None:
+    """What a run's end tells NOTIFY_URLS: done, partly done, failed, a person must act, a quota
+    pause; None for what needs nobody (nothing to do, waiting, another instance runs, a stop)."""
+    me = SCRIPT_FILES.get(script, f"{script}.py")
+    done, failed = snap.get("units_done", 0), snap.get("units_failed", 0)
+    moved = f"{human_bytes(snap.get('bytes_done', 0))} in {_fmt_eta(snap.get('elapsed_s'))}"
+    said = "\n".join(c[:400] for c in causes[-3:])
+    if code == EXIT_OK:
+        if not done and not failed:
+            return None
+        return Notice("success", f"{me}: done", f"{me} done{_where(cfg)}: {count(done, 'unit')} "
+                      f"({moved}), {snap.get('skipped', 0)} already done before. Next: {_NEXT.get(script, '')}")
+    if code == EXIT_PARTIAL:
+        errors = [f"{k}: {v[:200]}" for k, v in sorted((snap.get("errors") or {}).items())[:5]]
+        return Notice("warning", f"{me}: partly done", f"{me} partly done{_where(cfg)}: {done} done, {failed} "
+                      f"failed ({moved}). A rerun continues (completed work is kept).\n"
+                      + "\n".join(errors or [said or "see the log"]))
+    if code == EXIT_TEMPORARY and paused:
+        return Notice("warning", f"{me}: paused until {paused.get('retry_after')}",
+                      f"{me} paused{_where(cfg)}: DESTINATION refused uploads for a provider quota "
+                      f"({str(paused.get('message'))[:200]}); every worker of this migration waits until "
+                      f"{paused.get('retry_after')}. Run again after that; restored parts are kept.")
+    if code in (EXIT_FAILED, EXIT_USAGE):
+        what = "a person must act" if code == EXIT_USAGE else "failed"
+        return Notice("failure", f"{me}: {what} (exit {code})",
+                      f"{me} {what}{_where(cfg)} (exit {code}):\n{said or 'see the log'}\n{final_line(script, code)}")
+    return None
+
+
+def stall_notice(script: str, snap: Mapping[str, Any], minutes: float, cfg: Config | None = None) -> Notice:
+    """What the heartbeat tells NOTIFY_URLS when no unit finished for STALL_MINUTES while work is left."""
+    me = SCRIPT_FILES.get(script, f"{script}.py")
+    running = ", ".join(snap.get("current") or []) or "none"
+    return Notice("warning", f"{me}: no progress for {minutes:g} min",
+                  f"{me}{_where(cfg)}: no unit finished for {minutes:g} minutes (STALL_MINUTES) while work is left: "
+                  f"{snap.get('units_done', 0)}/{snap.get('units_total', 0)} units done, running: {running[:300]}")
+
+
+class _ErrorLines(logging.Handler):
+    """The last ERROR lines a run logged: a failure's cause (the variable, key or file) for its notice."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: deque[str] = deque(maxlen=3)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 # Running a script
 
 def _clean_tmp(path: str) -> None:
@@ -4571,7 +4751,7 @@ def early_exit(script: str, doc: str, argv: Sequence[str], options: Sequence[str
 
 def _configure(script: str, environ: Mapping[str, str], read_only: bool) -> Config | None:
     """The run's Config, logging set up and near-miss variables warned of; None (said, with
-    the variable named) when the configuration is invalid."""
+    the variable named, and told to NOTIFY_URLS) when the configuration is invalid."""
     typos = near_misses(environ)
     try:
         cfg = Config.from_env(environ, script, read_only=read_only)
@@ -4584,6 +4764,9 @@ def _configure(script: str, environ: Mapping[str, str], read_only: bool) -> Conf
             log.warning("%s", line)
         log.error("configuration: %s", exc)
         log.error("%s", final_line(script, EXIT_USAGE) + "; nothing was changed")
+        if not read_only and environ.get("NOTIFY_BY_PARENT") != "1":  # migrate.py checks its stages' first
+            Notifier(split_notify_urls(environ.get("NOTIFY_URLS"))).tell(
+                run_notice(script, EXIT_USAGE, {}, causes=[f"configuration: {exc}"]))
         if fmt == "json":  # the run's last line, as for every run
             log_event(log, logging.ERROR, "summary", {"exit_code": EXIT_USAGE, "error": str(exc)},
                       "summary: nothing done, invalid configuration")
@@ -4691,7 +4874,10 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
     if cfg is None:
         return EXIT_USAGE
     runtime = Runtime()
+    runtime.notifier = Notifier(cfg.notify_urls)
     status = ExitStatus()
+    errors = _ErrorLines()
+    logging.getLogger().addHandler(errors)
     lock = None
     with handle_signals(runtime):
         try:
@@ -4710,6 +4896,7 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
             if lock is not None:
                 _clean_tmp(cfg.tmp_dir)
                 lock.release()
+            logging.getLogger().removeHandler(errors)
     code = status.code
     if not read_only:
         summary = {"exit_code": code, **progress_data(runtime.progress.snapshot()),
@@ -4720,6 +4907,16 @@ def run_script(script: str, doc: str, body: Callable[[Run], int], argv: Sequence
             log.info("dry run done: nothing was changed; run again without DRY_RUN to do it")
         else:
             (log.info if code == EXIT_OK else log.error)("%s", final_line(script, code, runtime.paused))
+        _tell_end(cfg, runtime, code, list(errors.lines))
         if cfg.log_format == "json":  # the run's last line: its totals, for machines
             log_event(log, logging.INFO, "summary", summary, "%s", summary_line(runtime.progress))
     return code
+
+
+def _tell_end(cfg: Config, runtime: Runtime, code: int, causes: list[str]) -> None:
+    """The end of the run, told to NOTIFY_URLS (by migrate.py instead when it runs the stages; not
+    twice when the unzipper just told that the whole migration is restored and verified)."""
+    if cfg.dry_run or cfg.notify_by_parent or runtime.told_complete:
+        return
+    snap = runtime.progress.snapshot() | {"skipped": runtime.progress.skipped}
+    runtime.notifier.tell(run_notice(cfg.script, code, snap, paused=runtime.paused, causes=causes, cfg=cfg))

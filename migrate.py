@@ -11,9 +11,10 @@ provider quota, waited out with WAIT_FOR_QUOTA=1; or another instance holds the 
 stages read the same variables as when they run one by one; every line they log is shown,
 marked with the stage's name.
 
-Usage: python migrate.py [--status [--html FILE]]
-  --status   what python_unzipper.py --status shows: every stage, folder and worker
-  --html FILE  with --status: also write that view as one self-contained HTML page to FILE
+Usage: python migrate.py [--status [--html FILE] | --notify-failure UNIT]
+  --status                 what python_unzipper.py --status shows: every stage, folder and worker
+  --html FILE              with --status: also write that view as one self-contained HTML page
+  --notify-failure UNIT    tell NOTIFY_URLS that systemd unit UNIT failed (the OnFailure= unit)
 
 Example:
   SOURCE=onedrive:Work DESTINATION=gdrive:Work S3_BUCKET=my-hub python migrate.py
@@ -31,13 +32,14 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from common_s3 import (EXIT_CODES_HELP, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, EXIT_TEMPORARY, EXIT_USAGE,
-                       SCRIPT_FILES, Config, ConfigError, HeartbeatRecord, Layout, MigrationError,
-                       Records, early_exit, env_bool, env_number, human_bytes, log, log_event, make_s3_client,
-                       most_severe, near_misses, parse_mtime, setup_logging, variables_help)
+                       EXIT_WAITING, SCRIPT_FILES, Config, ConfigError, HeartbeatRecord, Layout, MigrationError,
+                       Notice, Notifier, Records, count, early_exit, env_bool, env_number, human_bytes, log,
+                       log_event, make_s3_client, most_severe, near_misses, notify_scheme, parse_mtime,
+                       setup_logging, split_notify_urls, variables_help)
 
 STAGES = ("mapper", "zipper", "unzipper")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -243,6 +245,15 @@ class Migration:
     display: Display
     signum: int | None = None
     rounds: int = 0
+    notifier: Notifier = field(default_factory=Notifier)
+    told: str = ""  # the line the command ended with, for NOTIFY_URLS
+    seen: dict = field(default_factory=dict)  # each stage's last heartbeat
+    started: float = field(default_factory=time.monotonic)
+
+    def end(self, level: str, text: str, code: int) -> int:
+        self.display.say(level, text)
+        self.told = text
+        return code
 
     def beats(self, pids: Mapping[str, int]) -> dict[str, HeartbeatRecord | None]:
         """The heartbeat of each stage of this round (``pids``): the display's one source."""
@@ -283,6 +294,7 @@ class Migration:
                 self.display.update(self.beats(pids), codes)
             time.sleep(0.2)
         self.display.update({}, codes)
+        self.seen.update({s: beat for s, beat in self.beats(pids).items() if beat is not None})
         return {s: codes[s] for s in scripts}
 
     def pause(self) -> dict | None:
@@ -324,28 +336,27 @@ def drive(m: Migration) -> int:
         verdict = judge(codes, paused=pause is not None)
         told = f"round {round_no}: exit codes " + ", ".join(f"{s} {codes[s]}" for s in scripts)
         if verdict.action == "done":
-            m.display.say("info", f"{told}: the migration is restored and verified")
-            return EXIT_OK
+            return m.end("info", f"{told}: the migration is restored and verified", EXIT_OK)
         if verdict.action == "stop":
-            m.display.say("error", f"{told}: {verdict.why}; stopping with exit {verdict.code}")
-            return verdict.code
+            return m.end("error", f"{told}: {verdict.why}; stopping with exit {verdict.code}", verdict.code)
         if verdict.action == "quota":
             if not m.settings.wait_for_quota:
-                m.display.say("error", f"{told}: DESTINATION refused uploads for a provider quota until "
-                                       f"{pause['retry_after']}; run python migrate.py again then (WAIT_FOR_QUOTA=1 "
-                                       "waits it out)")
-                return EXIT_TEMPORARY
+                return m.end("error", f"{told}: DESTINATION refused uploads for a provider quota until "
+                                      f"{pause['retry_after']}; run python migrate.py again then (WAIT_FOR_QUOTA=1 "
+                                      "waits it out)", EXIT_TEMPORARY)
             wait = max(0.0, parse_mtime(pause["retry_after"]) - time.time()) + 5
             m.display.say("warning", f"{told}: DESTINATION is paused for a quota until {pause['retry_after']}: "
                                      f"waiting {wait / 3600:.1f} h (WAIT_FOR_QUOTA=1)")
+            m.notifier.tell(Notice("warning", f"migrate.py: paused until {pause['retry_after']}",
+                                   f"DESTINATION refused uploads for a provider quota; migrate.py waits until "
+                                   f"{pause['retry_after']} (WAIT_FOR_QUOTA=1), then goes on"))
             m.wait_out(wait)
         else:
             spent += 1
             if spent >= m.settings.max_rounds:
-                m.display.say("error", f"{told}; {spent} rounds of MAX_ROUNDS={m.settings.max_rounds} done and work "
-                                       "is left: see the lines above, python migrate.py --status, then run python "
-                                       "migrate.py again")
-                return verdict.code
+                return m.end("error", f"{told}; {spent} rounds of MAX_ROUNDS={m.settings.max_rounds} done and work "
+                                      "is left: see the lines above, python migrate.py --status, then run python "
+                                      "migrate.py again", verdict.code)
             wait = pause_before(spent + 1, m.settings.backoff_s)
             m.display.say("warning", f"{told}: work is left; running again from {SCRIPT_FILES[verdict.stage]} in "
                                      f"{wait:.0f} s (round {spent + 1} of at most {m.settings.max_rounds})")
@@ -354,6 +365,50 @@ def drive(m: Migration) -> int:
             return 128 + m.signum
         round_no += 1
         scripts = STAGES[STAGES.index(verdict.stage):]
+
+
+# Notifications
+
+def migration_notice(m: Migration, code: int) -> Notice | None:
+    """What the command's end tells NOTIFY_URLS, once for the three stages (they do not)."""
+    stages = "; ".join(f"{s}: {count(b.units_done, 'unit')} ({human_bytes(b.bytes_done)})"
+                       + (f", {b.units_failed} failed" if b.units_failed else "") for s, b in m.seen.items())
+    took = f"in {(time.monotonic() - m.started) / 60:.1f} min"
+    if code == EXIT_OK:
+        return Notice("success", "migration restored and verified",
+                      f"the migration is restored and verified at DESTINATION {took}: {stages}")
+    if code in (EXIT_PARTIAL, EXIT_WAITING):
+        return Notice("warning", "migrate.py: partly done", f"{m.told}\n{stages}\nA rerun continues.")
+    if code == EXIT_TEMPORARY and "quota" in m.told:
+        return Notice("warning", "migrate.py: paused for a quota", m.told)
+    if code in PERSON_MUST_ACT:
+        causes = [f"{s}: {b.last_error[:300]}" for s, b in m.seen.items() if b.last_error]
+        return Notice("failure", f"migrate.py: {'a person must act' if code == EXIT_USAGE else 'failed'} "
+                                 f"(exit {code})", "\n".join([m.told, *causes]))
+    return None
+
+
+def notify_failure(unit: str, environ: Mapping[str, str],
+                   send: Callable[[str, Notice], bool] | None = None) -> int:
+    """``--notify-failure UNIT``: systemd's OnFailure= unit tells NOTIFY_URLS that UNIT failed
+    (systemd 251+ passes the unit's result and exit status). Never fails: 0 whether or not sent."""
+    setup_logging("INFO", "text", SCRIPT)
+    urls = split_notify_urls(environ.get("NOTIFY_URLS"))
+    if not urls:
+        log.info("NOTIFY_URLS is not set: %s failed, nobody is told", unit)
+        return EXIT_OK
+    result = environ.get("MONITOR_SERVICE_RESULT") or "failed"
+    status = environ.get("MONITOR_EXIT_STATUS") or "unknown"
+    if result == "exit-code" and status in (str(EXIT_FAILED), str(EXIT_USAGE), str(EXIT_TEMPORARY)):
+        # The script told these itself (75 for a quota pause; another instance's lock needs nobody).
+        log.info("%s exited %s: told by the script itself", unit, status)
+        return EXIT_OK
+    sent = Notifier(urls, send=send).tell(Notice("failure", f"{unit} failed", f"systemd unit {unit} failed on "
+                                      f"{os.uname().nodename}: {result}, exit status {status}; see journalctl -u "
+                                      f"{unit}"))
+    log.info("%s failed: %s %s", unit, "told" if sent else "not told to",
+             ", ".join(notify_scheme(u) for u in urls))
+    return EXIT_OK
 
 
 # Starting
@@ -376,6 +431,7 @@ def stage_env(environ: Mapping[str, str], tty: bool) -> dict:
     if tty:
         env.setdefault("PROGRESS_INTERVAL", "5")
     env.pop("COLUMNS", None)
+    env["NOTIFY_BY_PARENT"] = "1"  # this command tells the migration's end, once (a stall each stage tells)
     return env
 
 
@@ -398,6 +454,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if argv == ["--status"] or ("--html" in argv and len(argv) <= 3):
         # python_unzipper.py checks --html FILE as it does its own.
         return subprocess.call([sys.executable, os.path.join(HERE, SCRIPT_FILES["unzipper"])] + argv)
+    if len(argv) == 2 and argv[0] == "--notify-failure":
+        return notify_failure(argv[1], environ)
     early = early_exit(SCRIPT, __doc__, argv, (), help_text)
     if early is not None:
         return early
@@ -413,11 +471,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.error("configuration: %s", exc)
         log.error("invalid configuration (the variable is named above); fix it and run python migrate.py again; "
                   "nothing was started")
+        Notifier(split_notify_urls(environ.get("NOTIFY_URLS"))).tell(Notice(
+            "failure", "migrate.py: a person must act (exit 2)", f"configuration: {exc}; nothing was started"))
         return EXIT_USAGE
     env = stage_env(environ, tty)
     setup_logging("INFO", fmt if fmt in ("text", "json") else "text", SCRIPT, env["WORKER_ID"])
     m = Migration(cfg, env, Records(make_s3_client(cfg), cfg), Layout(cfg.prefix), settings,
-                  Display(tty, fmt == "json"))
+                  Display(tty, fmt == "json"), notifier=Notifier(cfg.notify_urls))
     old = {s: signal.signal(s, lambda signum, _f: setattr(m, "signum", signum))
            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -429,6 +489,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if code >= 128:
         log.error("stopped by signal %d; every stage saved its progress; run python migrate.py again to continue",
                   code - 128)
+    if not cfg.dry_run:
+        m.notifier.tell(migration_notice(m, code))
     if fmt == "json":  # the command's last line, as each stage's: its exit code
         log_event(log, logging.INFO, "summary", {"exit_code": code, "rounds": m.rounds}, "summary: exit %d", code)
     return code

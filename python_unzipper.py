@@ -42,12 +42,13 @@ import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from common_s3 import (all_generations, Config, count, describe_proof, DiskGate, EXIT_OK, EXIT_PARTIAL,
                        EXIT_USAGE, EXIT_WAITING, FolderEntry, FolderIndex, format_mtime, human_bytes,
                        IndexRecord, is_local_path, large_file_id, LargeRecord, latest_generation, Layout,
                        load_manifest, local_name, log_context, log_event, MapView, MIB, MigrationError, most_severe, mtime_ns, new_run_id,
+                       Notice,
                        out, parse_mtime, PartRecord, Passes, plain_local_name, proof_warnings, Rclone,
                        RcloneError, read_index, read_jsonl_gz, RecordError, Records, remote_join,
                        RestoreRecord, ROOT_LABEL, Run, run_script, Runtime, sanitize_name, SERVER_MTIME, Skipped,
@@ -1825,7 +1826,29 @@ def conclude(ctx: Run, work: Restoring) -> int:
         log.warning("%d folders wait for the zipper; run python_zipper.py, then this again", t["waiting"])
         return EXIT_WAITING
     log.info("all %d folders restored and verified", t["verified"])
+    if work.map_complete and all(f.stem in work.verified for f in work.index.folders):
+        tell_complete(ctx, work.gen, t)
     return EXIT_OK
+
+
+def tell_complete(ctx: Run, gen: int, totals: Mapping[str, Any]) -> None:
+    """Tell NOTIFY_URLS once per map generation that the whole migration is restored and verified:
+    whichever worker first creates the record tells (migrate.py tells it itself for its stages)."""
+    cfg, notifier = ctx.cfg, ctx.runtime.notifier
+    if cfg.dry_run or cfg.notify_by_parent or notifier is None or not notifier.enabled:
+        return
+    record = {"at": utc_now(), "worker": cfg.worker_id, "generation": gen}
+    try:
+        first = ctx.records.put_json_once(ctx.layout.notified(f"g{gen}-complete"), record)
+    except MigrationError as exc:
+        log.warning("the migration's completion is not told to NOTIFY_URLS: %s", exc)
+        return
+    if first:
+        ctx.runtime.told_complete = True
+        notifier.tell(Notice("success", "migration restored and verified",
+                             "the migration is restored and verified at DESTINATION: "
+                             f"{totals.get('files_verified', 0)} files in {totals.get('verified', 0)} folders "
+                             f"(map generation {gen}; worker {cfg.worker_id})"))
 
 
 def run(ctx: Run) -> int:

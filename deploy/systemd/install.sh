@@ -25,10 +25,12 @@ units="master_mapper.service python_zipper.service python_unzipper.service cloud
 # The worker templates (README, "Many machines"): instance = WORKER_INDEX.
 templates="master_mapper@.service python_zipper@.service python_unzipper@.service cloud-migration@.service
            cloud-migration-together@.service"
+# OnFailure= of every unit above; it takes no drop-in (it must not trigger itself).
+notify="cloud-migration-notify@.service"
 timers="cloud-migration.timer cloud-migration@.timer cloud-migration-together.timer cloud-migration-together@.timer"
 
 install -d -m 0755 "$dest/etc/systemd/system" "$dest/etc/cloud-migration"
-for unit in $units $templates $timers; do
+for unit in $units $templates $notify $timers; do
     install -m 0644 "$src/$unit" "$dest/etc/systemd/system/$unit"
 done
 install -m 0644 "$src/cloud-migration-common.conf" "$dest/etc/cloud-migration/units.conf"

@@ -76,24 +76,26 @@ __all__ = [
     "add_sample", "all_generations", "assign_stems", "Capabilities", "choose_mode", "Claim", "ClaimLost",
     "ClaimRecord", "Claims", "collect_status", "Config", "ConfigError", "count", "describe_proof",
     "DestinationPause", "disk_usage", "DiskFullError", "DiskGate", "DiskSpaceError", "early_exit",
-    "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE", "EXIT_WAITING",
-    "ExitStatus", "Fetched", "final_line", "folder_entry", "FolderEntry", "FolderIndex", "format_mtime",
-    "format_mtime_ns", "GIB", "handle_signals", "Heartbeat", "HeartbeatRecord", "HISTORY_SAMPLES", "human_bytes",
-    "in_shard", "IndexRecord", "InstanceLock", "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3",
-    "jsonl_gz_bytes", "KeyMissing", "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation",
-    "Layout", "lease_clock", "load_manifest", "local_name", "LockHeldError", "log_context", "log_event",
-    "make_s3_client", "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB",
-    "MigrationError", "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat",
-    "Notice", "Notifier", "notify_scheme", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name",
+    "EXIT_CODES_HELP", "EXIT_FAILED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_TEMPORARY", "EXIT_USAGE",
+    "EXIT_WAITING", "ExitStatus", "Fetched", "final_line", "folder_entry", "folder_totals", "FolderEntry",
+    "FolderIndex", "format_mtime", "format_mtime_ns", "GIB", "handle_signals", "Heartbeat",
+    "HeartbeatRecord", "HISTORY_SAMPLES", "human_bytes", "in_shard", "IndexRecord", "InstanceLock",
+    "Interrupted", "is_disk_full", "is_local_path", "is_retryable_s3", "jsonl_gz_bytes", "KeyMissing",
+    "KNOWN_VARIABLES", "large_file_id", "LargeRecord", "latest_generation", "Layout", "lease_clock",
+    "load_manifest", "local_name", "LockHeldError", "log_context", "log_event", "make_s3_client",
+    "manifest_version", "MANIFEST_VERSION", "ManifestHeader", "MapView", "MIB", "MigrationError",
+    "most_severe", "mtime_ns", "MultipartUpload", "near_misses", "new_run_id", "NewerFormat", "Notice",
+    "Notifier", "notify_scheme", "out", "parse_mtime", "PartRecord", "Passes", "plain_local_name",
     "plan_drift", "PlanRecord", "prepare_work_dir", "Progress", "progress_data", "ProgressPrinter",
-    "proof_warnings", "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult", "read_index",
-    "read_jsonl_gz", "read_manifest_header", "Record", "RecordError", "RecordExists", "Records", "remote_join",
-    "render_status_page", "RestoreRecord", "retry_call", "RetryPolicy", "ROOT_LABEL", "ROOT_STEM", "Run",
-    "run_notice", "run_script", "Runtime", "S3AuthError", "S3Error", "S3NotFoundError", "sanitize_name",
-    "SERVER_MTIME", "setup_logging", "shard_of", "show_status", "Skipped", "split_html_option",
-    "split_notify_urls", "stage_eta", "staging_dir", "stall_notice", "start_run", "StatusPublisher",
-    "StopRequested", "summary_line", "table_lines", "throughput_svg", "Unit", "utc_now", "Variable", "VARIABLES",
-    "variables_help", "VerifiedRecord", "WorkerPool", "write_status_page",
+    "proof_warnings", "QuotaPaused", "Rclone", "RcloneError", "RcloneMissingError", "RcloneResult",
+    "read_index", "read_jsonl_gz", "read_manifest_header", "Record", "RecordError", "RecordExists",
+    "Records", "remote_join", "render_status_page", "RestoreRecord", "retry_call", "RetryPolicy",
+    "ROOT_LABEL", "ROOT_STEM", "Run", "run_notice", "run_script", "Runtime", "S3AuthError", "S3Error",
+    "S3NotFoundError", "sanitize_name", "SERVER_MTIME", "setup_logging", "shard_of", "show_status",
+    "Skipped", "split_html_option", "split_notify_urls", "stage_eta", "staging_dir", "stall_notice",
+    "start_run", "StatusPublisher", "StopRequested", "summary_line", "table_lines", "throughput_svg",
+    "Unit", "utc_now", "Variable", "VARIABLES", "variables_help", "VerifiedRecord", "WorkerPool",
+    "write_status_page",
 ]
 
 GIB = 1 << 30
@@ -1746,6 +1748,11 @@ class IndexRecord(Record):
 
     def total(self, what: str) -> int:
         return int(self.totals.get(what, 0) or 0)
+
+
+def folder_totals(folders: Sequence[FolderEntry]) -> dict:
+    """An index's ``totals``: files, bytes, large files and their bytes, empty directories."""
+    return {k: sum(getattr(f, k) or 0 for f in folders) for k in ("files", "bytes", "large", "large_bytes", "dirs")}
 
 
 _RECORD_KINDS: dict[str, type] = {"FolderEntry": FolderEntry}
@@ -3772,7 +3779,7 @@ class MapView:
         return [self._entries[f["stem"]] for f in self.plan.folders if f["stem"] in self._entries]
 
     def total(self, what: str) -> int:
-        return self.index.total(what) if self.index is not None else sum(getattr(f, what) for f in self.folders)
+        return self.as_index().total(what)
 
     def as_index(self) -> IndexRecord:
         """The index, or while the generation is unfinished one of the folders mapped so far."""
@@ -3781,8 +3788,7 @@ class MapView:
         plan = self.plan
         return IndexRecord(generation=self.gen, folders=self.folders, created_at=plan.created_at, source=plan.source,
                            previous=plan.previous, retired_stems=plan.retired_stems,
-                           totals={k: sum(getattr(f, k) or 0 for f in self.folders)
-                                   for k in ("files", "bytes", "large", "large_bytes", "dirs")})
+                           totals=folder_totals(self.folders))
 
     def refresh(self) -> None:
         if self.index is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 from common_s3 import (all_generations, assign_stems, Config, ConfigError, count, EXIT_OK, EXIT_PARTIAL,
-                       EXIT_WAITING, folder_entry, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
+                       EXIT_WAITING, folder_entry, folder_totals, FolderEntry, FolderIndex, GIB, human_bytes, IndexRecord, is_local_path,
                        latest_generation, Layout, load_manifest, local_name, log_context, manifest_version,
                        ManifestHeader, MigrationError, out, Passes, PlanRecord, Rclone, RcloneError,
                        read_index, read_manifest_header, RecordError, Records, remote_join, ROOT_LABEL, Run, run_script,
@@ -648,8 +648,7 @@ def write_index(ctx: Run, plan: PlanRecord) -> IndexRecord:
     index = IndexRecord(generation=gen, folders=folders, created_at=plan.created_at, completed_at=utc_now(),
                         source=ctx.cfg.source, previous=plan.previous, removed=removed,
                         retired_stems=plan.retired_stems,
-                        totals={k: sum(getattr(f, k) or 0 for f in folders)
-                                for k in ("files", "bytes", "large", "large_bytes", "dirs")},
+                        totals=folder_totals(folders),
                         changes=change_totals(folders, removed) if plan.previous is not None else None)
     if not records.put_json_once(layout.index(gen), index.to_json()):
         log.info("generation %d was completed by another worker; its index is kept", gen)

@@ -30,16 +30,21 @@ def beat(ctx: Run, script: str, worker: str, state: str, *, pid: int | None = No
         "script": script, "worker": worker, "state": state, "host": host, "pid": pid or 1, "interval_s": 10})
 
 
+def runs_then_ends(ctx: Run, up: Upstream, server: Clock, local: Clock, worker: str, seconds: float = 5) -> None:
+    """A zipper seen running that ends ``seconds`` later: one last look, then no reason."""
+    beat(ctx, "zipper", worker, "running")
+    assert up.reason() == "python_zipper.py is still running"
+    server.now += seconds
+    local.now += seconds
+    beat(ctx, "zipper", worker, "done")
+    assert up.reason() == "python_zipper.py has ended; a last look at what it recorded"
+    assert up.reason() is None
+
+
 def test_a_running_zipper_is_a_reason_and_once_it_ends_there_is_none(setup):
     make, server, local = setup
     ctx, up = make()
-    beat(ctx, "zipper", "z1", "running")
-    assert up.reason() == "python_zipper.py is still running"
-    local.now += 5
-    server.now += 5
-    beat(ctx, "zipper", "z1", "done")
-    assert "has ended; a last look" in up.reason()
-    assert up.reason() is None
+    runs_then_ends(ctx, up, server, local, "z1")
 
 
 def test_a_heartbeat_three_intervals_old_is_not_a_live_worker(setup):
@@ -75,13 +80,7 @@ def test_a_stage_that_ended_before_this_run_started_is_not_waited_for_once_seen_
     beat(ctx, "zipper", "old", "done")
     server.now += 3600
     assert "not running yet" in up.reason()  # the old one ended before this run: keep waiting
-    beat(ctx, "zipper", "new", "running")
-    assert up.reason() == "python_zipper.py is still running"
-    server.now += 5
-    local.now += 5
-    beat(ctx, "zipper", "new", "done")
-    assert "has ended; a last look" in up.reason()
-    assert up.reason() is None
+    runs_then_ends(ctx, up, server, local, "new")
 
 
 def test_the_mapper_running_keeps_the_unzipper_waiting_though_the_zipper_is_not_seen(setup):
@@ -102,13 +101,7 @@ def test_a_stage_seen_running_then_ended_gives_one_last_look(setup):
     one more pass then sees what it recorded last (a lone unzipper never seen it running gets none)."""
     make, server, local = setup
     ctx, up = make()
-    beat(ctx, "zipper", "z1", "running")
-    assert up.reason() == "python_zipper.py is still running"
-    server.now += 2
-    local.now += 2
-    beat(ctx, "zipper", "z1", "done")
-    assert up.reason() == "python_zipper.py has ended; a last look at what it recorded"
-    assert up.reason() is None
+    runs_then_ends(ctx, up, server, local, "z1", seconds=2)
 
 
 def test_a_stage_that_ended_during_this_run_unseen_running_gives_one_last_look(setup):
